@@ -1,0 +1,75 @@
+"""Typed server settings.
+
+Every field can come from (highest priority first): command-line flags, `LORASWAP_<NAME>`
+environment variables, a TOML config file (`--config`), then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        default=None,
+        description="Local Hugging Face folder or hub id; empty means the embedded SmolLM2-135M-Instruct.",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name clients use in `model`; defaults to the model folder's name."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
+    max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
+    prefill_chunk: int = Field(default=512, ge=16, description="Prompt tokens prefilled per step.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model", "served_model_name")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if settings_cls.model_config.get("toml_file"):
+            sources += (TomlConfigSettingsSource(settings_cls),)
+        return sources
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from flags (`overrides`, None = not given), environment and an optional TOML file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is None:
+        return Settings(**given)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    with_file = type(
+        "FileSettings",
+        (Settings,),
+        {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})},
+    )
+    return Settings(**with_file(**given).model_dump())

@@ -1,0 +1,79 @@
+"""FastAPI application: health/readiness, OpenAI routes, and model loading off the event loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from server.api.errors import install_error_handlers
+from server.api.openai_routes import router as openai_router
+from server.service import CompletionService
+
+log = logging.getLogger("loraswap.api")
+
+ServiceFactory = Callable[[], CompletionService]
+
+
+class ServiceHolder:
+    """Loads the service on a background thread so /health answers while the model loads."""
+
+    def __init__(self, factory: ServiceFactory, on_failure: Callable[[str], None] | None = None) -> None:
+        self.factory = factory
+        self.on_failure = on_failure
+        self.service: CompletionService | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._load, name="loraswap-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _load(self) -> None:
+        try:
+            self.service = self.factory()
+        except Exception as exc:
+            log.exception("model failed to load")
+            self.error = f"{type(exc).__name__}: {exc}"
+            if self.on_failure is not None:
+                self.on_failure(self.error)
+
+
+def create_app(factory: ServiceFactory, *, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    holder = ServiceHolder(factory, on_load_failure)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        holder.start()
+        yield
+        if holder.service is not None:
+            holder.service.engine.stop()
+
+    app = FastAPI(title="loraswap", lifespan=lifespan)
+    app.state.holder = holder
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=None)
+    async def ready() -> JSONResponse:
+        if holder.service is not None:
+            engine = holder.service.engine
+            return JSONResponse(
+                {"status": "ready", "model": holder.service.model_name,
+                 "running": engine.num_running, "waiting": engine.num_waiting}
+            )
+        if holder.error is not None:
+            return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    app.include_router(openai_router)
+    return app

@@ -1,0 +1,221 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from server.api.errors import error_body
+from server.api.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+    _SamplingFields,
+)
+from server.errors import GenerationFailedError, NotReadyError
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest, RequestOutput
+from server.service import CompletionService, GenerationOptions
+
+router = APIRouter()
+
+
+def get_service(request: Request) -> CompletionService:
+    service = request.app.state.holder.service
+    if service is None:
+        raise NotReadyError("the model is still loading; retry when GET /ready returns 200")
+    return service
+
+
+def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions:
+    return GenerationOptions(
+        max_tokens=max_tokens,
+        sampling=SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(0, body.top_k),
+            seed=body.seed,
+        ),
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def _fan_out(service: CompletionService, prompts: list[list[int]], body: _SamplingFields, options: GenerationOptions) -> list[GenerationRequest]:
+    """One engine request per (prompt, sample); sample i of a seeded request uses seed + i."""
+    requests = []
+    for ids in prompts:
+        for i in range(body.n):
+            sampling = options.sampling
+            if sampling.seed is not None and i:
+                sampling = replace(sampling, seed=sampling.seed + i)
+            requests.append(service.build_request(ids, replace(options, sampling=sampling)))
+    return requests
+
+
+def _usage(finals: list[RequestOutput], n: int) -> Usage:
+    # Each prompt's tokens count once, however many samples (n) it has.
+    prompt = sum(f.prompt_tokens for f in finals) // n
+    completion = sum(f.completion_tokens for f in finals)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _collect(service: CompletionService, request: GenerationRequest) -> tuple[str, RequestOutput]:
+    parts: list[str] = []
+    last: RequestOutput | None = None
+    async for event in service.stream(request):
+        parts.append(event.text)
+        last = event
+    assert last is not None and last.finished
+    if last.finish_reason == "error":
+        raise GenerationFailedError(last.error or "generation failed")
+    return "".join(parts), last
+
+
+async def _merged(service: CompletionService, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Events of several requests as (choice index, event), in arrival order."""
+    queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        async for event in service.stream(request):
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    remaining = len(requests)
+    try:
+        while remaining:
+            index, event = await queue.get()
+            remaining -= event.finished
+            yield index, event
+    finally:
+        for task in tasks:  # client gone: cancelling the pumps cancels the engine requests
+            task.cancel()
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_none=False) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def _event_stream(
+    service: CompletionService,
+    requests: list[GenerationRequest],
+    include_usage: bool,
+    make_chunk: Callable[[int, RequestOutput | None], BaseModel],
+    make_usage_chunk: Callable[[Usage], BaseModel],
+    n: int,
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        for i in range(len(requests)):
+            opening = make_chunk(i, None)
+            if opening is not None:
+                yield _sse(opening)
+        finals: list[RequestOutput] = []
+        async for index, event in _merged(service, requests):
+            if event.finish_reason == "error":
+                yield _sse(error_body(event.error or "generation failed", type_="internal_error"))
+                break
+            if event.finished:
+                finals.append(event)
+            if event.text or event.finished:
+                yield _sse(make_chunk(index, event))
+        else:
+            if include_usage:
+                yield _sse(make_usage_chunk(_usage(finals, n)))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
+    model = service.check_model(body.model)
+    raw = body.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]  # type: ignore[list-item]
+    prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]
+    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens))
+    echoes = [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+
+    if body.stream:
+        def chunk(index: int, event: RequestOutput | None) -> BaseModel | None:
+            if event is None:
+                return None if not echoes[index] else CompletionResponse(
+                    id=completion_id, model=model, choices=[CompletionChoice(index=index, text=echoes[index])]
+                )
+            return CompletionResponse(
+                id=completion_id,
+                model=model,
+                choices=[CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason if event.finished else None)],
+            )
+
+        def usage_chunk(usage: Usage) -> BaseModel:
+            return CompletionResponse(id=completion_id, model=model, choices=[], usage=usage)
+
+        include = body.stream_options.include_usage if body.stream_options else True
+        return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
+
+    results = await asyncio.gather(*(_collect(service, r) for r in requests))
+    choices = [
+        CompletionChoice(index=i, text=echoes[i] + text, finish_reason=final.finish_reason)
+        for i, (text, final) in enumerate(results)
+    ]
+    return CompletionResponse(id=completion_id, model=model, choices=choices, usage=_usage([f for _, f in results], body.n))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
+    model = service.check_model(body.model)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = service.encode_chat(messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    requests = _fan_out(service, [prompt], body, _options(body, max_tokens))
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    if body.stream:
+        def chunk(index: int, event: RequestOutput | None) -> BaseModel:
+            if event is None:  # OpenAI opens every choice with the role
+                delta, finish = Delta(role="assistant", content=""), None
+            else:
+                delta = Delta(content=event.text or None)
+                finish = event.finish_reason if event.finished else None
+            return ChatCompletionChunk(
+                id=completion_id, model=model, choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
+            )
+
+        def usage_chunk(usage: Usage) -> BaseModel:
+            return ChatCompletionChunk(id=completion_id, model=model, choices=[], usage=usage)
+
+        include = body.stream_options.include_usage if body.stream_options else True
+        return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
+
+    results = await asyncio.gather(*(_collect(service, r) for r in requests))
+    choices = [
+        ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=final.finish_reason)
+        for i, (text, final) in enumerate(results)
+    ]
+    return ChatCompletionResponse(id=completion_id, model=model, choices=choices, usage=_usage([f for _, f in results], body.n))
+
+
+@router.get("/v1/models")
+async def list_models(service: CompletionService = Depends(get_service)) -> ModelList:
+    return ModelList(data=[ModelCard(id=service.model_name, max_model_len=service.max_model_len)])

@@ -1,0 +1,80 @@
+"""Command line: `loraswap serve [flags]` (also `python -m server serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from config.settings import Settings, load_settings
+
+log = logging.getLogger("loraswap")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraswap", description="Multi-LoRA inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    # Defaults are None so that only flags actually given override env and config file.
+    serve.add_argument("--config", type=Path, help="TOML settings file (see config/example.toml)")
+    serve.add_argument("--model", help="local Hugging Face folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", help="name clients pass as `model`")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--max-num-seqs", type=int, help="rows decoded together (default 16)")
+    serve.add_argument("--max-model-len", type=int, help="prompt + output tokens per row (default 2048)")
+    serve.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return load_settings(args.config, **fields)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.bootstrap import build_service
+
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_failure(message: str) -> None:
+        nonlocal exit_code
+        log.error("cannot serve: %s", message)
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(lambda: build_service(settings), on_load_failure=on_failure)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    server.run()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"loraswap: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        return serve(settings)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

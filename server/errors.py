@@ -1,0 +1,46 @@
+"""Typed exceptions raised by the engine and loaders.
+
+The HTTP layer maps these types (never their messages) to status codes in `server/api/errors.py`.
+"""
+
+from __future__ import annotations
+
+
+class LoraswapError(Exception):
+    """Base class of every error loraswap raises on purpose."""
+
+
+class InvalidRequestError(LoraswapError):
+    """A request parameter is invalid (HTTP 400)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt plus requested tokens do not fit the context (HTTP 400)."""
+
+
+class ModelNotFoundError(LoraswapError):
+    """The `model` field names nothing this server serves (HTTP 404)."""
+
+
+class NotReadyError(LoraswapError):
+    """The model is still loading (HTTP 503)."""
+
+
+class UnsupportedModelError(LoraswapError):
+    """The checkpoint's architecture or format is not supported."""
+
+
+class ModelSourceError(LoraswapError):
+    """A --model value cannot be resolved to a local folder (missing, offline, unreachable)."""
+
+
+class EngineStoppedError(LoraswapError):
+    """The engine is shutting down and takes no more requests (HTTP 503)."""
+
+
+class GenerationFailedError(LoraswapError):
+    """The engine failed while generating (HTTP 500)."""

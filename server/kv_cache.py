@@ -1,0 +1,57 @@
+"""Preallocated key/value cache indexed by sequence row.
+
+Every layer owns two buffers `[max_rows, kv_heads, max_len, head_dim]`. A row is one sequence;
+each token is written at its own (row, position), so decoding rows of different lengths needs no
+padding, no reallocation and no change of shape. Rows are handed out by the engine; freeing a
+row needs no clearing because a new sequence overwrites positions from 0 and attends only to
+positions it wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache(torch.nn.Module):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        max_rows: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.max_rows = max_rows
+        self.max_len = max_len
+        shape = (max_rows, kv_heads, max_len, head_dim)
+        # Buffers (not a list of tensors) so .to(device) moves them and compile sees fixed addresses.
+        for i in range(num_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def write_and_view(
+    cache: torch.Tensor,
+    new: torch.Tensor,
+    *,
+    row_start: int,
+    positions: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """Write `new` # [B, kv_heads, S, head_dim] at rows row_start.. and `positions` # [B, S];
+    return the attended window `cache[rows, :, :kv_len]` as a view # [B, kv_heads, kv_len, head_dim]."""
+    batch = new.shape[0]
+    rows = torch.arange(row_start, row_start + batch, device=cache.device)[:, None]  # [B, 1]
+    # Advanced indices around a slice put their dims first: target is [B, S, kv_heads, head_dim].
+    cache[rows, :, positions] = new.transpose(1, 2)
+    return cache[row_start : row_start + batch, :, :kv_len]

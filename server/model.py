@@ -1,0 +1,206 @@
+"""Native Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) over batched sequence rows.
+
+Module names follow Hugging Face (`model.layers.3.self_attn.o_proj`, `lm_head`) so that PEFT adapter
+keys address them. Two projections are fused because one larger matmul beats several small ones on
+the per-token path: `qkv_proj` holds q_proj, k_proj and v_proj stacked along its output, and
+`gate_up_proj` holds gate_proj and up_proj. `Transformer.linear_parts()` maps each Hugging Face
+projection name to its fused module and output slice.
+
+A forward pass takes B contiguous cache rows starting at `row_start`, S tokens per row at explicit
+per-row positions, and attends over the first `kv_len` cache positions of those rows. Decode is
+`S == 1` over rows [0, B); prefill is one row with S prompt tokens. All shapes are fixed by
+(B, S, kv_len), which the engine draws from a few buckets, so a compiled step is reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.kv_cache import KVCache, write_and_view
+from server.model_config import ModelConfig
+from server.rope import apply_rope, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference does, then scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LinearPart:
+    """One Hugging Face projection inside a (possibly fused) linear module."""
+
+    module: nn.Linear
+    start: int  # first output feature of this projection within the module
+    end: int
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, hidden]
+        cos: torch.Tensor,  # [B, 1, S, head_dim]
+        sin: torch.Tensor,  # [B, 1, S, head_dim]
+        mask: torch.Tensor,  # [B, 1, S, kv_len] bool, True = attend
+        positions: torch.Tensor,  # [B, S]
+        cache: KVCache,
+        row_start: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        qkv = self.qkv_proj(x)  # [B, S, q_size + 2 * kv_size]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, S, head_dim]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, S, head_dim]
+        v = v.transpose(1, 2)  # [B, kv_heads, S, head_dim]
+        k_cache, v_cache = cache.layer(self.layer_idx)
+        keys = write_and_view(k_cache, k, row_start=row_start, positions=positions, kv_len=kv_len)
+        values = write_and_view(v_cache, v, row_start=row_start, positions=positions, kv_len=kv_len)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, q_size]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each [B, S, inter]
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, *attn_args: object) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of Hugging Face checkpoints: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cache: KVCache | None = None
+        self.max_len = 0
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def allocate(self, *, max_rows: int, max_len: int) -> None:
+        """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""
+        cfg = self.cfg
+        param = self.model.embed_tokens.weight
+        self.cache = KVCache(
+            num_layers=cfg.num_hidden_layers,
+            max_rows=max_rows,
+            max_len=max_len,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope, max_len)
+        self.register_buffer("rope_cos", cos.to(param.device, param.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(param.device, param.dtype), persistent=False)
+        self.max_len = max_len
+
+    def linear_parts(self) -> dict[str, LinearPart]:
+        """Hugging Face projection name -> (fused module, output slice), e.g.
+        `model.layers.0.self_attn.k_proj` -> (qkv_proj, q_size, q_size + kv_size)."""
+        cfg = self.cfg
+        parts: dict[str, LinearPart] = {}
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            prefix = f"model.layers.{i}"
+            q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+            parts[f"{prefix}.self_attn.q_proj"] = LinearPart(attn.qkv_proj, 0, q)
+            parts[f"{prefix}.self_attn.k_proj"] = LinearPart(attn.qkv_proj, q, q + kv)
+            parts[f"{prefix}.self_attn.v_proj"] = LinearPart(attn.qkv_proj, q + kv, q + 2 * kv)
+            parts[f"{prefix}.self_attn.o_proj"] = LinearPart(attn.o_proj, 0, cfg.hidden_size)
+            parts[f"{prefix}.mlp.gate_proj"] = LinearPart(mlp.gate_up_proj, 0, inter)
+            parts[f"{prefix}.mlp.up_proj"] = LinearPart(mlp.gate_up_proj, inter, 2 * inter)
+            parts[f"{prefix}.mlp.down_proj"] = LinearPart(mlp.down_proj, 0, cfg.hidden_size)
+        return parts
+
+    def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Which cache positions each query may attend to. # [B, 1, S, kv_len] bool"""
+        keys = torch.arange(kv_len, device=positions.device)  # [kv_len]
+        query = positions[:, :, None]  # [B, S, 1]
+        mask = keys[None, None, :] <= query  # [B, S, kv_len]
+        if self.cfg.sliding_window is not None:
+            mask = mask & (query - keys[None, None, :] < self.cfg.sliding_window)
+        return mask[:, None]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, S] int64
+        positions: torch.Tensor,  # [B, S] int64, absolute position of each token in its row
+        *,
+        row_start: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """Run B rows through the model, writing their keys/values; returns hidden # [B, S, hidden]."""
+        if self.cache is None:
+            raise RuntimeError("call allocate() before forward()")
+        x = self.model.embed_tokens(tokens)  # [B, S, hidden]
+        cos = self.rope_cos[positions][:, None]  # [B, 1, S, head_dim]
+        sin = self.rope_sin[positions][:, None]
+        mask = self.attention_mask(positions, kv_len)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, positions, self.cache, row_start, kv_len)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states to float32 vocabulary logits. # [..., vocab]"""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,102 @@
+"""Tensor side of the engine: prefill and decode over cache rows, with per-row sampling state.
+
+The runner owns every tensor the engine touches; the engine (scheduling, requests, text) only
+passes row numbers and token ids in and gets token ids out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.model import Transformer
+from server.sampling import SamplingParams, sample
+
+MIN_KV_BUCKET = 64
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def kv_bucket(needed: int, max_len: int) -> int:
+    """Attention window for `needed` positions: a power of two (>= 64), capped at max_len.
+    Few distinct windows means few compiled shapes; rounding up costs masked-out work only."""
+    return min(max_len, max(MIN_KV_BUCKET, next_power_of_two(needed)))
+
+
+def row_bucket(needed: int, max_rows: int) -> int:
+    return min(max_rows, next_power_of_two(needed))
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer) -> None:
+        if model.cache is None:
+            raise RuntimeError("model has no KV cache; call allocate() first")
+        self.model = model
+        self.max_rows = model.cache.max_rows
+        self.max_len = model.cache.max_len
+        device = model.model.embed_tokens.weight.device
+        self.device = device
+        rows = self.max_rows
+        # Per-row state, indexed by cache row.
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # next position to write
+        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
+
+    def reset_row(self, row: int, params: SamplingParams, seed: int) -> None:
+        self.positions[row] = 0
+        self.last_tokens[row] = 0
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.seeds[row] = seed
+        self.steps[row] = 0
+
+    def free_row(self, row: int) -> None:
+        # A free row still runs inside decode batches; position 0 keeps its mask non-empty.
+        self.positions[row] = 0
+        self.last_tokens[row] = 0
+
+    @torch.inference_mode()
+    def prefill(self, row: int, token_ids: list[int], *, start: int, last: bool) -> int | None:
+        """Write `token_ids` at positions start.. of `row`; on the last chunk, sample its first token."""
+        n = len(token_ids)
+        tokens = torch.tensor([token_ids], dtype=torch.int64, device=self.device)  # [1, S]
+        positions = torch.arange(start, start + n, device=self.device)[None, :]  # [1, S]
+        hidden = self.model(tokens, positions, row_start=row, kv_len=kv_bucket(start + n, self.max_len))
+        self.positions[row] = start + n
+        if not last:
+            return None
+        logits = self.model.logits(hidden[:, -1])  # [1, V]
+        token = self._sample(logits, torch.tensor([row], device=self.device))
+        return int(token[0])
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int]) -> list[int]:
+        """One token for each of `rows` (all already prefilled). Runs over rows [0, bucket)."""
+        batch = row_bucket(max(rows) + 1, self.max_rows)
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
+        needed = int(self.positions[index].max()) + 1
+        tokens = self.last_tokens[:batch, None]  # [B, 1]
+        positions = self.positions[:batch, None]  # [B, 1]
+        hidden = self.model(tokens, positions, row_start=0, kv_len=kv_bucket(needed, self.max_len))
+        logits = self.model.logits(hidden[index, 0])  # [n, V]
+        self.positions[index] += 1
+        return self._sample(logits, index).tolist()
+
+    def _sample(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        tokens = sample(
+            logits,
+            temperature=self.temperature[index],
+            top_k=self.top_k[index],
+            top_p=self.top_p[index],
+            seeds=self.seeds[index],
+            steps=self.steps[index],
+        )  # [n]
+        self.steps[index] += 1
+        self.last_tokens[index] = tokens
+        return tokens

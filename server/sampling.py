@@ -1,0 +1,94 @@
+"""Per-row token sampling, vectorized over the rows of a batch.
+
+Every row carries its own temperature, top_k, top_p and seed. Randomness comes from a counter-based
+hash of (seed, step, vocabulary index) rather than a stateful generator, so a row's draw depends only
+on its own seed and how many tokens it has generated: the same seed gives the same output whichever
+rows share the step. Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)),
+which draws from p without a cumulative sum or a device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+_STEP = _signed(0xD1B54A32D192ED03)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) draws keyed by (seed, step, index). seeds, steps: # [B] int64 -> # [B, vocab] float64"""
+    index = torch.arange(vocab, dtype=torch.int64, device=seeds.device)  # [V]
+    key = _splitmix64(seeds * _GOLDEN + steps * _STEP)  # [B]
+    bits = _splitmix64(key[:, None] + index[None, :] * _GOLDEN)  # [B, V]
+    return (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling options. temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf. logits # [B, V]; top_k, top_p # [B]"""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # [1, V]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]  # [B, 1]
+    drop = rank >= k
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens strictly before it already cover top_p; the first always stays.
+    before = probs.cumsum(dim=-1) - probs
+    drop = drop | (before >= top_p[:, None])
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V] float32
+    *,
+    temperature: torch.Tensor,  # [B] float32, 0 = greedy
+    top_k: torch.Tensor,  # [B] int64, 0 = off
+    top_p: torch.Tensor,  # [B] float32, 1 = off
+    seeds: torch.Tensor,  # [B] int64
+    steps: torch.Tensor,  # [B] int64, tokens generated so far by each row
+) -> torch.Tensor:
+    """Next token of every row. # [B] int64"""
+    greedy = logits.argmax(dim=-1)  # [B]
+    random_rows = temperature > 0
+    if not bool(random_rows.any()):
+        return greedy
+    scaled = logits / torch.where(random_rows, temperature, 1.0)[:, None]
+    if bool(((top_k > 0) | (top_p < 1)).any()):
+        scaled = filter_top_k_top_p(scaled, top_k, top_p)
+    log_probs = scaled.log_softmax(dim=-1)  # [B, V]
+    exp_noise = -torch.log(uniform_noise(seeds, steps, logits.shape[-1]))  # [B, V] ~ Exp(1)
+    drawn = (log_probs.double() - exp_noise.log()).argmax(dim=-1)  # argmax p / E
+    return torch.where(random_rows, drawn, greedy)

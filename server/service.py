@@ -1,0 +1,138 @@
+"""Text-level generation service between the HTTP routes and the engine.
+
+Turns prompts and chat messages into token ids, checks them against the context, submits
+requests to the engine and exposes each request's events as an async iterator. It holds no
+tensors and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine import Engine
+from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest, RequestOutput
+
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a client asked for, before it is tied to a prompt."""
+
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+class CompletionService:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        *,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    # ---- names ---------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> str:
+        """The served name a request's `model` field refers to (None means the base model)."""
+        if name is None or name == self.model_name:
+            return self.model_name
+        raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {self.model_name}")
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
+                )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions instead", param="messages"
+            )
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # template errors (e.g. role order) are the client's to fix
+            raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+        return self.encode_prompt_text_raw(text)
+
+    def encode_prompt_text_raw(self, text: str) -> list[int]:
+        # The rendered template already holds its special tokens.
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        return ids
+
+    def build_request(self, prompt_ids: list[int], options: GenerationOptions) -> GenerationRequest:
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if options.max_tokens is None else options.max_tokens
+        if room < 1 or max_tokens > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens" if room >= 1 else "prompt",
+            )
+        bad_stop = [t for t in options.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
+        return GenerationRequest(
+            request_id=f"{uuid.uuid4().hex[:16]}-{next(_counter)}",
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampling=options.sampling,
+            stop=options.stop,
+            stop_token_ids=options.stop_token_ids,
+            ignore_eos=options.ignore_eos,
+        )
+
+    # ---- running -------------------------------------------------------------------------
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Events of one request until it finishes; cancels it in the engine if abandoned."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(event: RequestOutput) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        self.engine.submit(request, sink)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:  # the client went away or the task was cancelled
+                self.engine.cancel(request.request_id)

@@ -1,0 +1,112 @@
+"""Build a native Transformer from a Hugging Face folder of safetensors files.
+
+Weights are read with safetensors only (never pickle). Hugging Face keys are mapped onto the fused
+modules: q/k/v projections into `qkv_proj`, gate/up into `gate_up_proj`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from server.errors import UnsupportedModelError
+from server.model import Transformer
+from server.model_config import ModelConfig, load_model_config
+
+_FUSED = re.compile(
+    r"^(model\.layers\.\d+)\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$"
+)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise UnsupportedModelError(
+                f"{folder} holds only pickle weights (*.bin/*.pt); loraswap never unpickles: "
+                "convert them to safetensors first"
+            )
+        raise UnsupportedModelError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def _target(model: Transformer, key: str) -> tuple[torch.Tensor, slice] | None:
+    """Where a checkpoint tensor lands: (destination parameter, output-row slice)."""
+    cfg = model.cfg
+    match = _FUSED.match(key)
+    if match:
+        prefix, _, qkv, gate_up, kind = match.groups()
+        if qkv:
+            q, kv = cfg.q_size, cfg.kv_size
+            start = {"q": 0, "k": q, "v": q + kv}[qkv]
+            size = q if qkv == "q" else kv
+            name = f"{prefix}.self_attn.qkv_proj.{kind}"
+        else:
+            inter = cfg.intermediate_size
+            start, size = (0 if gate_up == "gate" else inter), inter
+            name = f"{prefix}.mlp.gate_up_proj.{kind}"
+        return model.get_parameter(name), slice(start, start + size)
+    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None  # tied: the embedding is the head
+    try:
+        param = model.get_parameter(key)
+    except AttributeError:
+        return None
+    return param, slice(0, param.shape[0])
+
+
+def load_weights(model: Transformer, folder: Path) -> None:
+    """Copy every expected tensor from the folder's safetensors into the (already built) model."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    expected = set(names.values())
+    filled: dict[str, int] = {name: 0 for name in expected}
+    ignored_prefixes = ("model.rotary_emb",)
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                target = _target(model, key)
+                if target is None:
+                    if key != "lm_head.weight" and not key.startswith(ignored_prefixes):
+                        raise UnsupportedModelError(f"unexpected tensor {key!r} in {path.name}")
+                    continue
+                param, rows = target
+                tensor = handle.get_tensor(key)
+                dest = param.data[rows]
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise UnsupportedModelError(
+                        f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor.to(dest.dtype))
+                filled[names[id(param)]] += rows.stop - rows.start
+    missing = [n for n in sorted(expected) if filled[n] < model.get_parameter(n).shape[0]]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UnsupportedModelError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+
+def build_model(
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    max_rows: int,
+    max_len: int,
+    cfg: ModelConfig | None = None,
+) -> Transformer:
+    """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len."""
+    cfg = cfg or load_model_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    load_weights(model, folder)
+    model.allocate(max_rows=max_rows, max_len=max_len)
+    return model.eval().requires_grad_(False)
