@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.kv_cache import KVCache, write_and_view
+from server.linear import Linear, onednn_packing_available
 from server.model_config import ModelConfig
 from server.rope import apply_rope, rope_tables
 
@@ -42,7 +43,7 @@ class RMSNorm(nn.Module):
 class LinearPart:
     """One Hugging Face projection inside a (possibly fused) linear module."""
 
-    module: nn.Linear
+    module: Linear
     start: int  # first output feature of this projection within the module
     end: int
 
@@ -52,8 +53,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -93,8 +94,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each [B, S, inter]
@@ -129,13 +130,24 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache: KVCache | None = None
         self.max_len = 0
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def pack_linears(self, *, batch_hint: int) -> bool:
+        """Reorder every projection's weight for oneDNN (float32 on CPU only); True if done."""
+        param = self.model.embed_tokens.weight
+        if param.device.type != "cpu" or param.dtype != torch.float32 or not onednn_packing_available():
+            return False
+        for module in self.modules():
+            if isinstance(module, Linear):
+                tied = module is self.lm_head and self.cfg.tie_word_embeddings
+                module.pack(batch_hint=batch_hint, keep_dense=tied)
+        return True
 
     def allocate(self, *, max_rows: int, max_len: int) -> None:
         """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""

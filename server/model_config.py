@@ -110,6 +110,10 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(
             f"{model_type} with use_sliding_window=true is not supported (per-layer windows)"
         )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise UnsupportedModelError(f"config.json lacks required fields: {', '.join(missing)}")
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
     head_dim = raw.get("head_dim") or hidden // heads

@@ -92,7 +92,7 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     def append(self, token: int) -> RequestOutput | None:
-        """Record a sampled token; return the event to send, or None if there is nothing to say."""
+        """Record a sampled token; return the event carrying it (text may be empty while held back)."""
         self.output_ids.append(token)
         if token in self._stop_ids:
             self.finish_reason = "stop"
@@ -128,7 +128,7 @@ class Sequence:
         end = len(self.text) if self.finished else len(self.text) - held_back(self.text, self.request.stop)
         delta = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
-        if not delta and not self.finished:
+        if not delta and not token_ids and not self.finished:
             return None
         return RequestOutput(
             request_id=self.request_id,

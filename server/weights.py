@@ -100,13 +100,17 @@ def build_model(
     max_rows: int,
     max_len: int,
     cfg: ModelConfig | None = None,
+    pack: bool = True,
 ) -> Transformer:
-    """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len."""
+    """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len.
+    `pack` reorders float32 CPU weights for oneDNN (see server/linear.py)."""
     cfg = cfg or load_model_config(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     load_weights(model, folder)
+    if pack:
+        model.pack_linears(batch_hint=max_rows)
     model.allocate(max_rows=max_rows, max_len=max_len)
     return model.eval().requires_grad_(False)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.errors import install_error_handlers
 from server.api.openai_routes import router as openai_router
+from server.errors import LoraswapError
 from server.service import CompletionService
 
 log = logging.getLogger("loraswap.api")
@@ -38,6 +39,10 @@ class ServiceHolder:
     def _load(self) -> None:
         try:
             self.service = self.factory()
+        except LoraswapError as exc:  # expected failures: the message says what to do
+            self.error = f"{type(exc).__name__}: {exc}"
+            if self.on_failure is not None:
+                self.on_failure(self.error)
         except Exception as exc:
             log.exception("model failed to load")
             self.error = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,226 @@
+"""End to end: the real server process with the embedded SmolLM2-135M-Instruct, driven by the
+official `openai` client over loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL = "SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 1024
+STARTUP_TIMEOUT_S = 180.0
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(server: Server, http: httpx.Client, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll /ready until 200; fail at once, with the server's log, if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        code = server.process.poll()
+        if code is not None:
+            pytest.fail(f"the server exited with code {code} before it was ready:\n{server.log_tail()}")
+        try:
+            response = http.get(f"{server.base_url}/ready", timeout=2.0)
+        except httpx.TransportError as exc:  # not listening yet
+            last = repr(exc)
+        else:
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text}"
+        time.sleep(0.2)
+    pytest.fail(f"the server was not ready after {timeout_s} s (last: {last}):\n{server.log_tail()}")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout_s)
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False) as client:  # loopback only: never through a proxy
+        yield client
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, http: httpx.Client) -> Iterator[Server]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("e2e") / "server.log"
+    command = [
+        sys.executable, "-m", "server", "serve",
+        "--port", str(port), "--max-num-seqs", "4", "--max-model-len", str(MAX_MODEL_LEN),
+    ]
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    running = Server(base_url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        wait_ready(running, http)
+        yield running
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    http_client = httpx.Client(trust_env=False, timeout=120.0)
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client) as api:
+        yield api
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=48)  # type: ignore[arg-type]
+    assert response.model == MODEL
+    assert len(response.choices) == 1
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content is not None and "Paris" in choice.message.content, choice.message.content
+    assert choice.finish_reason == "stop"
+    assert response.usage is not None
+    assert response.usage.completion_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_completion_streaming(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=48, stream=True)  # type: ignore[arg-type]
+    chunks = list(stream)
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices, "no chunks with choices"
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert "Paris" in text, text
+    assert with_choices[-1].choices[0].finish_reason == "stop"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    # Same greedy request, same answer as without streaming.
+    reference = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=48)  # type: ignore[arg-type]
+    assert text == reference.choices[0].message.content
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    response = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert response.model == MODEL
+    assert len(response.choices) == 1
+    assert "Paris" in response.choices[0].text, response.choices[0].text
+    assert response.choices[0].finish_reason in ("length", "stop")
+    assert response.usage is not None and response.usage.prompt_tokens > 0
+
+
+def test_completion_streaming(client: openai.OpenAI) -> None:
+    request = dict(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
+    reference = client.completions.create(**request)  # type: ignore[call-overload]
+    chunks = list(client.completions.create(**request, stream=True, stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    with_choices = [c for c in chunks if c.choices]
+    text = "".join(c.choices[0].text for c in with_choices)
+    assert text == reference.choices[0].text
+    assert with_choices[-1].choices[0].finish_reason == reference.choices[0].finish_reason
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == reference.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    ids = [model.id for model in client.models.list()]
+    assert MODEL in ids
+
+
+def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+    assert caught.value.param == "model"
+
+
+def test_too_many_tokens_is_a_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=MAX_MODEL_LEN * 4)  # type: ignore[arg-type]
+    assert caught.value.status_code == 400
+    assert caught.value.param == "max_tokens"
+
+
+def test_health_answers_during_a_long_generation(client: openai.OpenAI, server: Server, http: httpx.Client) -> None:
+    """The event loop never waits on the engine: /health is fast while tokens are being generated.
+    Last in the module: the long request is abandoned once /health has been checked."""
+    first_text = threading.Event()
+    done = threading.Event()
+    errors: list[BaseException] = []
+    received: list[str] = []
+
+    def generate() -> None:
+        try:
+            stream = client.completions.create(
+                model=MODEL, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.choices:
+                        received.append(chunk.choices[0].text)
+                        first_text.set()
+                    if done.is_set():
+                        break  # closing the stream abandons the request
+        except BaseException as exc:  # surfaced in the test thread
+            errors.append(exc)
+        finally:
+            first_text.set()
+
+    worker = threading.Thread(target=generate, name="long-generation", daemon=True)
+    worker.start()
+    try:
+        assert first_text.wait(60), "the long generation produced nothing"
+        assert not errors, errors
+        for _ in range(3):
+            start = time.monotonic()
+            response = http.get(f"{server.base_url}/health", timeout=1.0)
+            elapsed = time.monotonic() - start
+            assert response.status_code == 200 and response.json() == {"status": "ok"}
+            assert elapsed < 1.0, f"/health took {elapsed:.2f} s"
+        ready = http.get(f"{server.base_url}/ready", timeout=1.0).json()
+        assert ready["running"] == 1, ready  # the generation really was in flight
+    finally:
+        done.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    assert not errors, errors
+    assert 0 < len(received) < 400
+    # The abandoned request is cancelled in the engine rather than run to 400 tokens.
+    deadline = time.monotonic() + 15
+    while (ready := http.get(f"{server.base_url}/ready", timeout=1.0).json())["running"]:
+        assert time.monotonic() < deadline, f"the abandoned request is still running: {ready}"
+        time.sleep(0.1)

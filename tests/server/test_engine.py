@@ -1,0 +1,142 @@
+"""Engine scheduling on a tiny model: rows, chunked prefill, cancellation, limits, the thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine import Engine
+from server.runner import ModelRunner, kv_bucket, row_bucket
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest, RequestOutput
+from server.weights import build_model
+from tests.server.families import make_family
+
+
+class _NoText:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    make_family("llama-tied", folder)
+    return folder
+
+
+def make_engine(folder: Path, *, rows: int = 4, max_len: int = 64, chunk: int = 512) -> Engine:
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=rows, max_len=max_len)
+    return Engine(ModelRunner(model), _NoText(), eos_ids=frozenset(), prefill_chunk=chunk)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.final: dict[str, RequestOutput] = {}
+
+    def __call__(self, event: RequestOutput) -> None:
+        self.tokens.setdefault(event.request_id, []).extend(event.token_ids)
+        if event.finished:
+            self.final[event.request_id] = event
+
+
+def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, max_tokens=n, sampling=SamplingParams(temperature=0))
+
+
+def test_buckets() -> None:
+    assert kv_bucket(1, 2048) == 64 and kv_bucket(65, 2048) == 128 and kv_bucket(3000, 2048) == 2048
+    assert row_bucket(3, 16) == 4 and row_bucket(9, 12) == 12
+
+
+def test_chunked_prefill_and_sharing_rows_change_nothing(tiny_dir: Path) -> None:
+    prompt = list(range(3, 40))
+    alone = Collector()
+    engine = make_engine(tiny_dir, chunk=512)
+    engine.submit(greedy("a", prompt), alone)
+    engine.run_until_idle()
+
+    shared = Collector()
+    engine = make_engine(tiny_dir, chunk=7)
+    engine.submit(greedy("x", [50, 51]), shared)
+    engine.submit(greedy("a", prompt), shared)
+    engine.submit(greedy("y", list(range(60, 80)), n=3), shared)
+    engine.run_until_idle()
+    assert shared.tokens["a"] == alone.tokens["a"]
+
+
+def test_more_requests_than_rows_wait_and_all_finish(tiny_dir: Path) -> None:
+    got = Collector()
+    engine = make_engine(tiny_dir, rows=2)
+    for i in range(5):
+        engine.submit(greedy(str(i), [10 + i, 11, 12], n=4 + i), got)
+    engine.run_until_idle()
+    assert sorted(got.final) == [str(i) for i in range(5)]
+    assert all(len(got.tokens[str(i)]) == 4 + i for i in range(5))
+    assert sorted(engine._free_rows) == [0, 1] and engine.num_running == 0
+
+
+def test_context_limit_finishes_with_length(tiny_dir: Path) -> None:
+    got = Collector()
+    engine = make_engine(tiny_dir, max_len=32)
+    engine.submit(GenerationRequest("r", list(range(3, 30)), max_tokens=100), got)
+    engine.run_until_idle()
+    assert got.final["r"].finish_reason == "length"
+    assert len(got.tokens["r"]) == 32 - 27
+
+
+def test_cancel_frees_the_row(tiny_dir: Path) -> None:
+    got = Collector()
+    engine = make_engine(tiny_dir, rows=2)
+    engine.submit(greedy("long", [5, 6, 7], n=50), got)
+    engine.submit(greedy("waiting", [5, 6], n=50), got)
+    engine.submit(greedy("queued", [5], n=50), got)
+    engine._drain_inbox(block=False)
+    engine.step()
+    engine.step()
+    engine.cancel("long")
+    engine.cancel("queued")
+    engine._drain_inbox(block=False)
+    assert got.final["long"].finish_reason == "abort"
+    assert got.final["queued"].finish_reason == "abort"
+    assert engine.num_running == 1 and len(engine._free_rows) == 1
+    engine.run_until_idle()
+    assert len(got.tokens["waiting"]) == 50
+
+
+def test_seeded_sampling_is_independent_of_neighbours(tiny_dir: Path) -> None:
+    def seeded(rid: str) -> GenerationRequest:
+        return GenerationRequest(rid, [7, 8, 9], max_tokens=10, sampling=SamplingParams(temperature=1.0, seed=42))
+
+    alone = Collector()
+    engine = make_engine(tiny_dir)
+    engine.submit(seeded("s"), alone)
+    engine.run_until_idle()
+    crowd = Collector()
+    engine = make_engine(tiny_dir)
+    engine.submit(GenerationRequest("o1", [3, 4], max_tokens=12, sampling=SamplingParams(seed=1)), crowd)
+    engine.submit(seeded("s"), crowd)
+    engine.submit(GenerationRequest("o2", [30] * 9, max_tokens=4, sampling=SamplingParams(seed=2)), crowd)
+    engine.run_until_idle()
+    assert crowd.tokens["s"] == alone.tokens["s"]
+
+
+def test_background_thread_serves_and_stops(tiny_dir: Path) -> None:
+    engine = make_engine(tiny_dir)
+    engine.start()
+    done = threading.Event()
+    got = Collector()
+
+    def sink(event: RequestOutput) -> None:
+        got(event)
+        if event.finished:
+            done.set()
+
+    engine.submit(greedy("t", [4, 5, 6]), sink)
+    assert done.wait(30)
+    engine.stop()
+    assert len(got.tokens["t"]) == 8
