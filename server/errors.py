@@ -27,7 +27,11 @@ class ModelNotFoundError(LoraswapError):
 
 
 class NotReadyError(LoraswapError):
-    """The model is still loading (HTTP 503)."""
+    """The model is still loading (HTTP 503, retry later)."""
+
+
+class LoadFailedError(LoraswapError):
+    """The model failed to load; retrying will not help (HTTP 503, no Retry-After)."""
 
 
 class UnsupportedModelError(LoraswapError):

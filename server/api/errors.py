@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.errors import (
     EngineStoppedError,
     InvalidRequestError,
+    LoadFailedError,
     LoraswapError,
     ModelNotFoundError,
     NotReadyError,
@@ -25,6 +26,7 @@ STATUS_BY_TYPE: tuple[tuple[type[LoraswapError], int, str, str | None], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (NotReadyError, 503, "service_unavailable", "model_loading"),
+    (LoadFailedError, 503, "service_unavailable", "model_load_failed"),
     (EngineStoppedError, 503, "service_unavailable", "shutting_down"),
 )
 
@@ -47,7 +49,7 @@ def error_response(exc: LoraswapError) -> JSONResponse:
     param = getattr(exc, "param", None)
     if isinstance(exc, ModelNotFoundError):
         param = "model"
-    headers = {"Retry-After": "5"} if status == 503 else None
+    headers = {"Retry-After": "5"} if isinstance(exc, (NotReadyError, EngineStoppedError)) else None
     return JSONResponse(error_body(str(exc), type_=type_, param=param, code=code), status_code=status, headers=headers)
 
 
@@ -61,6 +63,10 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = []
         param = None
         for err in exc.errors():
+            if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
+                offset = next((p for p in err.get("loc", ()) if isinstance(p, int)), None)
+                problems.append(f"the request body is not valid JSON (at character {offset})")
+                continue
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             param = param or (loc[0] if loc else None)
             problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")

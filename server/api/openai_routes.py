@@ -29,7 +29,7 @@ from server.api.schemas import (
     Usage,
     _SamplingFields,
 )
-from server.errors import GenerationFailedError, NotReadyError
+from server.errors import GenerationFailedError, InvalidRequestError, LoadFailedError, NotReadyError
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
 from server.service import CompletionService, GenerationOptions
@@ -38,7 +38,10 @@ router = APIRouter()
 
 
 def get_service(request: Request) -> CompletionService:
-    service = request.app.state.holder.service
+    holder = request.app.state.holder
+    service = holder.service
+    if service is None and holder.error is not None:
+        raise LoadFailedError(f"the model failed to load: {holder.error}")
     if service is None:
         raise NotReadyError("the model is still loading; retry when GET /ready returns 200")
     return service
@@ -149,6 +152,8 @@ def _event_stream(
 async def completions(body: CompletionRequest, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
     model = service.check_model(body.model)
     raw = body.prompt
+    if not raw:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]  # type: ignore[list-item]
     prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]

@@ -22,9 +22,9 @@ from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
 from server.service import CompletionService
-from tests.conftest import TINY_VOCAB
 
 MAX_MODEL_LEN = 128
+TINY_VOCAB = 49152  # the SmolLM2 tokenizer of the tiny model (tests/conftest.py)
 READY_TIMEOUT_S = 120.0
 SERVED_NAME = "tiny-llama"  # the model folder's name (tests/conftest.py)
 PROMPT = "Hello, my name is"
@@ -238,6 +238,18 @@ def test_ready_reports_a_failed_load() -> None:
         assert test_client.get("/health").status_code == 200
         for method, path, payload in INFERENCE_CALLS:
             assert_error(test_client.request(method, path, json=payload), 503)
+
+
+def test_inference_after_a_failed_load_says_it_failed() -> None:
+    def failing_factory() -> CompletionService:
+        raise RuntimeError("weights are corrupt")
+
+    app = create_app(failing_factory)
+    with TestClient(app) as test_client:
+        app.state.holder.join(10)
+        error = assert_error(test_client.post("/v1/completions", json={"prompt": "hi"}), 503)
+        assert error["code"] != "model_loading"
+        assert "weights are corrupt" in error["message"]
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -567,6 +579,40 @@ def test_stop_string_streaming(client: TestClient, unstopped: str) -> None:
     assert all(stop not in c["choices"][0]["text"] for c in with_choices)
 
 
+def test_stop_string_across_a_token_boundary(client: TestClient) -> None:
+    """A stop string made of the end of one token and the start of the next one."""
+    three = complete(client, prompt=PROMPT, max_tokens=3, **greedy())["choices"][0]["text"]
+    four = complete(client, prompt=PROMPT, max_tokens=4, **greedy())["choices"][0]["text"]
+    assert four.startswith(three) and len(three) >= 2 and len(four) >= len(three) + 2, (three, four)
+    stop = four[len(three) - 2 : len(three) + 2]
+    expected = four[: four.find(stop)]
+    for stream in (False, True):
+        request = dict(prompt=PROMPT, max_tokens=8, stop=[stop], stream=stream, **greedy())
+        response = client.post("/v1/completions", json=request)
+        if stream:
+            texts, finishes = texts_by_index(split_stream(sse_events(response))[0], 1, chat=False)
+        else:
+            choice = response.json()["choices"][0]
+            texts, finishes = [choice["text"]], [choice["finish_reason"]]
+        assert texts == [expected], (stream, stop)
+        assert finishes == ["stop"]
+
+
+def test_partial_stop_string_is_released_at_the_end(client: TestClient, unstopped: str) -> None:
+    """Text held back because it might start a stop string is sent once the request ends."""
+    stop = unstopped[-2:] + "\u2603"  # its first two characters end the output; it never completes
+    for stream in (False, True):
+        request = dict(prompt=PROMPT, max_tokens=24, stop=stop, stream=stream, **greedy())
+        response = client.post("/v1/completions", json=request)
+        if stream:
+            texts, finishes = texts_by_index(split_stream(sse_events(response))[0], 1, chat=False)
+        else:
+            choice = response.json()["choices"][0]
+            texts, finishes = [choice["text"]], [choice["finish_reason"]]
+        assert texts == [unstopped], stream
+        assert finishes == ["length"]
+
+
 def test_stop_string_that_never_appears(client: TestClient, unstopped: str) -> None:
     body = complete(client, prompt=PROMPT, max_tokens=24, stop=["\u2603never\u2603"], **greedy())
     assert body["choices"][0]["text"] == unstopped
@@ -637,16 +683,19 @@ def test_error(client: TestClient, route: str, body: Json, status: int, param: s
         assert error["type"] == "invalid_request_error"
 
 
+def test_context_boundary(client: TestClient) -> None:
+    prompt = [100 + i for i in range(MAX_MODEL_LEN - 8)]
+    body = complete(client, prompt=prompt, max_tokens=8, **greedy())
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert_error(client.post("/v1/completions", json=dict(prompt=prompt, max_tokens=9)), 400, param="max_tokens")
+
+
 def test_context_error_names_the_limit(client: TestClient) -> None:
     error = assert_error(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1000}), 400)
     assert str(MAX_MODEL_LEN) in error["message"]
 
 
-@pytest.mark.xfail(
-    reason="bug: `prompt: []` is accepted and answered 200 with no choices "
-    "(server/api/openai_routes.py completions(): an empty prompt list is never rejected)",
-    strict=True,
-)
 def test_empty_prompt_list_is_rejected(client: TestClient) -> None:
     assert_error(client.post("/v1/completions", json={"prompt": []}), 400, param="prompt")
 
@@ -656,6 +705,11 @@ def test_malformed_json(client: TestClient) -> None:
         response = client.post(route, content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
         error = assert_error(response, 400)
         assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_has_no_param(client: TestClient) -> None:
+    response = client.post("/v1/completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+    assert assert_error(response, 400)["param"] is None
 
 
 def test_unknown_route(client: TestClient) -> None:
