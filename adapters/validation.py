@@ -1,0 +1,138 @@
+"""Check a parsed PEFT adapter against the slot bank of a base model, collecting every problem.
+
+The result, `AdapterWeights`, holds per-module float32 A/B matrices with the LoRA scaling already
+known, ready to be copied into a slot. Target matching follows PEFT's own rules (exact name or
+`.name` suffix for lists, full-match for a regex string, "all-linear" = every projection but the
+output layer, layers_to_transform / layers_pattern filtering).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from adapters.errors import InvalidAdapterError
+from adapters.peft_format import LoraConfig, RawAdapter
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What the slot bank offers: LoRA-capable projections and their (in, out) sizes."""
+
+    targets: dict[str, tuple[int, int]]  # HF module name -> (in_features, out_features)
+    other_modules: frozenset[str]  # every other module name of the base (lm_head, embed_tokens, ...)
+    max_rank: int
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    a: torch.Tensor  # [r, in] float32
+    b: torch.Tensor  # [out, r] float32
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    name: str
+    config: LoraConfig
+    modules: dict[str, ModuleLora]
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * 4 + m.b.numel() * 4 for m in self.modules.values())
+
+    @property
+    def target_suffixes(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+
+def _matches(config: LoraConfig, module: str) -> bool:
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return True  # the caller offers only linear candidates
+        return re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith(f".{t}") for t in targets)
+
+
+def _layer_selected(config: LoraConfig, module: str) -> bool:
+    if config.layers_to_transform is None or isinstance(config.target_modules, str):
+        return True  # PEFT applies the layer filter to target lists only
+    match = None
+    for pattern in config.layers_pattern or (None,):
+        regex = rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." if pattern else r".*?\.[^.]*\.(?P<idx>\d+)\."
+        match = re.match(regex, module)
+        if match:
+            break
+    return match is not None and int(match["idx"]) in config.layers_to_transform
+
+
+def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) -> list[str]:
+    """Slot modules the adapter targets; problems for targets the base lacks or slots cannot hold."""
+    candidates = list(spec.targets) + sorted(spec.other_modules)
+    if config.target_modules == "all-linear":
+        candidates = list(spec.targets)
+    chosen = [m for m in candidates if _matches(config, m) and _layer_selected(config, m)]
+    if isinstance(config.target_modules, tuple):
+        for target in config.target_modules:
+            if not any(m == target or m.endswith(f".{target}") for m in candidates):
+                problems.append(f"target module {target!r} does not exist in the base model")
+    elif not chosen:
+        problems.append(f"target_modules {config.target_modules!r} matches no module of the base model")
+    unsupported = sorted({m.rsplit(".", 1)[-1] for m in chosen if m not in spec.targets})
+    if unsupported:
+        problems.append(
+            f"LoRA on {', '.join(unsupported)} is not supported by the slots; supported targets: "
+            f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in spec.targets}))}"
+        )
+    return [m for m in chosen if m in spec.targets]
+
+
+def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
+    """Every check against the base model; raises InvalidAdapterError with all problems at once."""
+    problems: list[str] = []
+    config = raw.config
+    modules = targeted_modules(config, spec, problems)
+    out: dict[str, ModuleLora] = {}
+    for module in modules:
+        pair = raw.tensors.get(module, {})
+        missing = [ab for ab in ("A", "B") if ab not in pair]
+        if missing:
+            problems.append(f"{module}: missing tensor(s) lora_{' and lora_'.join(missing)}")
+            continue
+        rank, _ = config.rank_and_alpha(module)
+        d_in, d_out = spec.targets[module]
+        a, b = pair["A"], pair["B"]
+        found = len(problems)
+        if tuple(a.shape) != (rank, d_in):
+            problems.append(f"{module}: lora_A has shape {tuple(a.shape)}, expected {(rank, d_in)}")
+        if tuple(b.shape) != (d_out, rank):
+            problems.append(f"{module}: lora_B has shape {tuple(b.shape)}, expected {(d_out, rank)}")
+        if rank > spec.max_rank:
+            problems.append(f"{module}: rank {rank} exceeds the slot rank {spec.max_rank} (--max-lora-rank)")
+        for label, tensor in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{module}: {label} contains NaN or infinite values")
+        if len(problems) == found:
+            out[module] = ModuleLora(a=a.float(), b=b.float(), scaling=config.scaling(module))
+    stray = sorted(set(raw.tensors) - set(modules))
+    for module in stray:
+        where = "is not in the base model" if module not in spec.targets and module not in spec.other_modules else (
+            "is not targeted by adapter_config.json"
+        )
+        problems.append(f"weights for {module}: the module {where}")
+    if not problems and not out:
+        problems.append("the adapter changes no module")
+    if problems:
+        raise InvalidAdapterError(name, problems)
+    return AdapterWeights(name=name, config=config, modules=out)
