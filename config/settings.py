@@ -38,7 +38,27 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
     max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
     prefill_chunk: int = Field(default=512, ge=16, description="Prompt tokens prefilled per step.")
+    max_loras: int = Field(default=8, ge=1, le=256, description="LoRA slots in every targeted layer.")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Rank of every LoRA slot.")
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="Adapters loaded at start: name -> PEFT adapter folder."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model step.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        # Accept the CLI form ["name=path", ...] as well as a mapping (TOML table, JSON env).
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for item in value:
+                name, sep, path = str(item).partition("=")
+                if not sep or not name or not path:
+                    raise ValueError(f"--lora-modules takes NAME=PATH, got {item!r}")
+                pairs[name] = path
+            return pairs
+        return value
 
     @field_validator("model", "served_model_name")
     @classmethod

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+from adapters.peft_format import read_adapter_dir
+from adapters.registry import AdapterInfo, AdapterRegistry, check_name
+from adapters.slot_bank import SlotBank
+from adapters.validation import validate
 from config.settings import Settings
 from server.engine import Engine
 from server.errors import UnsupportedModelError
@@ -74,11 +78,24 @@ def build_service(settings: Settings) -> CompletionService:
     dtype = pick_dtype(settings.dtype, device)
     log.info("loading %s (%s, %s on %s)", folder, cfg.model_type, dtype, device)
     model = build_model(
-        folder, dtype=dtype, device=device, max_rows=settings.max_num_seqs, max_len=settings.max_model_len, cfg=cfg
+        folder,
+        dtype=dtype,
+        device=device,
+        max_rows=settings.max_num_seqs,
+        max_len=settings.max_model_len,
+        cfg=cfg,
+        pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
     )
+    bank = SlotBank(
+        model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
+    )
+    name = served_name(settings, folder)
+    registry = AdapterRegistry(settings.max_loras, base_name=name)
+    for adapter_name, path in settings.lora_modules.items():
+        load_adapter(bank, registry, adapter_name, Path(path).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
-        ModelRunner(model),
+        ModelRunner(model, bank, compile=settings.compile),
         tokenizer,
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
@@ -89,10 +106,33 @@ def build_service(settings: Settings) -> CompletionService:
     return CompletionService(
         engine,
         tokenizer,
-        model_name=served_name(settings, folder),
+        registry,
+        model_name=name,
         max_model_len=settings.max_model_len,
         vocab_size=cfg.vocab_size,
     )
+
+
+def load_adapter(bank: SlotBank, registry: AdapterRegistry, name: str, path: Path) -> AdapterInfo:
+    """Read, validate (every problem at once) and write a PEFT adapter into a free slot."""
+    check_name(name)
+    start = time.monotonic()
+    weights = validate(read_adapter_dir(path, name), bank.spec(), name)
+    slot = registry.free_slot()
+    info = AdapterInfo(
+        name=name,
+        slot=slot,
+        rank=weights.rank,
+        alpha=weights.config.lora_alpha,
+        target_modules=tuple(weights.target_suffixes),
+        nbytes=weights.nbytes,
+        source=str(path),
+    )
+    registry.add(info)
+    bank.load(slot, weights)
+    log.info("adapter %s (rank %d, %s) in slot %d in %.0f ms", name, info.rank,
+             ",".join(info.target_modules), slot, (time.monotonic() - start) * 1000)
+    return info
 
 
 def warm_up(engine: Engine) -> None:

@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, help="rows decoded together (default 16)")
     serve.add_argument("--max-model-len", type=int, help="prompt + output tokens per row (default 2048)")
     serve.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
+    serve.add_argument("--max-loras", type=int, help="LoRA slots per targeted layer (default 8)")
+    serve.add_argument("--max-lora-rank", type=int, help="rank of every LoRA slot (default 64)")
+    serve.add_argument(
+        "--lora-modules", nargs="+", metavar="NAME=PATH", help="PEFT adapters to load at start"
+    )
+    serve.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the model step"
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
 

@@ -142,7 +142,12 @@ class Engine:
             self._free_rows.sort()
             seq.row = self._free_rows.pop(0)
             seed = seq.request.sampling.seed
-            self.runner.reset_row(seq.row, seq.request.sampling, random.getrandbits(62) if seed is None else seed)
+            self.runner.reset_row(
+                seq.row,
+                seq.request.sampling,
+                random.getrandbits(62) if seed is None else seed,
+                seq.request.lora_slot,
+            )
             self._running[seq.request_id] = (seq, sink)
             self._prefilling.append(seq)
 

@@ -9,9 +9,14 @@ memory does not double. Tied weights stay dense because the embedding reads them
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from adapters.lora_layer import LoraBatch, LoraSlots
 
 
 def onednn_packing_available() -> bool:
@@ -19,11 +24,15 @@ def onednn_packing_available() -> bool:
 
 
 class Linear(nn.Linear):
+    """nn.Linear plus an optional packed weight and optional LoRA slots (attached by the SlotBank)."""
+
     packed: torch.Tensor | None
+    lora: LoraSlots | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.packed = None
+        self.lora = None
 
     def pack(self, *, batch_hint: int, keep_dense: bool = False) -> None:
         """Reorder the weight for oneDNN (float32, CPU). `batch_hint`: typical rows per call."""
@@ -34,7 +43,11 @@ class Linear(nn.Linear):
         if not keep_dense:
             self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora is not None:
+            y = self.lora.add_to(y, x, lora)
+        return y

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,9 @@ from server.kv_cache import KVCache, write_and_view
 from server.linear import Linear, onednn_packing_available
 from server.model_config import ModelConfig
 from server.rope import apply_rope, rope_tables
+
+if TYPE_CHECKING:
+    from adapters.lora_layer import LoraBatch
 
 
 class RMSNorm(nn.Module):
@@ -69,10 +74,11 @@ class Attention(nn.Module):
         cache: KVCache,
         row_start: int,
         kv_len: int,
+        lora: LoraBatch | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         batch, seq, _ = x.shape
-        qkv = self.qkv_proj(x)  # [B, S, q_size + 2 * kv_size]
+        qkv = self.qkv_proj(x, lora)  # [B, S, q_size + 2 * kv_size]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
@@ -87,7 +93,7 @@ class Attention(nn.Module):
         values = write_and_view(v_cache, v, row_start=row_start, positions=positions, kv_len=kv_len)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, q_size]
-        return self.o_proj(out)
+        return self.o_proj(out, lora)
 
 
 class MLP(nn.Module):
@@ -97,9 +103,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each [B, S, inter]
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).split(self.intermediate, dim=-1)  # each [B, S, inter]
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -110,9 +116,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, *attn_args: object) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, *attn_args: object, lora: LoraBatch | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class Backbone(nn.Module):
@@ -201,8 +207,10 @@ class Transformer(nn.Module):
         *,
         row_start: int,
         kv_len: int,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Run B rows through the model, writing their keys/values; returns hidden # [B, S, hidden]."""
+        """Run B rows through the model, writing their keys/values; returns hidden # [B, S, hidden].
+        `lora` routes each row through its LoRA slot (None: base model only)."""
         if self.cache is None:
             raise RuntimeError("call allocate() before forward()")
         x = self.model.embed_tokens(tokens)  # [B, S, hidden]
@@ -210,7 +218,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions][:, None]
         mask = self.attention_mask(positions, kv_len)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, self.cache, row_start, kv_len)
+            x = layer(x, cos, sin, mask, positions, self.cache, row_start, kv_len, lora=lora)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,16 @@ passes row numbers and token ids in and gets token ids out.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from server.model import Transformer
 from server.sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from adapters.lora_layer import LoraBatch
+    from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
 
@@ -29,10 +35,17 @@ def row_bucket(needed: int, max_rows: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer) -> None:
+    """`compile=True` runs decode through torch.compile over a fixed number of rows (all of them),
+    so the only shape that varies is the attention window; prefill stays eager."""
+
+    def __init__(self, model: Transformer, bank: SlotBank | None = None, *, compile: bool = False) -> None:
         if model.cache is None:
             raise RuntimeError("model has no KV cache; call allocate() first")
         self.model = model
+        self.bank = bank
+        self.compiled = compile
+        self._decode_forward = torch.compile(model.forward) if compile else model.forward
+        self.null_slot = bank.null_slot if bank is not None else 0
         self.max_rows = model.cache.max_rows
         self.max_len = model.cache.max_len
         device = model.model.embed_tokens.weight.device
@@ -46,8 +59,13 @@ class ModelRunner:
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
         self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
+        # LoRA slot of each row; null_slot = no adapter (exactly the base model).
+        self.slots = torch.full((rows,), self.null_slot, dtype=torch.int64, device=device)
 
-    def reset_row(self, row: int, params: SamplingParams, seed: int) -> None:
+    def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None) -> None:
+        if slot is not None and (self.bank is None or not 0 <= slot < self.bank.num_slots):
+            raise ValueError(f"LoRA slot {slot} does not exist")
+        self.slots[row] = self.null_slot if slot is None else slot
         self.positions[row] = 0
         self.last_tokens[row] = 0
         self.temperature[row] = params.temperature
@@ -60,6 +78,14 @@ class ModelRunner:
         # A free row still runs inside decode batches; position 0 keeps its mask non-empty.
         self.positions[row] = 0
         self.last_tokens[row] = 0
+        self.slots[row] = self.null_slot
+
+    def _lora(self, active: torch.Tensor, forward_slots: torch.Tensor) -> LoraBatch | None:
+        """Routing for the forward's rows # [B]; None (base path only) when none of the rows that
+        matter (`active` slots) uses an adapter."""
+        if self.bank is None or bool((active == self.null_slot).all()):
+            return None
+        return self.bank.batch(forward_slots)
 
     @torch.inference_mode()
     def prefill(self, row: int, token_ids: list[int], *, start: int, last: bool) -> int | None:
@@ -67,7 +93,9 @@ class ModelRunner:
         n = len(token_ids)
         tokens = torch.tensor([token_ids], dtype=torch.int64, device=self.device)  # [1, S]
         positions = torch.arange(start, start + n, device=self.device)[None, :]  # [1, S]
-        hidden = self.model(tokens, positions, row_start=row, kv_len=kv_bucket(start + n, self.max_len))
+        slots = self.slots[row : row + 1]
+        lora = self._lora(slots, slots)
+        hidden = self.model(tokens, positions, row_start=row, kv_len=kv_bucket(start + n, self.max_len), lora=lora)
         self.positions[row] = start + n
         if not last:
             return None
@@ -78,12 +106,15 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, rows: list[int]) -> list[int]:
         """One token for each of `rows` (all already prefilled). Runs over rows [0, bucket)."""
-        batch = row_bucket(max(rows) + 1, self.max_rows)
+        batch = self.max_rows if self.compiled else row_bucket(max(rows) + 1, self.max_rows)
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         needed = int(self.positions[index].max()) + 1
         tokens = self.last_tokens[:batch, None]  # [B, 1]
         positions = self.positions[:batch, None]  # [B, 1]
-        hidden = self.model(tokens, positions, row_start=0, kv_len=kv_bucket(needed, self.max_len))
+        lora = self._lora(self.slots[index], self.slots[:batch])
+        hidden = self._decode_forward(
+            tokens, positions, row_start=0, kv_len=kv_bucket(needed, self.max_len), lora=lora
+        )
         logits = self.model.logits(hidden[index, 0])  # [n, V]
         self.positions[index] += 1
         return self._sample(logits, index).tolist()

@@ -25,6 +25,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    lora_slot: int | None = None  # LoRA slot the request's rows use; None = the base model
 
 
 @dataclass(frozen=True)

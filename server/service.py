@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.registry import AdapterRegistry
 from server.engine import Engine
 from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from server.sampling import SamplingParams
@@ -31,6 +32,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    lora_slot: int | None = None
 
 
 class CompletionService:
@@ -38,6 +40,7 @@ class CompletionService:
         self,
         engine: Engine,
         tokenizer: Any,
+        registry: AdapterRegistry,
         *,
         model_name: str,
         max_model_len: int,
@@ -45,16 +48,20 @@ class CompletionService:
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.registry = registry
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
 
     # ---- names ---------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> str:
-        """The served name a request's `model` field refers to (None means the base model)."""
+    def check_model(self, name: str | None) -> tuple[str, int | None]:
+        """(served name, LoRA slot) for a request's `model` field; None or the base name = no adapter."""
         if name is None or name == self.model_name:
-            return self.model_name
-        raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {self.model_name}")
+            return self.model_name, None
+        if name in self.registry:
+            return name, self.registry.get(name).slot
+        available = ", ".join([self.model_name] + [a.name for a in self.registry.all()])
+        raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {available}")
 
     # ---- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -112,6 +119,7 @@ class CompletionService:
             stop=options.stop,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
+            lora_slot=options.lora_slot,
         )
 
     # ---- running -------------------------------------------------------------------------

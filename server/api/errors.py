@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError, NoFreeSlotError
 from server.errors import (
     EngineStoppedError,
     InvalidRequestError,
@@ -24,6 +25,9 @@ log = logging.getLogger("loraswap.api")
 # Most specific first: the first matching type decides.
 STATUS_BY_TYPE: tuple[tuple[type[LoraswapError], int, str, str | None], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", None),
+    (InvalidAdapterError, 400, "invalid_request_error", "invalid_adapter"),
+    (AdapterNotFoundError, 404, "invalid_request_error", "adapter_not_found"),
+    (NoFreeSlotError, 503, "service_unavailable", "no_free_slot"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (NotReadyError, 503, "service_unavailable", "model_loading"),
     (LoadFailedError, 503, "service_unavailable", "model_load_failed"),

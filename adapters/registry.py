@@ -1,0 +1,66 @@
+"""Which adapters the server knows and where they live. Plain Python: names and slots, no tensors.
+
+An adapter name is what clients put in the `model` field; it matches `[A-Za-z0-9._-]{1,64}` and is
+never used as a path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError, NoFreeSlotError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise InvalidAdapterError(
+            name, ["adapter names must be 1-64 characters of letters, digits, '.', '_' or '-'"]
+        )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    slot: int
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    nbytes: int
+    source: str
+
+
+class AdapterRegistry:
+    def __init__(self, num_slots: int, *, base_name: str) -> None:
+        self.num_slots = num_slots
+        self.base_name = base_name
+        self._by_name: dict[str, AdapterInfo] = {}
+
+    def free_slot(self) -> int:
+        used = {info.slot for info in self._by_name.values()}
+        for slot in range(self.num_slots):
+            if slot not in used:
+                return slot
+        raise NoFreeSlotError(f"all {self.num_slots} LoRA slots are in use (--max-loras)")
+
+    def add(self, info: AdapterInfo) -> None:
+        check_name(info.name)
+        if info.name == self.base_name:
+            raise InvalidAdapterError(info.name, ["an adapter cannot take the base model's name"])
+        if info.name in self._by_name:
+            raise InvalidAdapterError(info.name, ["an adapter with this name is already loaded"])
+        self._by_name[info.name] = info
+
+    def get(self, name: str) -> AdapterInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def all(self) -> list[AdapterInfo]:
+        return sorted(self._by_name.values(), key=lambda info: info.name)

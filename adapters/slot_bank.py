@@ -1,0 +1,108 @@
+"""The slot bank: K fixed LoRA slots of rank R in every targeted projection of the base model.
+
+This module owns every slot tensor and is their only writer (`load`, `clear`). Loading an adapter
+zeroes the slot and copies each module's A and B into the `[:r]` corner in place, so no tensor is
+ever reallocated: a compiled model keeps its graphs and sees the new weights at once. Scaling
+(alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B at load time, so the hot path has no
+extra multiply. Slot index K (one past the last real slot) is the null slot, always zero: a row on
+it computes exactly the base model.
+
+Layout (see adapters/lora_layer.py): per fused module, a # [R, K+1, P, in] and one
+b # [R, K+1, out_p] per fused projection, rank-major so that a rank window is contiguous.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from adapters.lora_layer import LoraBatch, LoraSlots
+from adapters.validation import AdapterWeights, SlotSpec
+from server.model import Transformer
+
+
+def rank_window(max_rank: int, slot_rank: int) -> int:
+    """Ranks to compute when the largest loaded rank is max_rank: a power of two >= 8, <= R."""
+    window = 8
+    while window < max_rank:
+        window *= 2
+    return min(window, slot_rank)
+
+
+class SlotBank(nn.Module):
+    def __init__(self, model: Transformer, *, num_slots: int, max_rank: int, fixed_window: bool = False) -> None:
+        super().__init__()
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError("num_slots and max_rank must be positive")
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.null_slot = num_slots
+        # Under torch.compile the window must not change with what is loaded (no recompiles).
+        self.fixed_window = fixed_window
+        self.ranks = [0] * num_slots  # largest rank loaded in each slot; 0 = empty
+        weight = model.model.embed_tokens.weight
+        dtype, device = weight.dtype, weight.device
+        by_module: dict[nn.Module, list[tuple[str, int, int]]] = defaultdict(list)
+        for name, part in model.linear_parts().items():
+            by_module[part.module].append((name, part.start, part.end))
+        # Every module of the base that is not a slot target (before LoraSlots are attached).
+        named = [n for n, _ in model.named_modules() if n]
+        self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._targets: dict[str, tuple[int, int]] = {}
+        for index, (module, parts) in enumerate(by_module.items()):
+            parts.sort(key=lambda p: p[1])
+            d_in = module.in_features
+            a = torch.zeros(max_rank, num_slots + 1, len(parts), d_in, dtype=dtype, device=device)
+            self.register_buffer(f"a{index}", a, persistent=False)
+            bs = []
+            for p, (name, start, end) in enumerate(parts):
+                b = torch.zeros(max_rank, num_slots + 1, end - start, dtype=dtype, device=device)
+                self.register_buffer(f"b{index}_{p}", b, persistent=False)
+                bs.append(b)
+                self._where[name] = (a, p, b)
+                self._targets[name] = (d_in, end - start)
+            module.lora = LoraSlots(a, bs, [(s, e) for _, s, e in parts])  # type: ignore[assignment]
+        self._others = frozenset(n for n in named if n not in self._targets)
+
+    def spec(self) -> SlotSpec:
+        return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for name, (a, part, b) in self._where.items():
+            a[:, slot, part].zero_()
+            b[:, slot].zero_()
+        self.ranks[slot] = 0
+
+    @torch.no_grad()
+    def load(self, slot: int, weights: AdapterWeights) -> None:
+        """Hotswap: zero `slot`, then copy every module's A and s*B into the [:r] corner, in place."""
+        self._check_slot(slot)
+        unknown = set(weights.modules) - set(self._where)
+        if unknown or weights.rank > self.max_rank:
+            raise ValueError("adapter was not validated against this slot bank")
+        self.clear(slot)
+        for name, lora in weights.modules.items():
+            a, part, b = self._where[name]
+            r = lora.rank
+            a[:r, slot, part].copy_(lora.a)  # lora.a: [r, in]
+            b[:r, slot].copy_((lora.b * lora.scaling).t())  # lora.b: [out, r] -> [r, out]
+        self.ranks[slot] = weights.rank
+
+    def window(self) -> int:
+        if self.fixed_window:
+            return self.max_rank
+        return rank_window(max(self.ranks), self.max_rank)
+
+    def batch(self, slots: torch.Tensor) -> LoraBatch:
+        """Routing for rows whose slot indices are `slots` # [B] (null_slot = no adapter)."""
+        dtype = self.a0.dtype
+        onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(dtype)  # [B, K+1]
+        return LoraBatch(onehot=onehot, window=self.window())
