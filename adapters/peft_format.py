@@ -24,6 +24,11 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # PEFT saves `base_model.model.<module>.lora_A.weight` (older files may keep the adapter name).
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# Keys PEFT writes for LoRA on embeddings, or for a wrapped layer's own weight (e.g. a targeted
+# lm_head): they name a module the slots may not support; validation says so by module name.
+_OTHER_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:lora_embedding_[AB](?:\.[^.]+)?|base_layer\.weight)$"
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
     for key in ("target_parameters", "trainable_token_indices"):
         if raw.get(key):
             problems.append(f"{key} is not supported")
-    r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
+    r, alpha = raw.get("r"), raw.get("lora_alpha", 8)  # 8: PEFT's default lora_alpha
     if not isinstance(r, int) or r < 1:
         problems.append(f"r must be a positive integer, got {r!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
@@ -116,6 +121,8 @@ class RawAdapter:
     config: LoraConfig
     # module name -> {"A": [r, in], "B": [out, r]} as stored (any float dtype)
     tensors: dict[str, dict[str, torch.Tensor]]
+    # Problems found while reading that do not stop validation (it adds its own to these).
+    problems: tuple[str, ...] = ()
 
 
 def read_adapter_dir(folder: Path, name: str) -> RawAdapter:
@@ -135,6 +142,7 @@ def read_adapter_dir(folder: Path, name: str) -> RawAdapter:
         except (ValueError, UnicodeDecodeError) as exc:
             problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    weights_readable = False
     if not weights_path.is_file():
         pickles = [p for p in PICKLE_FILES if (folder / p).exists()]
         if pickles:
@@ -146,18 +154,23 @@ def read_adapter_dir(folder: Path, name: str) -> RawAdapter:
         else:
             problems.append(f"{WEIGHTS_FILE} is missing")
     else:
-        tensors = _read_tensors(weights_path, problems)
-    if problems or config is None:
+        weights_readable = _read_tensors(weights_path, tensors, problems)
+    if config is None or not weights_readable:
         raise InvalidAdapterError(name, problems or ["unreadable adapter"])
-    return RawAdapter(config=config, tensors=tensors)
+    # Config and tensor-level problems so far travel on, so validation reports everything at once.
+    return RawAdapter(config=config, tensors=tensors, problems=tuple(problems))
 
 
-def _read_tensors(path: Path, problems: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
+def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], problems: list[str]) -> bool:
+    """Fill `tensors` from a safetensors file; False if the file itself cannot be read."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 match = _KEY.match(key)
+                other = _OTHER_LORA_KEY.match(key) if match is None else None
+                if other is not None:
+                    tensors.setdefault(other["module"], {})
+                    continue
                 if match is None:
                     problems.append(f"unexpected tensor {key!r} (not a lora_A/lora_B weight)")
                     continue
@@ -168,4 +181,5 @@ def _read_tensors(path: Path, problems: list[str]) -> dict[str, dict[str, torch.
                 tensors.setdefault(match["module"], {})[match["ab"]] = tensor
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}")
-    return tensors
+        return False
+    return True

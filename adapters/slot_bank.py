@@ -48,7 +48,11 @@ class SlotBank(nn.Module):
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
         # Every module of the base that is not a slot target (before LoraSlots are attached).
-        named = [n for n, _ in model.named_modules() if n]
+        # Native-only names (fused projections, the cache) are not Hugging Face modules: leave them out.
+        named = [
+            n for n, _ in model.named_modules()
+            if n and not n.endswith(("qkv_proj", "gate_up_proj")) and n != "cache"
+        ]
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
         for index, (module, parts) in enumerate(by_module.items()):

@@ -77,8 +77,9 @@ def _layer_selected(config: LoraConfig, module: str) -> bool:
     return match is not None and int(match["idx"]) in config.layers_to_transform
 
 
-def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) -> list[str]:
-    """Slot modules the adapter targets; problems for targets the base lacks or slots cannot hold."""
+def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) -> tuple[list[str], list[str]]:
+    """(slot modules the adapter targets, targeted modules the slots cannot hold); appends problems
+    for targets the base lacks or the slots cannot hold."""
     candidates = list(spec.targets) + sorted(spec.other_modules)
     if config.target_modules == "all-linear":
         candidates = list(spec.targets)
@@ -95,14 +96,14 @@ def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) ->
             f"LoRA on {', '.join(unsupported)} is not supported by the slots; supported targets: "
             f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in spec.targets}))}"
         )
-    return [m for m in chosen if m in spec.targets]
+    return [m for m in chosen if m in spec.targets], [m for m in chosen if m not in spec.targets]
 
 
 def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
     """Every check against the base model; raises InvalidAdapterError with all problems at once."""
-    problems: list[str] = []
+    problems: list[str] = list(raw.problems)
     config = raw.config
-    modules = targeted_modules(config, spec, problems)
+    modules, unsupported = targeted_modules(config, spec, problems)
     out: dict[str, ModuleLora] = {}
     for module in modules:
         pair = raw.tensors.get(module, {})
@@ -125,7 +126,7 @@ def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
                 problems.append(f"{module}: {label} contains NaN or infinite values")
         if len(problems) == found:
             out[module] = ModuleLora(a=a.float(), b=b.float(), scaling=config.scaling(module))
-    stray = sorted(set(raw.tensors) - set(modules))
+    stray = sorted(set(raw.tensors) - set(modules) - set(unsupported))
     for module in stray:
         where = "is not in the base model" if module not in spec.targets and module not in spec.other_modules else (
             "is not targeted by adapter_config.json"

@@ -3,75 +3,21 @@ official `openai` client over loopback HTTP."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.e2e.server_process import Server, running_server
+
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
-STARTUP_TIMEOUT_S = 180.0
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(server: Server, http: httpx.Client, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Poll /ready until 200; fail at once, with the server's log, if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        code = server.process.poll()
-        if code is not None:
-            pytest.fail(f"the server exited with code {code} before it was ready:\n{server.log_tail()}")
-        try:
-            response = http.get(f"{server.base_url}/ready", timeout=2.0)
-        except httpx.TransportError as exc:  # not listening yet
-            last = repr(exc)
-        else:
-            if response.status_code == 200:
-                return
-            last = f"{response.status_code} {response.text}"
-        time.sleep(0.2)
-    pytest.fail(f"the server was not ready after {timeout_s} s (last: {last}):\n{server.log_tail()}")
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +28,9 @@ def http() -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, http: httpx.Client) -> Iterator[Server]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("e2e") / "server.log"
-    command = [
-        sys.executable, "-m", "server", "serve",
-        "--port", str(port), "--max-num-seqs", "4", "--max-model-len", str(MAX_MODEL_LEN),
-    ]
-    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
-    running = Server(base_url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-    try:
-        wait_ready(running, http)
+    args = ["--max-num-seqs", "4", "--max-model-len", str(MAX_MODEL_LEN)]
+    with running_server(args, tmp_path_factory.mktemp("e2e"), http) as running:
         yield running
-    finally:
-        stop_process(process)
 
 
 @pytest.fixture(scope="module")

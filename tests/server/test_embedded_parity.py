@@ -66,7 +66,9 @@ def test_greedy_batch_is_token_identical(reference, native, smollm_tokenizer) ->
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             expected = reference.generate(
-                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=2
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),  # <|im_end|> is also the pad id
+                max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=2,
             )[0, len(prompt):].tolist()
         assert tokens[str(i)] == expected
     assert "Paris" in texts["0"]

@@ -1,0 +1,131 @@
+"""Adapters in slots give PEFT's logits: ranks, alphas, rsLoRA, patterns, target subsets, families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.slot_bank import SlotBank
+from server.weights import build_model
+from tests.adapters.helpers import load_weights, make_peft_adapter, native_logits, unwrap
+from tests.server.families import make_family
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+CASES: dict[str, dict[str, Any]] = {
+    "r1-attention": dict(r=1, lora_alpha=1, target_modules=ATTENTION),
+    "r8-all-linear": dict(r=8, lora_alpha=32, target_modules="all-linear"),
+    "r16-mlp-rslora": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True),
+    "r64-all-linear": dict(r=64, lora_alpha=128, target_modules="all-linear"),
+    "patterns": dict(
+        r=8, lora_alpha=16, target_modules="all-linear",
+        rank_pattern={"q_proj": 2, "down_proj": 12}, alpha_pattern={"v_proj": 5.0, "layers.1.mlp.up_proj": 40.0},
+    ),
+    "regex-layers": dict(r=4, lora_alpha=8, target_modules=r".*\.1\.self_attn\.(q|v)_proj"),
+    "layers-to-transform": dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[0]),
+}
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_equal_peft(family: str, case: str, tmp_path: Path) -> None:
+    base = make_family(family, tmp_path / "base")
+    model = build_model(tmp_path / "base", dtype=torch.float32, device="cpu", max_rows=2, max_len=32)
+    bank = SlotBank(model, num_slots=3, max_rank=64)
+    peft_model = make_peft_adapter(base, tmp_path / "adapter", seed=7, **CASES[case])
+    weights = load_weights(tmp_path / "adapter", bank)
+    bank.load(1, weights)
+    ids = torch.randint(3, 96, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            base_logits = peft_model(ids).logits
+    got = native_logits(model, bank, ids, slot=1, row=1)
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes something
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(native_logits(model, bank, ids, slot=bank.null_slot), base_logits) or (
+        (native_logits(model, bank, ids, slot=bank.null_slot) - base_logits).abs().max() < 1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def four_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Any]]:
+    """A tiny llama and 4 PEFT adapters of different ranks/targets, with PEFT's logits for a prompt."""
+    root = tmp_path_factory.mktemp("mixed")
+    base = make_family("llama-tied", root / "base")
+    specs = [
+        dict(r=16, lora_alpha=16, target_modules="all-linear"),
+        dict(r=4, lora_alpha=8, target_modules=ATTENTION),
+        dict(r=8, lora_alpha=8, target_modules=["down_proj"], use_rslora=True),
+        dict(r=2, lora_alpha=4, target_modules=["v_proj", "up_proj"]),
+    ]
+    folders, models = [], []
+    for i, spec in enumerate(specs):
+        peft_model = make_peft_adapter(base, root / f"a{i}", seed=10 + i, **spec)
+        folders.append(root / f"a{i}")
+        models.append(peft_model)
+        base = unwrap(peft_model)
+    return root / "base", folders, models
+
+
+def test_mixed_batch_rows_equal_alone(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
+    """Decode one step for 4 adapter rows and a base row together; each row equals its solo run."""
+    base_dir, folders, _ = four_adapters
+    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=8, max_len=32)
+    bank = SlotBank(model, num_slots=4, max_rank=16)
+    for slot, folder in enumerate(folders):
+        bank.load(slot, load_weights(folder, bank, f"a{slot}"))
+    prompts = [torch.randint(3, 96, (1, 6 + row), generator=torch.Generator().manual_seed(row)) for row in range(5)]
+    slots = [0, 1, 2, 3, bank.null_slot]
+    # Prefill each row alone, then decode all five rows in one step.
+    for row, (ids, slot) in enumerate(zip(prompts, slots)):
+        n = ids.shape[1]
+        model(ids, torch.arange(n)[None], row_start=row, kv_len=n, lora=bank.batch(torch.tensor([slot])))
+    next_tokens = torch.tensor([[50], [51], [52], [53], [54]])
+    positions = torch.tensor([[p.shape[1]] for p in prompts])
+    together = model.logits(model(next_tokens, positions, row_start=0, kv_len=32, lora=bank.batch(torch.tensor(slots))))
+    for row, (ids, slot) in enumerate(zip(prompts, slots)):
+        full = torch.cat([ids, next_tokens[row : row + 1]], dim=1)
+        alone = native_logits(model, bank, full, slot, row=7)[:, -1]
+        assert (together[row] - alone).abs().max().item() < 1e-5, f"row {row} (slot {slot})"
+
+
+def test_mixed_batch_matches_peft(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
+    base_dir, folders, peft_models = four_adapters
+    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=8, max_len=32)
+    bank = SlotBank(model, num_slots=4, max_rank=16)
+    for slot, folder in enumerate(folders):
+        bank.load(slot, load_weights(folder, bank, f"a{slot}"))
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(9))
+    # Each PeftModel was unloaded after saving, so rebuild PEFT's reference from the saved folders.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for slot, folder in enumerate(folders):
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+        with torch.no_grad():
+            expected = reference(ids).logits
+        assert (native_logits(model, bank, ids, slot) - expected).abs().max().item() < 1e-4
+
+
+def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
+    base_dir, folders, _ = four_adapters
+    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=2, max_len=32)
+    bank = SlotBank(model, num_slots=2, max_rank=16)
+    rank16, rank4 = load_weights(folders[0], bank), load_weights(folders[1], bank)
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(4))
+    bank.load(1, rank4)
+    fresh = native_logits(model, bank, ids, 1)
+    bank.clear(1)
+    base = native_logits(model, bank, ids, bank.null_slot)
+    bank.load(0, rank16)
+    bank.load(0, rank4)  # rank 16 all-linear, then rank 4 attention-only, same slot
+    assert torch.equal(native_logits(model, bank, ids, 0), fresh)
+    assert torch.equal(native_logits(model, bank, ids, 1), base)  # cleared slot = base model
+    assert bank.ranks == [4, 0]
+    for name, buffer in bank.named_buffers():  # untargeted modules and ranks >= 4 are zero
+        if name.startswith("b"):
+            assert buffer[4:, 0].abs().sum() == 0

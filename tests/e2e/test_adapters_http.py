@@ -1,0 +1,115 @@
+"""End to end with adapters: the real server with --lora-modules on the embedded model; greedy
+generations through the HTTP API are token-identical to PEFT's generate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.e2e.server_process import Server, running_server
+
+pytestmark = pytest.mark.e2e
+
+BASE = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France?"
+NEW_TOKENS = 20
+ADAPTERS = {
+    # Small alphas keep the random adapters' outputs language-like but different from the base.
+    "attn-r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "all-r16": dict(r=16, lora_alpha=2, target_modules="all-linear", use_rslora=True),
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from server.model_source import resolve_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    folders = {}
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32)
+        torch.manual_seed(100 + i)
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **spec))
+        with torch.no_grad():  # strengthen the random adapters so greedy answers visibly differ
+            for pname, param in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    param.mul_(4.0)
+        peft_model.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    modules = [f"{name}={path}" for name, path in adapter_dirs.items()]
+    args = ["--max-num-seqs", "4", "--max-model-len", "512", "--max-loras", "2", "--max-lora-rank", "16",
+            "--lora-modules", *modules]
+    with httpx.Client(trust_env=False) as http, running_server(args, tmp_path_factory.mktemp("srv"), http) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    http_client = httpx.Client(trust_env=False, timeout=120.0)
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client) as api:
+        yield api
+
+
+def peft_greedy(adapter_dir: Path | None, prompt_ids: list[int]) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.model_source import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        out = model.eval().generate(
+            torch.tensor([prompt_ids]),
+            # An explicit mask: otherwise generate masks every prompt token equal to pad_token_id,
+            # and in a chat prompt <|im_end|> (the pad token) is a real token.
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_models_lists_adapters_with_parent(client: openai.OpenAI) -> None:
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {BASE, *ADAPTERS}
+    for name in ADAPTERS:
+        assert getattr(cards[name], "parent", None) == BASE
+
+
+def test_greedy_tokens_equal_peft(client: openai.OpenAI, adapter_dirs: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from server.model_source import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    outputs = {}
+    for name in [BASE, *ADAPTERS]:
+        response = client.completions.create(
+            model=name, prompt=prompt_ids, max_tokens=NEW_TOKENS, temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        outputs[name] = response.choices[0].text
+        expected = peft_greedy(adapter_dirs.get(name), prompt_ids)
+        assert response.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True), name
+    assert len(set(outputs.values())) == 3, outputs  # each adapter really changes the answer
+
+
+def test_unknown_adapter_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
