@@ -21,7 +21,3 @@ class InvalidAdapterError(AdapterError):
 
 class AdapterNotFoundError(AdapterError):
     """No adapter of that name is registered."""
-
-
-class NoFreeSlotError(AdapterError):
-    """Every slot holds an adapter that running requests still use."""

@@ -1,4 +1,5 @@
-"""Which adapters the server knows and where they live. Plain Python: names and slots, no tensors.
+"""Which adapters the server knows. Plain Python: names and descriptions, no tensors (which slot
+holds an adapter is the SlotTable's business; the weights live in the CPU store).
 
 An adapter name is what clients put in the `model` field; it matches `[A-Za-z0-9._-]{1,64}` and is
 never used as a path.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adapters.errors import AdapterNotFoundError, InvalidAdapterError, NoFreeSlotError
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -24,7 +25,6 @@ def check_name(name: str) -> None:
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str
-    slot: int
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
@@ -33,17 +33,9 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, num_slots: int, *, base_name: str) -> None:
-        self.num_slots = num_slots
+    def __init__(self, *, base_name: str) -> None:
         self.base_name = base_name
         self._by_name: dict[str, AdapterInfo] = {}
-
-    def free_slot(self) -> int:
-        used = {info.slot for info in self._by_name.values()}
-        for slot in range(self.num_slots):
-            if slot not in used:
-                return slot
-        raise NoFreeSlotError(f"all {self.num_slots} LoRA slots are in use (--max-loras)")
 
     def add(self, info: AdapterInfo) -> None:
         check_name(info.name)

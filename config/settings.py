@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Adapters loaded at start: name -> PEFT adapter folder."
     )
     compile: bool = Field(default=False, description="torch.compile the model step.")
+    max_waiting: int = Field(
+        default=256, ge=1, description="Requests queued beyond the running rows; more get HTTP 429."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("lora_modules", mode="before")

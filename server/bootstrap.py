@@ -12,7 +12,8 @@ import torch
 from adapters.peft_format import read_adapter_dir
 from adapters.registry import AdapterInfo, AdapterRegistry, check_name
 from adapters.slot_bank import SlotBank
-from adapters.validation import validate
+from adapters.slot_table import SlotTable
+from adapters.validation import AdapterWeights, validate
 from config.settings import Settings
 from server.engine import Engine
 from server.errors import UnsupportedModelError
@@ -90,15 +91,19 @@ def build_service(settings: Settings) -> CompletionService:
         model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
     )
     name = served_name(settings, folder)
-    registry = AdapterRegistry(settings.max_loras, base_name=name)
+    registry = AdapterRegistry(base_name=name)
+    store: dict[str, AdapterWeights] = {}  # CPU copies; slots are filled on demand
     for adapter_name, path in settings.lora_modules.items():
-        load_adapter(bank, registry, adapter_name, Path(path).expanduser())
+        store[adapter_name] = load_adapter(bank, registry, adapter_name, Path(path).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
         ModelRunner(model, bank, compile=settings.compile),
         tokenizer,
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
+        slot_table=SlotTable(settings.max_loras),
+        adapter_weights=store.__getitem__,
+        max_waiting=settings.max_waiting,
     )
     warm_up(engine)
     engine.start()
@@ -113,15 +118,13 @@ def build_service(settings: Settings) -> CompletionService:
     )
 
 
-def load_adapter(bank: SlotBank, registry: AdapterRegistry, name: str, path: Path) -> AdapterInfo:
-    """Read, validate (every problem at once) and write a PEFT adapter into a free slot."""
+def load_adapter(bank: SlotBank, registry: AdapterRegistry, name: str, path: Path) -> AdapterWeights:
+    """Read and validate (every problem at once) a PEFT adapter; register it. Slots load on demand."""
     check_name(name)
     start = time.monotonic()
     weights = validate(read_adapter_dir(path, name), bank.spec(), name)
-    slot = registry.free_slot()
     info = AdapterInfo(
         name=name,
-        slot=slot,
         rank=weights.rank,
         alpha=weights.config.lora_alpha,
         target_modules=tuple(weights.target_suffixes),
@@ -129,10 +132,9 @@ def load_adapter(bank: SlotBank, registry: AdapterRegistry, name: str, path: Pat
         source=str(path),
     )
     registry.add(info)
-    bank.load(slot, weights)
-    log.info("adapter %s (rank %d, %s) in slot %d in %.0f ms", name, info.rank,
-             ",".join(info.target_modules), slot, (time.monotonic() - start) * 1000)
-    return info
+    log.info("adapter %s (rank %d, %s) validated in %.0f ms", name, info.rank,
+             ",".join(info.target_modules), (time.monotonic() - start) * 1000)
+    return weights
 
 
 def warm_up(engine: Engine) -> None:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model step"
     )
+    serve.add_argument("--max-waiting", type=int, help="queued requests before HTTP 429 (default 256)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
 

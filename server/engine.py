@@ -16,12 +16,15 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from adapters.slot_table import SlotTable
 from server.detokenize import Decoder
-from server.errors import EngineStoppedError
+from server.errors import EngineStoppedError, QueueFullError
 from server.runner import ModelRunner
 from server.sequence import GenerationRequest, RequestOutput, Sequence
 
@@ -41,6 +44,20 @@ class _Cancel:
     request_id: str
 
 
+@dataclass
+class _Waiting:
+    seq: Sequence
+    sink: Sink
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WaitStats:
+    admitted: int = 0
+    total_wait_s: float = 0.0
+    max_wait_s: float = 0.0
+
+
 class Engine:
     def __init__(
         self,
@@ -49,7 +66,15 @@ class Engine:
         *,
         eos_ids: frozenset[int],
         prefill_chunk: int = 512,
+        slot_table: SlotTable | None = None,
+        adapter_weights: Callable[[str], Any] | None = None,
+        max_waiting: int = 1024,
+        max_wait_s: float = 2.0,
     ) -> None:
+        """`slot_table` + `adapter_weights(name)` enable adapter requests: a request's adapter is
+        written into a slot on admission when it is not resident. `max_waiting` bounds the queue
+        (QueueFullError beyond it). A request that has waited `max_wait_s` for a slot stops
+        everyone behind it from being admitted until it gets one (no starvation)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -57,7 +82,14 @@ class Engine:
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | None] = queue.SimpleQueue()
-        self._waiting: deque[tuple[Sequence, Sink]] = deque()
+        self.slot_table = slot_table
+        self.adapter_weights = adapter_weights
+        self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s
+        self.wait_stats = WaitStats()
+        self._pending = 0  # submitted and not yet admitted or cancelled
+        self._pending_lock = threading.Lock()
+        self._waiting: deque[_Waiting] = deque()
         self._prefilling: deque[Sequence] = deque()
         self._running: dict[str, tuple[Sequence, Sink]] = {}  # admitted, by request id
         self._free_rows = list(range(self.max_rows))
@@ -68,6 +100,12 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         if self._stopping.is_set():
             raise EngineStoppedError("the engine is shutting down")
+        if request.adapter is not None and self.slot_table is None:
+            raise ValueError("this engine has no LoRA slots")
+        with self._pending_lock:
+            if self._pending >= self.max_waiting:
+                raise QueueFullError(f"{self._pending} requests are already waiting; retry shortly")
+            self._pending += 1
         self._inbox.put(_Submit(request, sink))
 
     def cancel(self, request_id: str) -> None:
@@ -111,7 +149,7 @@ class Engine:
         while True:
             if isinstance(item, _Submit):
                 seq = Sequence(item.request, self.tokenizer, eos_ids=self.eos_ids, max_len=self.max_len)
-                self._waiting.append((seq, item.sink))
+                self._waiting.append(_Waiting(seq, item.sink))
             elif isinstance(item, _Cancel):
                 self._cancel(item.request_id)
             try:
@@ -137,19 +175,62 @@ class Engine:
             self._drain_inbox(block=False)
 
     def _admit(self) -> None:
-        while self._waiting and self._free_rows:
-            seq, sink = self._waiting.popleft()
-            self._free_rows.sort()
-            seq.row = self._free_rows.pop(0)
-            seed = seq.request.sampling.seed
-            self.runner.reset_row(
-                seq.row,
-                seq.request.sampling,
-                random.getrandbits(62) if seed is None else seed,
-                seq.request.lora_slot,
-            )
-            self._running[seq.request_id] = (seq, sink)
-            self._prefilling.append(seq)
+        """Give free rows to waiting requests, oldest first. Requests whose adapter is already in a
+        slot (or that use none) cost nothing; others take an idle slot (evicting its least recently
+        used adapter) or keep waiting. Once the oldest request has waited max_wait_s without a
+        slot, nobody behind it is admitted, so busy slots drain and it cannot starve."""
+        if not self._waiting or not self._free_rows:
+            return
+        now = time.monotonic()
+        for item in list(self._waiting):
+            if not self._free_rows:
+                break
+            slot = self._place(item)
+            if slot is False:
+                if now - item.since >= self.max_wait_s:
+                    break  # starving: hold everyone behind it
+                continue
+            self._waiting.remove(item)
+            with self._pending_lock:
+                self._pending -= 1
+            if slot is None and item.seq.finished:
+                continue  # failed to load its adapter; already answered
+            self._start(item, slot if isinstance(slot, int) else None, now)
+
+    def _place(self, item: _Waiting) -> int | None | bool:
+        """The slot for a waiting request: an int, None for no adapter, False to keep waiting."""
+        name = item.seq.request.adapter
+        if name is None:
+            return None
+        assert self.slot_table is not None and self.adapter_weights is not None
+        placement = self.slot_table.acquire(name)
+        if placement is None:
+            return False
+        if placement.load:
+            try:
+                self.runner.load_slot(placement.slot, self.adapter_weights(name))
+            except Exception as exc:  # the adapter vanished or is broken: fail this request only
+                log.exception("loading adapter %s failed", name)
+                self.slot_table.release(placement.slot)
+                self.slot_table.forget(placement.slot)
+                item.sink(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}"))
+                return None
+        return placement.slot
+
+    def _start(self, item: _Waiting, slot: int | None, now: float) -> None:
+        seq = item.seq
+        if seq.request.adapter is not None:
+            waited = now - item.since
+            self.wait_stats.admitted += 1
+            self.wait_stats.total_wait_s += waited
+            self.wait_stats.max_wait_s = max(self.wait_stats.max_wait_s, waited)
+        self._free_rows.sort()
+        seq.row = self._free_rows.pop(0)
+        seq.slot = slot
+        seed = seq.request.sampling.seed
+        self.runner.reset_row(seq.row, seq.request.sampling, random.getrandbits(62) if seed is None else seed, slot)
+        self._running[seq.request_id] = (seq, item.sink)
+        self._prefilling.append(seq)
 
     def _prefill_one_chunk(self) -> None:
         if not self._prefilling:
@@ -178,12 +259,17 @@ class Engine:
             self._prefilling.remove(seq)
         self.runner.free_row(seq.row)
         self._free_rows.append(seq.row)
+        if seq.slot is not None and self.slot_table is not None:
+            self.slot_table.release(seq.slot)
+            seq.slot = None
 
     def _cancel(self, request_id: str) -> None:
         for item in list(self._waiting):
-            if item[0].request_id == request_id:
+            if item.seq.request_id == request_id:
                 self._waiting.remove(item)
-                item[1](item[0].abort())
+                with self._pending_lock:
+                    self._pending -= 1
+                item.sink(item.seq.abort())
                 return
         if request_id in self._running:
             seq, sink = self._running[request_id]
@@ -191,8 +277,11 @@ class Engine:
             sink(seq.abort())
 
     def _fail_all(self, message: str) -> None:
-        for seq, sink in list(self._running.values()) + list(self._waiting):
+        waiting = [(w.seq, w.sink) for w in self._waiting]
+        for seq, sink in list(self._running.values()) + waiting:
             if seq.row >= 0 and seq.request_id in self._running:
                 self._release(seq)
             sink(seq.abort("error", error=message))
+        with self._pending_lock:
+            self._pending -= len(self._waiting)
         self._waiting.clear()

@@ -48,3 +48,7 @@ class EngineStoppedError(LoraswapError):
 
 class GenerationFailedError(LoraswapError):
     """The engine failed while generating (HTTP 500)."""
+
+
+class QueueFullError(LoraswapError):
+    """Too many requests are waiting (HTTP 429 with Retry-After)."""

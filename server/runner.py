@@ -80,6 +80,12 @@ class ModelRunner:
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot
 
+    def load_slot(self, slot: int, weights: object) -> None:
+        """Hotswap an adapter into a slot (between steps, on the engine thread)."""
+        if self.bank is None:
+            raise RuntimeError("no LoRA slots")
+        self.bank.load(slot, weights)  # type: ignore[arg-type]
+
     def _lora(self, active: torch.Tensor, forward_slots: torch.Tensor) -> LoraBatch | None:
         """Routing for the forward's rows # [B]; None (base path only) when none of the rows that
         matter (`active` slots) uses an adapter."""

@@ -25,7 +25,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    lora_slot: int | None = None  # LoRA slot the request's rows use; None = the base model
+    adapter: str | None = None  # LoRA adapter name; None = the base model
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Sequence:
     ) -> None:
         self.request = request
         self.row: int = -1
+        self.slot: int | None = None  # LoRA slot held while running
         self.prefilled = 0  # prompt tokens already written to the cache
         self.output_ids: list[int] = []
         self.text = ""

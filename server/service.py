@@ -32,7 +32,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    lora_slot: int | None = None
+    adapter: str | None = None
 
 
 class CompletionService:
@@ -54,12 +54,12 @@ class CompletionService:
         self.vocab_size = vocab_size
 
     # ---- names ---------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> tuple[str, int | None]:
-        """(served name, LoRA slot) for a request's `model` field; None or the base name = no adapter."""
+    def check_model(self, name: str | None) -> tuple[str, str | None]:
+        """(served name, adapter) for a request's `model` field; None or the base name = no adapter."""
         if name is None or name == self.model_name:
             return self.model_name, None
         if name in self.registry:
-            return name, self.registry.get(name).slot
+            return name, name
         available = ", ".join([self.model_name] + [a.name for a in self.registry.all()])
         raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {available}")
 
@@ -119,7 +119,7 @@ class CompletionService:
             stop=options.stop,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
-            lora_slot=options.lora_slot,
+            adapter=options.adapter,
         )
 
     # ---- running -------------------------------------------------------------------------

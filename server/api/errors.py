@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.errors import AdapterNotFoundError, InvalidAdapterError, NoFreeSlotError
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from server.errors import (
     EngineStoppedError,
     InvalidRequestError,
@@ -18,6 +18,7 @@ from server.errors import (
     LoraswapError,
     ModelNotFoundError,
     NotReadyError,
+    QueueFullError,
 )
 
 log = logging.getLogger("loraswap.api")
@@ -27,8 +28,8 @@ STATUS_BY_TYPE: tuple[tuple[type[LoraswapError], int, str, str | None], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", None),
     (InvalidAdapterError, 400, "invalid_request_error", "invalid_adapter"),
     (AdapterNotFoundError, 404, "invalid_request_error", "adapter_not_found"),
-    (NoFreeSlotError, 503, "service_unavailable", "no_free_slot"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (QueueFullError, 429, "rate_limit_exceeded", "queue_full"),
     (NotReadyError, 503, "service_unavailable", "model_loading"),
     (LoadFailedError, 503, "service_unavailable", "model_load_failed"),
     (EngineStoppedError, 503, "service_unavailable", "shutting_down"),
@@ -53,7 +54,8 @@ def error_response(exc: LoraswapError) -> JSONResponse:
     param = getattr(exc, "param", None)
     if isinstance(exc, ModelNotFoundError):
         param = "model"
-    headers = {"Retry-After": "5"} if isinstance(exc, (NotReadyError, EngineStoppedError)) else None
+    retry = isinstance(exc, (NotReadyError, EngineStoppedError, QueueFullError))
+    headers = {"Retry-After": "1" if isinstance(exc, QueueFullError) else "5"} if retry else None
     return JSONResponse(error_body(str(exc), type_=type_, param=param, code=code), status_code=status, headers=headers)
 
 

@@ -47,9 +47,9 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def _options(body: _SamplingFields, max_tokens: int | None, slot: int | None) -> GenerationOptions:
+def _options(body: _SamplingFields, max_tokens: int | None, adapter: str | None) -> GenerationOptions:
     return GenerationOptions(
-        lora_slot=slot,
+        adapter=adapter,
         max_tokens=max_tokens,
         sampling=SamplingParams(
             temperature=body.temperature,
@@ -151,14 +151,14 @@ def _event_stream(
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
-    model, slot = service.check_model(body.model)
+    model, adapter = service.check_model(body.model)
     raw = body.prompt
     if not raw:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]  # type: ignore[list-item]
     prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]
-    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, slot))
+    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter))
     echoes = [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
 
@@ -190,11 +190,11 @@ async def completions(body: CompletionRequest, service: CompletionService = Depe
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
-    model, slot = service.check_model(body.model)
+    model, adapter = service.check_model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = service.encode_chat(messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    requests = _fan_out(service, [prompt], body, _options(body, max_tokens, slot))
+    requests = _fan_out(service, [prompt], body, _options(body, max_tokens, adapter))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     if body.stream:

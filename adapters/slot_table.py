@@ -1,0 +1,93 @@
+"""Which adapter sits in which slot, who is using it, and which slot to give up next.
+
+Plain Python, no tensors: the engine asks `acquire(name)` for a row and `release(slot)` when the
+row ends; the table answers with a slot, possibly after choosing a victim (the least recently
+used slot that no running row references) whose contents the caller must overwrite. A slot
+referenced by a running row is never chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SlotState:
+    name: str | None = None  # adapter in the slot; None = empty
+    refs: int = 0  # running rows using it
+    last_used: int = 0  # logical clock of the last acquire
+
+
+@dataclass
+class SlotCounters:
+    hits: int = 0  # acquire found the adapter already in a slot
+    loads: int = 0  # adapter written into a slot
+    evictions: int = 0  # a loaded adapter was replaced by another
+    waits: int = 0  # acquire had to refuse: every slot busy with other adapters
+
+
+@dataclass
+class Placement:
+    slot: int
+    load: bool  # the caller must write the adapter into the slot before use
+    evicted: str | None = None
+
+
+class SlotTable:
+    def __init__(self, num_slots: int) -> None:
+        self.slots = [SlotState() for _ in range(num_slots)]
+        self.counters = SlotCounters()
+        self._clock = 0
+        self._where: dict[str, int] = {}
+
+    def slot_of(self, name: str) -> int | None:
+        return self._where.get(name)
+
+    def can_place(self, name: str) -> bool:
+        """True if acquire(name) would succeed now."""
+        return name in self._where or any(s.refs == 0 for s in self.slots)
+
+    def acquire(self, name: str) -> Placement | None:
+        """Reserve a slot holding `name` for one row; None if every slot is busy with others."""
+        self._clock += 1
+        slot = self._where.get(name)
+        if slot is not None:
+            state = self.slots[slot]
+            state.refs += 1
+            state.last_used = self._clock
+            self.counters.hits += 1
+            return Placement(slot=slot, load=False)
+        free = [i for i, s in enumerate(self.slots) if s.refs == 0]
+        if not free:
+            self.counters.waits += 1
+            return None
+        # Prefer an empty slot, then the least recently used idle one.
+        slot = min(free, key=lambda i: (self.slots[i].name is not None, self.slots[i].last_used))
+        state = self.slots[slot]
+        evicted = state.name
+        if evicted is not None:
+            del self._where[evicted]
+            self.counters.evictions += 1
+        state.name, state.refs, state.last_used = name, 1, self._clock
+        self._where[name] = slot
+        self.counters.loads += 1
+        return Placement(slot=slot, load=True, evicted=evicted)
+
+    def release(self, slot: int) -> None:
+        state = self.slots[slot]
+        if state.refs <= 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
+        state.refs -= 1
+
+    def forget(self, slot: int) -> None:
+        """The slot's load failed or its adapter is gone: mark it empty."""
+        state = self.slots[slot]
+        if state.name is not None:
+            self._where.pop(state.name, None)
+        state.name = None
+
+    def references(self) -> list[int]:
+        return [s.refs for s in self.slots]
+
+    def resident(self) -> dict[str, int]:
+        return dict(self._where)
