@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         default_factory=dict, description="Adapters loaded at start: name -> PEFT adapter folder."
     )
     compile: bool = Field(default=False, description="torch.compile the model step.")
+    request_timeout: float | None = Field(
+        default=600.0, gt=0, description="Seconds a request may run before it is cancelled (HTTP 408)."
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, seconds to let running requests finish."
+    )
     max_waiting: int = Field(
         default=256, ge=1, description="Requests queued beyond the running rows; more get HTTP 429."
     )

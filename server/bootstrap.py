@@ -115,6 +115,7 @@ def build_service(settings: Settings) -> CompletionService:
         model_name=name,
         max_model_len=settings.max_model_len,
         vocab_size=cfg.vocab_size,
+        request_timeout=settings.request_timeout,
     )
 
 

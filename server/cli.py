@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model step"
     )
+    serve.add_argument("--request-timeout", type=float, help="seconds before a request is cancelled (default 600)")
+    serve.add_argument("--drain-timeout", type=float, help="seconds to finish running requests on SIGTERM (default 30)")
     serve.add_argument("--max-waiting", type=int, help="queued requests before HTTP 429 (default 256)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
@@ -64,8 +67,19 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     app = create_app(lambda: build_service(settings), on_load_failure=on_failure)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # On SIGTERM uvicorn stops accepting connections and lets open ones (streams included) finish
+    # for up to drain_timeout seconds; the lifespan then stops the engine and the process exits 0.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout),
+    )
     server = uvicorn.Server(config)
+    # uvicorn re-raises SIGTERM after a graceful shutdown; with this no-op as the handler it
+    # restores, a drained SIGTERM ends the process with exit code 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return exit_code
 

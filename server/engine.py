@@ -121,6 +121,27 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def stats(self) -> dict[str, object]:
+        """Scheduler counters for /ready (read from another thread: plain ints and copies)."""
+        out: dict[str, object] = {"running": len(self._running), "waiting": self._pending}
+        if self.slot_table is not None:
+            counters = self.slot_table.counters
+            out["slots"] = {
+                "resident": self.slot_table.resident(),
+                "references": self.slot_table.references(),
+                "loads": counters.loads,
+                "evictions": counters.evictions,
+                "hits": counters.hits,
+                "waits": counters.waits,
+            }
+            admitted = self.wait_stats.admitted
+            out["adapter_wait_s"] = {
+                "admitted": admitted,
+                "mean": self.wait_stats.total_wait_s / admitted if admitted else 0.0,
+                "max": self.wait_stats.max_wait_s,
+            }
+        return out
+
     @property
     def num_running(self) -> int:
         return len(self._running)

@@ -52,3 +52,7 @@ class GenerationFailedError(LoraswapError):
 
 class QueueFullError(LoraswapError):
     """Too many requests are waiting (HTTP 429 with Retry-After)."""
+
+
+class RequestTimeoutError(LoraswapError):
+    """A request exceeded --request-timeout; it was cancelled (HTTP 408)."""

@@ -15,7 +15,6 @@ per-row positions, and attends over the first `kv_len` cache positions of those 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch

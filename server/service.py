@@ -16,7 +16,12 @@ from typing import Any
 
 from adapters.registry import AdapterRegistry
 from server.engine import Engine
-from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from server.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+)
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
 
@@ -45,6 +50,7 @@ class CompletionService:
         model_name: str,
         max_model_len: int,
         vocab_size: int,
+        request_timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -52,6 +58,7 @@ class CompletionService:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.request_timeout = request_timeout
 
     # ---- names ---------------------------------------------------------------------------
     def check_model(self, name: str | None) -> tuple[str, str | None]:
@@ -136,9 +143,18 @@ class CompletionService:
 
         self.engine.submit(request, sink)
         finished = False
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
         try:
             while not finished:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(
+                        events.get(), None if deadline is None else max(0.0, deadline - loop.time())
+                    )
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"the request ran longer than the server's limit of {self.request_timeout:g} s "
+                        "(--request-timeout); ask for fewer tokens"
+                    ) from None
                 finished = event.finished
                 yield event
         finally:

@@ -72,10 +72,7 @@ def create_app(factory: ServiceFactory, *, on_load_failure: Callable[[str], None
     async def ready() -> JSONResponse:
         if holder.service is not None:
             engine = holder.service.engine
-            return JSONResponse(
-                {"status": "ready", "model": holder.service.model_name,
-                 "running": engine.num_running, "waiting": engine.num_waiting}
-            )
+            return JSONResponse({"status": "ready", "model": holder.service.model_name, **engine.stats()})
         if holder.error is not None:
             return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)

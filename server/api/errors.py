@@ -19,6 +19,7 @@ from server.errors import (
     ModelNotFoundError,
     NotReadyError,
     QueueFullError,
+    RequestTimeoutError,
 )
 
 log = logging.getLogger("loraswap.api")
@@ -30,6 +31,7 @@ STATUS_BY_TYPE: tuple[tuple[type[LoraswapError], int, str, str | None], ...] = (
     (AdapterNotFoundError, 404, "invalid_request_error", "adapter_not_found"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (QueueFullError, 429, "rate_limit_exceeded", "queue_full"),
+    (RequestTimeoutError, 408, "timeout", "request_timeout"),
     (NotReadyError, 503, "service_unavailable", "model_loading"),
     (LoadFailedError, 503, "service_unavailable", "model_load_failed"),
     (EngineStoppedError, 503, "service_unavailable", "shutting_down"),

@@ -29,7 +29,13 @@ from server.api.schemas import (
     Usage,
     _SamplingFields,
 )
-from server.errors import GenerationFailedError, InvalidRequestError, LoadFailedError, NotReadyError
+from server.errors import (
+    GenerationFailedError,
+    InvalidRequestError,
+    LoadFailedError,
+    LoraswapError,
+    NotReadyError,
+)
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
 from server.service import CompletionService, GenerationOptions
@@ -94,13 +100,38 @@ async def _collect(service: CompletionService, request: GenerationRequest) -> tu
     return "".join(parts), last
 
 
+async def _collect_all(
+    http_request: Request, service: CompletionService, requests: list[GenerationRequest]
+) -> list[tuple[str, RequestOutput]]:
+    """Run requests to completion; if the client disconnects first, cancel them (frees their rows)."""
+    work = asyncio.ensure_future(asyncio.gather(*(_collect(service, r) for r in requests)))
+
+    async def disconnected() -> None:
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():  # client gone: cancelling the collectors cancels the engine requests
+        work.cancel()
+        raise asyncio.CancelledError
+    return work.result()
+
+
 async def _merged(service: CompletionService, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Events of several requests as (choice index, event), in arrival order."""
     queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
     async def pump(index: int, request: GenerationRequest) -> None:
-        async for event in service.stream(request):
-            await queue.put((index, event))
+        try:
+            async for event in service.stream(request):
+                await queue.put((index, event))
+        except LoraswapError as exc:  # e.g. the request timed out: end this choice with an error
+            failed = RequestOutput(request.request_id, "", [], finished=True, finish_reason="error", error=str(exc))
+            await queue.put((index, failed))
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
     remaining = len(requests)
@@ -137,6 +168,8 @@ def _event_stream(
             if event.finish_reason == "error":
                 yield _sse(error_body(event.error or "generation failed", type_="internal_error"))
                 break
+            if event.finished and event.finish_reason == "abort":
+                continue
             if event.finished:
                 finals.append(event)
             if event.text or event.finished:
@@ -150,7 +183,7 @@ def _event_stream(
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
+async def completions(body: CompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
     model, adapter = service.check_model(body.model)
     raw = body.prompt
     if not raw:
@@ -180,7 +213,7 @@ async def completions(body: CompletionRequest, service: CompletionService = Depe
         include = body.stream_options.include_usage if body.stream_options else True
         return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
 
-    results = await asyncio.gather(*(_collect(service, r) for r in requests))
+    results = await _collect_all(http_request, service, requests)
     choices = [
         CompletionChoice(index=i, text=echoes[i] + text, finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)
@@ -189,7 +222,7 @@ async def completions(body: CompletionRequest, service: CompletionService = Depe
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
     model, adapter = service.check_model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = service.encode_chat(messages)
@@ -214,7 +247,7 @@ async def chat_completions(body: ChatCompletionRequest, service: CompletionServi
         include = body.stream_options.include_usage if body.stream_options else True
         return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
 
-    results = await asyncio.gather(*(_collect(service, r) for r in requests))
+    results = await _collect_all(http_request, service, requests)
     choices = [
         ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)

@@ -138,3 +138,17 @@ def test_cancel_releases_the_slot_reference(tiny_dir: Path) -> None:
     engine.cancel("a")
     engine._drain_inbox(block=False)
     assert engine.slot_table.references() == [0, 0] and got.final["a"].finish_reason == "abort"
+
+
+def test_stats_report_slots_and_waits(tiny_dir: Path) -> None:
+    engine, _ = make_engine(tiny_dir, rows=2, slots=2, adapters=3)
+    got = Collector()
+    for i in range(6):
+        engine.submit(request(f"s{i}", f"ad{i % 3}", [5, 6], n=3), got)
+    engine.run_until_idle()
+    stats = engine.stats()
+    slots = stats["slots"]
+    assert isinstance(slots, dict) and slots["references"] == [0, 0] and len(slots["resident"]) == 2
+    assert slots["loads"] >= 3 and slots["loads"] + slots["hits"] == 6
+    assert stats["adapter_wait_s"]["admitted"] == 6  # type: ignore[index]
+    assert stats["running"] == 0 and stats["waiting"] == 0

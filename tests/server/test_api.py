@@ -728,7 +728,8 @@ def test_still_serving_after_errors(client: TestClient, service: CompletionServi
     assert body["usage"]["completion_tokens"] == 3
     assert chat(client, messages=CHAT, max_tokens=2, **greedy())["usage"]["completion_tokens"] == 2
     ready = client.get("/ready").json()
-    assert ready == {"status": "ready", "model": SERVED_NAME, "running": 0, "waiting": 0}
+    assert {k: ready[k] for k in ("status", "model", "running", "waiting")} == {"status": "ready", "model": SERVED_NAME, "running": 0, "waiting": 0}
+    assert ready["slots"]["references"] == [0] * len(ready["slots"]["references"])
     assert service.engine.num_running == 0 and service.engine.num_waiting == 0
 
 
