@@ -1,7 +1,8 @@
 """The slot bank: K fixed LoRA slots of rank R in every targeted projection of the base model.
 
 This module owns every slot tensor and is their only writer (`load`, `clear`). Loading an adapter
-zeroes the slot and copies each module's A and B into the `[:r]` corner in place, so no tensor is
+copies each module's A and B into the slot's `[:r]` corner in place and zeroes what the previous
+adapter left outside it (only what it wrote is touched, not the whole slot), so no tensor is
 ever reallocated: a compiled model keeps its graphs and sees the new weights at once. Scaling
 (alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B at load time, so the hot path has no
 extra multiply. Slot index K (one past the last real slot) is the null slot, always zero: a row on
@@ -42,6 +43,7 @@ class SlotBank(nn.Module):
         # Under torch.compile the window must not change with what is loaded (no recompiles).
         self.fixed_window = fixed_window
         self.ranks = [0] * num_slots  # largest rank loaded in each slot; 0 = empty
+        self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
         weight = model.model.embed_tokens.weight
         dtype, device = weight.dtype, weight.device
         by_module: dict[nn.Module, list[tuple[str, int, int]]] = defaultdict(list)
@@ -80,24 +82,36 @@ class SlotBank(nn.Module):
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
-        for name, (a, part, b) in self._where.items():
-            a[:, slot, part].zero_()
-            b[:, slot].zero_()
+        for name, rank in self._module_ranks[slot].items():
+            a, part, b = self._where[name]
+            a[:rank, slot, part].zero_()
+            b[:rank, slot].zero_()
+        self._module_ranks[slot] = {}
         self.ranks[slot] = 0
 
     @torch.no_grad()
     def load(self, slot: int, weights: AdapterWeights) -> None:
-        """Hotswap: zero `slot`, then copy every module's A and s*B into the [:r] corner, in place."""
+        """Hotswap: write every module's A and s*B into the slot's [:r] corner, in place, and zero
+        whatever the previous adapter left beyond it (the rest of the slot is zero already)."""
         self._check_slot(slot)
         unknown = set(weights.modules) - set(self._where)
         if unknown or weights.rank > self.max_rank:
             raise ValueError("adapter was not validated against this slot bank")
-        self.clear(slot)
+        previous = self._module_ranks[slot]
+        for name in set(previous) - set(weights.modules):
+            a, part, b = self._where[name]
+            a[: previous[name], slot, part].zero_()
+            b[: previous[name], slot].zero_()
         for name, lora in weights.modules.items():
             a, part, b = self._where[name]
-            r = lora.rank
+            r, old = lora.rank, previous.get(name, 0)
             a[:r, slot, part].copy_(lora.a)  # lora.a: [r, in]
             b[:r, slot].copy_((lora.b * lora.scaling).t())  # lora.b: [out, r] -> [r, out]
+            if old > r:
+                a[r:old, slot, part].zero_()
+                b[r:old, slot].zero_()
+        # Invariant: past these ranks, every slot tensor is zero.
+        self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
         self.ranks[slot] = weights.rank
 
     def window(self) -> int:

@@ -129,3 +129,21 @@ def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path], list[A
     for name, buffer in bank.named_buffers():  # untargeted modules and ranks >= 4 are zero
         if name.startswith("b"):
             assert buffer[4:, 0].abs().sum() == 0
+
+
+def test_hotswap_slot_contents_equal_a_fresh_load(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
+    """After any sequence of loads and clears, a slot holds exactly what one load into an empty
+    slot writes: the incremental zeroing leaves nothing behind in A or B."""
+    base_dir, folders, _ = four_adapters
+    swapped = SlotBank(build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=1, max_len=8), num_slots=2, max_rank=16)
+    fresh = SlotBank(build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=1, max_len=8), num_slots=2, max_rank=16)
+    weights = [load_weights(f, swapped, f"a{i}") for i, f in enumerate(folders)]
+    for order in ([0, 1], [1, 0, 3], [2, 0, 3, 1], [3, 2]):
+        for i in order:
+            swapped.load(1, weights[i])
+        fresh.clear(1)
+        fresh.load(1, weights[order[-1]])
+        for (name, got), (_, want) in zip(swapped.named_buffers(), fresh.named_buffers()):
+            assert torch.equal(got, want), f"{name} differs after loading {order}"
+    swapped.clear(1)
+    assert all(buffer.abs().sum() == 0 for buffer in swapped.buffers())
