@@ -45,15 +45,14 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
 class LoraSlots(nn.Module):
     """Read-only view of one fused projection's slot tensors (the SlotBank writes them).
 
-    `a` # [R, K+1, P, in]; `b{p}` # [R, K+1, out_p] for each of the P projections fused in the
-    module, whose outputs occupy `splits[p]` = (start, end) of the module's output features.
+    `a` # [R, K+1, P, in]; `bs[p]` # [R, K+1, out_p] for each of the P projections fused in the
+    module, in the order their outputs tile the module's output features.
     """
 
-    def __init__(self, a: torch.Tensor, bs: list[torch.Tensor], splits: list[tuple[int, int]]) -> None:
+    def __init__(self, a: torch.Tensor, bs: list[torch.Tensor]) -> None:
         super().__init__()
         self.a = a
         self.bs = bs
-        self.splits = splits
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """y # [B, S, out] + every part's delta for x # [B, S, in]."""

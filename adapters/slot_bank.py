@@ -22,14 +22,9 @@ from torch import nn
 from adapters.lora_layer import LoraBatch, LoraSlots
 from adapters.validation import AdapterWeights, SlotSpec
 from server.model import Transformer
+from server.shapes import power_of_two_bucket
 
-
-def rank_window(max_rank: int, slot_rank: int) -> int:
-    """Ranks to compute when the largest loaded rank is max_rank: a power of two >= 8, <= R."""
-    window = 8
-    while window < max_rank:
-        window *= 2
-    return min(window, slot_rank)
+MIN_RANK_WINDOW = 8
 
 
 class SlotBank(nn.Module):
@@ -42,35 +37,30 @@ class SlotBank(nn.Module):
         self.null_slot = num_slots
         # Under torch.compile the window must not change with what is loaded (no recompiles).
         self.fixed_window = fixed_window
-        self.ranks = [0] * num_slots  # largest rank loaded in each slot; 0 = empty
+        # Rank written for each module in each slot; beyond it a slot's tensors are all zero.
         self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
+        self._window = self._compute_window()  # read every step; recomputed only on writes
         weight = model.model.embed_tokens.weight
-        dtype, device = weight.dtype, weight.device
+        self.dtype, device = weight.dtype, weight.device
         by_module: dict[nn.Module, list[tuple[str, int, int]]] = defaultdict(list)
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
-        # Every module of the base that is not a slot target (before LoraSlots are attached).
-        # Native-only names (fused projections, the cache) are not Hugging Face modules: leave them out.
-        named = [
-            n for n, _ in model.named_modules()
-            if n and not n.endswith(("qkv_proj", "gate_up_proj")) and n != "cache"
-        ]
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
         for index, (module, parts) in enumerate(by_module.items()):
             parts.sort(key=lambda p: p[1])
             d_in = module.in_features
-            a = torch.zeros(max_rank, num_slots + 1, len(parts), d_in, dtype=dtype, device=device)
+            a = torch.zeros(max_rank, num_slots + 1, len(parts), d_in, dtype=self.dtype, device=device)
             self.register_buffer(f"a{index}", a, persistent=False)
             bs = []
             for p, (name, start, end) in enumerate(parts):
-                b = torch.zeros(max_rank, num_slots + 1, end - start, dtype=dtype, device=device)
+                b = torch.zeros(max_rank, num_slots + 1, end - start, dtype=self.dtype, device=device)
                 self.register_buffer(f"b{index}_{p}", b, persistent=False)
                 bs.append(b)
                 self._where[name] = (a, p, b)
                 self._targets[name] = (d_in, end - start)
-            module.lora = LoraSlots(a, bs, [(s, e) for _, s, e in parts])  # type: ignore[assignment]
-        self._others = frozenset(n for n in named if n not in self._targets)
+            module.lora = LoraSlots(a, bs)  # type: ignore[assignment]
+        self._others = frozenset(model.hf_module_names() - set(self._targets))
 
     def spec(self) -> SlotSpec:
         return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank)
@@ -79,15 +69,23 @@ class SlotBank(nn.Module):
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
 
+    @property
+    def ranks(self) -> list[int]:
+        """Largest rank loaded in each slot; 0 = empty."""
+        return [max(modules.values(), default=0) for modules in self._module_ranks]
+
+    def _zero(self, name: str, slot: int, start: int, stop: int) -> None:
+        a, part, b = self._where[name]
+        a[start:stop, slot, part].zero_()
+        b[start:stop, slot].zero_()
+
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for name, rank in self._module_ranks[slot].items():
-            a, part, b = self._where[name]
-            a[:rank, slot, part].zero_()
-            b[:rank, slot].zero_()
+            self._zero(name, slot, 0, rank)
         self._module_ranks[slot] = {}
-        self.ranks[slot] = 0
+        self._window = self._compute_window()
 
     @torch.no_grad()
     def load(self, slot: int, weights: AdapterWeights) -> None:
@@ -98,29 +96,30 @@ class SlotBank(nn.Module):
         if unknown or weights.rank > self.max_rank:
             raise ValueError("adapter was not validated against this slot bank")
         previous = self._module_ranks[slot]
-        for name in set(previous) - set(weights.modules):
-            a, part, b = self._where[name]
-            a[: previous[name], slot, part].zero_()
-            b[: previous[name], slot].zero_()
+        for name, old in previous.items():
+            if name not in weights.modules:
+                self._zero(name, slot, 0, old)
         for name, lora in weights.modules.items():
             a, part, b = self._where[name]
-            r, old = lora.rank, previous.get(name, 0)
+            r = lora.rank
             a[:r, slot, part].copy_(lora.a)  # lora.a: [r, in]
             b[:r, slot].copy_((lora.b * lora.scaling).t())  # lora.b: [out, r] -> [r, out]
-            if old > r:
-                a[r:old, slot, part].zero_()
-                b[r:old, slot].zero_()
-        # Invariant: past these ranks, every slot tensor is zero.
+            old = previous.get(name, 0)
+            if old > r:  # the previous adapter wrote deeper here
+                self._zero(name, slot, r, old)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
-        self.ranks[slot] = weights.rank
+        self._window = self._compute_window()
 
     def window(self) -> int:
+        """Ranks to compute: covers the largest loaded rank (a power of two >= 8, <= R)."""
+        return self._window
+
+    def _compute_window(self) -> int:
         if self.fixed_window:
             return self.max_rank
-        return rank_window(max(self.ranks), self.max_rank)
+        return power_of_two_bucket(max(self.ranks), floor=MIN_RANK_WINDOW, cap=self.max_rank)
 
     def batch(self, slots: torch.Tensor) -> LoraBatch:
         """Routing for rows whose slot indices are `slots` # [B] (null_slot = no adapter)."""
-        dtype = self.a0.dtype
-        onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(dtype)  # [B, K+1]
+        onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(self.dtype)  # [B, K+1]
         return LoraBatch(onehot=onehot, window=self.window())

@@ -9,28 +9,13 @@ shared machines are noisy; ratios are what to compare). Writes bench/results/lin
 
 from __future__ import annotations
 
-import json
-import platform
-import time
-from datetime import date
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+from harness import seconds_per_call, write_results
 
 # (name, in_features, out_features) for SmolLM2-135M: fused qkv, o, fused gate_up, down, lm_head.
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]
 BATCHES = [1, 8, 32]
-
-
-def seconds_per_call(fn, min_time: float = 0.3) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -52,13 +37,7 @@ def main() -> None:
             })
             print(f"{name:8s} m={m:3d}  F.linear {rows[-1]['mkl_gflops']:6.1f} GFLOP/s  "
                   f"oneDNN {rows[-1]['onednn_gflops']:6.1f} GFLOP/s  x{rows[-1]['onednn_speedup']}")
-    out = Path(__file__).parent / "results" / "linear_kernels.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({
-        "date": date.today().isoformat(), "host": platform.node(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "rows": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("linear_kernels", rows)
 
 
 if __name__ == "__main__":

@@ -19,29 +19,14 @@ min(N, 8) adapters. Writes bench/results/lora_formulations.json.
 
 from __future__ import annotations
 
-import json
-import platform
-import time
-from datetime import date
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+from harness import seconds_per_call, write_results
 
 K = 8
 SHAPES = [("gate_up", 576, 3072), ("o_proj", 576, 576)]
 BATCHES = [1, 8, 32]
 RANKS = [16, 64]
-
-
-def seconds_per_call(fn, min_time: float = 0.25) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
 
 
 def gather(x, a, b, slots):  # type: ignore[no-untyped-def]
@@ -93,7 +78,7 @@ def main() -> None:
                 assert torch.allclose(grouped(x, a, b, slots), ref, atol=1e-4)
                 if rank == 16:
                     assert torch.allclose(dense_window(x, a_rm, b_rm, onehot, 16), ref, atol=1e-4)
-                base = seconds_per_call(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                base = seconds_per_call(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), 0.25)
                 row = {"module": name, "rank": rank, "batch": n, "base_us": round(base * 1e6, 1)}
                 with torch.inference_mode():
                     for label, fn in (
@@ -102,16 +87,10 @@ def main() -> None:
                         ("grouped", lambda: grouped(x, a, b, slots)),
                         ("dense_window16", lambda: dense_window(x, a_rm, b_rm, onehot, 16)),
                     ):
-                        row[f"{label}_over_base"] = round(seconds_per_call(fn) / base, 3)
+                        row[f"{label}_over_base"] = round(seconds_per_call(fn, 0.25) / base, 3)
                 results.append(row)
                 print(row)
-    out = Path(__file__).parent / "results" / "lora_formulations.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({
-        "date": date.today().isoformat(), "host": platform.node(), "torch": torch.__version__,
-        "slots": K, "rows": results,
-    }, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("lora_formulations", results, slots=K)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ layer bridges it into asyncio).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import random
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.slot_table import SlotTable
+from adapters.slot_table import Placement, SlotTable
 from server.detokenize import Decoder
 from server.errors import EngineStoppedError, QueueFullError
 from server.runner import ModelRunner
@@ -92,7 +93,7 @@ class Engine:
         self._waiting: deque[_Waiting] = deque()
         self._prefilling: deque[Sequence] = deque()
         self._running: dict[str, tuple[Sequence, Sink]] = {}  # admitted, by request id
-        self._free_rows = list(range(self.max_rows))
+        self._free_rows = list(range(self.max_rows))  # a heap: the lowest free row goes first
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -146,10 +147,6 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
-
     # ---- loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -200,43 +197,42 @@ class Engine:
         slot (or that use none) cost nothing; others take an idle slot (evicting its least recently
         used adapter) or keep waiting. Once the oldest request has waited max_wait_s without a
         slot, nobody behind it is admitted, so busy slots drain and it cannot starve."""
-        if not self._waiting or not self._free_rows:
-            return
         now = time.monotonic()
         for item in list(self._waiting):
             if not self._free_rows:
                 break
-            slot = self._place(item)
-            if slot is False:
-                if now - item.since >= self.max_wait_s:
-                    break  # starving: hold everyone behind it
-                continue
-            self._waiting.remove(item)
-            with self._pending_lock:
-                self._pending -= 1
-            if slot is None and item.seq.finished:
-                continue  # failed to load its adapter; already answered
-            self._start(item, slot if isinstance(slot, int) else None, now)
+            name = item.seq.request.adapter
+            placement = None
+            if name is not None:
+                assert self.slot_table is not None
+                placement = self.slot_table.acquire(name)
+                if placement is None:  # every slot busy with other adapters
+                    if now - item.since >= self.max_wait_s:
+                        break  # starving: hold everyone behind it
+                    continue
+            self._dequeue(item)
+            if placement is not None and placement.load and not self._load(item, placement):
+                continue  # its adapter failed to load; the request is already answered
+            self._start(item, None if placement is None else placement.slot, now)
 
-    def _place(self, item: _Waiting) -> int | None | bool:
-        """The slot for a waiting request: an int, None for no adapter, False to keep waiting."""
+    def _load(self, item: _Waiting, placement: Placement) -> bool:
+        """Write the request's adapter into its slot; on failure answer the request, return False."""
         name = item.seq.request.adapter
-        if name is None:
-            return None
-        assert self.slot_table is not None and self.adapter_weights is not None
-        placement = self.slot_table.acquire(name)
-        if placement is None:
+        assert name is not None and self.slot_table is not None and self.adapter_weights is not None
+        try:
+            self.runner.load_slot(placement.slot, self.adapter_weights(name))
+            return True
+        except Exception as exc:  # the adapter vanished or is broken: fail this request only
+            log.exception("loading adapter %s failed", name)
+            self.slot_table.release(placement.slot)
+            self.slot_table.forget(placement.slot)
+            item.sink(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}"))
             return False
-        if placement.load:
-            try:
-                self.runner.load_slot(placement.slot, self.adapter_weights(name))
-            except Exception as exc:  # the adapter vanished or is broken: fail this request only
-                log.exception("loading adapter %s failed", name)
-                self.slot_table.release(placement.slot)
-                self.slot_table.forget(placement.slot)
-                item.sink(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}"))
-                return None
-        return placement.slot
+
+    def _dequeue(self, item: _Waiting) -> None:
+        self._waiting.remove(item)
+        with self._pending_lock:
+            self._pending -= 1
 
     def _start(self, item: _Waiting, slot: int | None, now: float) -> None:
         seq = item.seq
@@ -245,8 +241,7 @@ class Engine:
             self.wait_stats.admitted += 1
             self.wait_stats.total_wait_s += waited
             self.wait_stats.max_wait_s = max(self.wait_stats.max_wait_s, waited)
-        self._free_rows.sort()
-        seq.row = self._free_rows.pop(0)
+        seq.row = heapq.heappop(self._free_rows)
         seq.slot = slot
         seed = seq.request.sampling.seed
         self.runner.reset_row(seq.row, seq.request.sampling, random.getrandbits(62) if seed is None else seed, slot)
@@ -267,19 +262,18 @@ class Engine:
             assert token is not None
             self._emit(seq, seq.append(token))
 
-    def _emit(self, seq: Sequence, event: RequestOutput | None) -> None:
+    def _emit(self, seq: Sequence, event: RequestOutput) -> None:
         sink = self._running[seq.request_id][1]
         if seq.finished:
             self._release(seq)
-        if event is not None:
-            sink(event)
+        sink(event)
 
     def _release(self, seq: Sequence) -> None:
         self._running.pop(seq.request_id, None)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         self.runner.free_row(seq.row)
-        self._free_rows.append(seq.row)
+        heapq.heappush(self._free_rows, seq.row)
         if seq.slot is not None and self.slot_table is not None:
             self.slot_table.release(seq.slot)
             seq.slot = None
@@ -287,9 +281,7 @@ class Engine:
     def _cancel(self, request_id: str) -> None:
         for item in list(self._waiting):
             if item.seq.request_id == request_id:
-                self._waiting.remove(item)
-                with self._pending_lock:
-                    self._pending -= 1
+                self._dequeue(item)
                 item.sink(item.seq.abort())
                 return
         if request_id in self._running:
@@ -298,11 +290,9 @@ class Engine:
             sink(seq.abort())
 
     def _fail_all(self, message: str) -> None:
-        waiting = [(w.seq, w.sink) for w in self._waiting]
-        for seq, sink in list(self._running.values()) + waiting:
-            if seq.row >= 0 and seq.request_id in self._running:
-                self._release(seq)
+        for seq, sink in list(self._running.values()):
+            self._release(seq)
             sink(seq.abort("error", error=message))
-        with self._pending_lock:
-            self._pending -= len(self._waiting)
-        self._waiting.clear()
+        for item in list(self._waiting):
+            self._dequeue(item)
+            item.sink(item.seq.abort("error", error=message))

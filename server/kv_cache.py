@@ -36,22 +36,19 @@ class KVCache(torch.nn.Module):
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 def write_and_view(
     cache: torch.Tensor,
     new: torch.Tensor,
     *,
     row_start: int,
+    rows: torch.Tensor,
     positions: torch.Tensor,
     kv_len: int,
 ) -> torch.Tensor:
-    """Write `new` # [B, kv_heads, S, head_dim] at rows row_start.. and `positions` # [B, S];
-    return the attended window `cache[rows, :, :kv_len]` as a view # [B, kv_heads, kv_len, head_dim]."""
-    batch = new.shape[0]
-    rows = torch.arange(row_start, row_start + batch, device=cache.device)[:, None]  # [B, 1]
+    """Write `new` # [B, kv_heads, S, head_dim] at `rows` # [B, 1] (= row_start + arange(B)) and
+    `positions` # [B, S]; return the attended window of those rows as a view
+    # [B, kv_heads, kv_len, head_dim]."""
     # Advanced indices around a slice put their dims first: target is [B, S, kv_heads, head_dim].
     cache[rows, :, positions] = new.transpose(1, 2)
-    return cache[row_start : row_start + batch, :, :kv_len]
+    return cache[row_start : row_start + new.shape[0], :, :kv_len]

@@ -69,6 +69,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [B, 1, S, head_dim]
         sin: torch.Tensor,  # [B, 1, S, head_dim]
         mask: torch.Tensor,  # [B, 1, S, kv_len] bool, True = attend
+        rows: torch.Tensor,  # [B, 1] cache row of each batch row
         positions: torch.Tensor,  # [B, S]
         cache: KVCache,
         row_start: int,
@@ -88,8 +89,8 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, S, head_dim]
         v = v.transpose(1, 2)  # [B, kv_heads, S, head_dim]
         k_cache, v_cache = cache.layer(self.layer_idx)
-        keys = write_and_view(k_cache, k, row_start=row_start, positions=positions, kv_len=kv_len)
-        values = write_and_view(v_cache, v, row_start=row_start, positions=positions, kv_len=kv_len)
+        keys = write_and_view(k_cache, k, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
+        values = write_and_view(v_cache, v, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, q_size]
         return self.o_proj(out, lora)
@@ -137,22 +138,19 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache: KVCache | None = None
-        self.max_len = 0
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def pack_linears(self, *, batch_hint: int) -> bool:
-        """Reorder every projection's weight for oneDNN (float32 on CPU only); True if done."""
-        param = self.model.embed_tokens.weight
-        if param.device.type != "cpu" or param.dtype != torch.float32 or not onednn_packing_available():
-            return False
+    def pack_linears(self, *, batch_hint: int) -> None:
+        """Reorder every projection's weight for oneDNN (float32 on CPU only; otherwise a no-op)."""
+        if not onednn_packing_available():
+            return
         for module in self.modules():
             if isinstance(module, Linear):
                 tied = module is self.lm_head and self.cfg.tie_word_embeddings
                 module.pack(batch_hint=batch_hint, keep_dense=tied)
-        return True
 
     def allocate(self, *, max_rows: int, max_len: int) -> None:
         """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""
@@ -170,7 +168,6 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope, max_len)
         self.register_buffer("rope_cos", cos.to(param.device, param.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(param.device, param.dtype), persistent=False)
-        self.max_len = max_len
 
     def linear_parts(self) -> dict[str, LinearPart]:
         """Hugging Face projection name -> (fused module, output slice), e.g.
@@ -189,6 +186,21 @@ class Transformer(nn.Module):
             parts[f"{prefix}.mlp.up_proj"] = LinearPart(mlp.gate_up_proj, inter, 2 * inter)
             parts[f"{prefix}.mlp.down_proj"] = LinearPart(mlp.down_proj, 0, cfg.hidden_size)
         return parts
+
+    def hf_module_names(self) -> set[str]:
+        """Module names as the Hugging Face checkpoint of this model has them: fused projections
+        appear as their parts (q_proj, k_proj, ...); runtime-only modules (the KV cache, anything
+        attached inside a projection) are left out."""
+        parts = self.linear_parts()
+        fused = {id(part.module) for part in parts.values()}
+        modules = dict(self.named_modules())
+        names = set(parts)
+        for name, module in modules.items():
+            parent = modules.get(name.rpartition(".")[0])
+            if not name or id(module) in fused or isinstance(module, KVCache) or isinstance(parent, Linear):
+                continue
+            names.add(name)
+        return names
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Which cache positions each query may attend to. # [B, 1, S, kv_len] bool"""
@@ -216,8 +228,10 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions][:, None]  # [B, 1, S, head_dim]
         sin = self.rope_sin[positions][:, None]
         mask = self.attention_mask(positions, kv_len)
+        # Cache rows of the batch, shared by every layer's key and value writes.
+        rows = torch.arange(row_start, row_start + tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, self.cache, row_start, kv_len, lora=lora)
+            x = layer(x, cos, sin, mask, rows, positions, self.cache, row_start, kv_len, lora=lora)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

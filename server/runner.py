@@ -12,6 +12,7 @@ import torch
 
 from server.model import Transformer
 from server.sampling import SamplingParams, sample
+from server.shapes import power_of_two_bucket
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
@@ -20,18 +21,14 @@ if TYPE_CHECKING:
 MIN_KV_BUCKET = 64
 
 
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def kv_bucket(needed: int, max_len: int) -> int:
-    """Attention window for `needed` positions: a power of two (>= 64), capped at max_len.
-    Few distinct windows means few compiled shapes; rounding up costs masked-out work only."""
-    return min(max_len, max(MIN_KV_BUCKET, next_power_of_two(needed)))
+    """Attention window for `needed` positions: a power of two (>= 64), capped at max_len."""
+    return power_of_two_bucket(needed, floor=MIN_KV_BUCKET, cap=max_len)
 
 
 def row_bucket(needed: int, max_rows: int) -> int:
-    return min(max_rows, next_power_of_two(needed))
+    """Rows a decode step runs over when the highest active row is needed - 1."""
+    return power_of_two_bucket(needed, cap=max_rows)
 
 
 class ModelRunner:

@@ -81,14 +81,16 @@ def sample(
     steps: torch.Tensor,  # [B] int64, tokens generated so far by each row
 ) -> torch.Tensor:
     """Next token of every row. # [B] int64"""
-    greedy = logits.argmax(dim=-1)  # [B]
-    random_rows = temperature > 0
-    if not bool(random_rows.any()):
-        return greedy
-    scaled = logits / torch.where(random_rows, temperature, 1.0)[:, None]
-    if bool(((top_k > 0) | (top_p < 1)).any()):
-        scaled = filter_top_k_top_p(scaled, top_k, top_p)
-    log_probs = scaled.log_softmax(dim=-1)  # [B, V]
-    exp_noise = -torch.log(uniform_noise(seeds, steps, logits.shape[-1]))  # [B, V] ~ Exp(1)
-    drawn = (log_probs.double() - exp_noise.log()).argmax(dim=-1)  # argmax p / E
-    return torch.where(random_rows, drawn, greedy)
+    tokens = logits.argmax(dim=-1)  # [B], final for greedy rows
+    sampled = (temperature > 0).nonzero()[:, 0]  # [n] rows that draw at random
+    if sampled.numel() == 0:
+        return tokens
+    # Noise, filtering and softmax only for those rows: greedy rows in the batch cost nothing here.
+    scaled = logits[sampled] / temperature[sampled, None]  # [n, V]
+    k, p = top_k[sampled], top_p[sampled]
+    if bool(((k > 0) | (p < 1)).any()):
+        scaled = filter_top_k_top_p(scaled, k, p)
+    log_probs = scaled.log_softmax(dim=-1)  # [n, V]
+    exp_noise = -torch.log(uniform_noise(seeds[sampled], steps[sampled], logits.shape[-1]))  # ~ Exp(1)
+    tokens[sampled] = (log_probs.double() - exp_noise.log()).argmax(dim=-1)  # argmax p / E
+    return tokens

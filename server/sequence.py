@@ -93,7 +93,7 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
 
-    def append(self, token: int) -> RequestOutput | None:
+    def append(self, token: int) -> RequestOutput:
         """Record a sampled token; return the event carrying it (text may be empty while held back)."""
         self.output_ids.append(token)
         if token in self._stop_ids:
@@ -111,9 +111,7 @@ class Sequence:
 
     def abort(self, reason: FinishReason = "abort", error: str | None = None) -> RequestOutput:
         self.finish_reason = reason
-        event = self._event([], error=error)
-        assert event is not None  # a finished sequence always yields its final event
-        return event
+        return self._event([], error=error)
 
     def _add_text(self, delta: str) -> None:
         if not delta or self.finished:
@@ -126,12 +124,10 @@ class Sequence:
                 self.text = self.text[:cut]
                 self.finish_reason = "stop"
 
-    def _event(self, token_ids: list[int], error: str | None = None) -> RequestOutput | None:
+    def _event(self, token_ids: list[int], error: str | None = None) -> RequestOutput:
         end = len(self.text) if self.finished else len(self.text) - held_back(self.text, self.request.stop)
         delta = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
-        if not delta and not token_ids and not self.finished:
-            return None
         return RequestOutput(
             request_id=self.request_id,
             text=delta,

@@ -96,9 +96,6 @@ class CompletionService:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors (e.g. role order) are the client's to fix
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
-        return self.encode_prompt_text_raw(text)
-
-    def encode_prompt_text_raw(self, text: str) -> list[int]:
         # The rendered template already holds its special tokens.
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         if not ids:

@@ -153,12 +153,15 @@ def _sse(payload: BaseModel | dict) -> str:
 def _event_stream(
     service: CompletionService,
     requests: list[GenerationRequest],
-    include_usage: bool,
-    make_chunk: Callable[[int, RequestOutput | None], BaseModel],
+    body: _SamplingFields,
+    make_chunk: Callable[[int, RequestOutput | None], BaseModel | None],
     make_usage_chunk: Callable[[Usage], BaseModel],
-    n: int,
 ) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
+    """SSE for several choices: an opening chunk per choice (if make_chunk(i, None) gives one),
+    a chunk per event with text or a finish, a usage chunk unless turned off, then [DONE]."""
+    include_usage = body.stream_options.include_usage if body.stream_options else True
+
+    async def events() -> AsyncIterator[str]:
         for i in range(len(requests)):
             opening = make_chunk(i, None)
             if opening is not None:
@@ -168,18 +171,16 @@ def _event_stream(
             if event.finish_reason == "error":
                 yield _sse(error_body(event.error or "generation failed", type_="internal_error"))
                 break
-            if event.finished and event.finish_reason == "abort":
-                continue
             if event.finished:
                 finals.append(event)
             if event.text or event.finished:
                 yield _sse(make_chunk(index, event))
         else:
             if include_usage:
-                yield _sse(make_usage_chunk(_usage(finals, n)))
+                yield _sse(make_usage_chunk(_usage(finals, body.n)))
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.post("/v1/completions", response_model=None)
@@ -188,7 +189,7 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
     raw = body.prompt
     if not raw:
         raise InvalidRequestError("the prompt is empty", param="prompt")
-    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+    if isinstance(raw, str) or isinstance(raw[0], int):
         raw = [raw]  # type: ignore[list-item]
     prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]
     requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter))
@@ -210,8 +211,7 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         def usage_chunk(usage: Usage) -> BaseModel:
             return CompletionResponse(id=completion_id, model=model, choices=[], usage=usage)
 
-        include = body.stream_options.include_usage if body.stream_options else True
-        return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
+        return _event_stream(service, requests, body, chunk, usage_chunk)
 
     results = await _collect_all(http_request, service, requests)
     choices = [
@@ -244,8 +244,7 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
         def usage_chunk(usage: Usage) -> BaseModel:
             return ChatCompletionChunk(id=completion_id, model=model, choices=[], usage=usage)
 
-        include = body.stream_options.include_usage if body.stream_options else True
-        return _event_stream(service, requests, include, chunk, usage_chunk, body.n)
+        return _event_stream(service, requests, body, chunk, usage_chunk)
 
     results = await _collect_all(http_request, service, requests)
     choices = [

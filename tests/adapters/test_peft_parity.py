@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters.slot_bank import SlotBank
+from server.model import Transformer
 from server.weights import build_model
 from tests.adapters.helpers import load_weights, make_peft_adapter, native_logits, unwrap
 from tests.server.families import make_family
@@ -46,14 +47,12 @@ def test_logits_equal_peft(family: str, case: str, tmp_path: Path) -> None:
     got = native_logits(model, bank, ids, slot=1, row=1)
     assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes something
     assert (got - expected).abs().max().item() < 1e-4
-    assert torch.equal(native_logits(model, bank, ids, slot=bank.null_slot), base_logits) or (
-        (native_logits(model, bank, ids, slot=bank.null_slot) - base_logits).abs().max() < 1e-5
-    )
+    assert (native_logits(model, bank, ids, slot=bank.null_slot) - base_logits).abs().max() < 1e-5
 
 
 @pytest.fixture(scope="module")
-def four_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Any]]:
-    """A tiny llama and 4 PEFT adapters of different ranks/targets, with PEFT's logits for a prompt."""
+def four_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny llama folder and 4 PEFT adapter folders of different ranks and targets."""
     root = tmp_path_factory.mktemp("mixed")
     base = make_family("llama-tied", root / "base")
     specs = [
@@ -62,22 +61,25 @@ def four_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
         dict(r=8, lora_alpha=8, target_modules=["down_proj"], use_rslora=True),
         dict(r=2, lora_alpha=4, target_modules=["v_proj", "up_proj"]),
     ]
-    folders, models = [], []
+    folders = []
     for i, spec in enumerate(specs):
-        peft_model = make_peft_adapter(base, root / f"a{i}", seed=10 + i, **spec)
+        base = unwrap(make_peft_adapter(base, root / f"a{i}", seed=10 + i, **spec))
         folders.append(root / f"a{i}")
-        models.append(peft_model)
-        base = unwrap(peft_model)
-    return root / "base", folders, models
+    return root / "base", folders
 
 
-def test_mixed_batch_rows_equal_alone(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
-    """Decode one step for 4 adapter rows and a base row together; each row equals its solo run."""
-    base_dir, folders, _ = four_adapters
-    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=8, max_len=32)
-    bank = SlotBank(model, num_slots=4, max_rank=16)
+def loaded_bank(base_dir: Path, folders: list[Path], *, rows: int = 8, slots: int = 4) -> tuple[Transformer, SlotBank]:
+    """The native model with a slot bank holding adapter i in slot i."""
+    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=rows, max_len=32)
+    bank = SlotBank(model, num_slots=slots, max_rank=16)
     for slot, folder in enumerate(folders):
         bank.load(slot, load_weights(folder, bank, f"a{slot}"))
+    return model, bank
+
+
+def test_mixed_batch_rows_equal_alone(four_adapters: tuple[Path, list[Path]]) -> None:
+    """Decode one step for 4 adapter rows and a base row together; each row equals its solo run."""
+    model, bank = loaded_bank(*four_adapters)
     prompts = [torch.randint(3, 96, (1, 6 + row), generator=torch.Generator().manual_seed(row)) for row in range(5)]
     slots = [0, 1, 2, 3, bank.null_slot]
     # Prefill each row alone, then decode all five rows in one step.
@@ -93,14 +95,11 @@ def test_mixed_batch_rows_equal_alone(four_adapters: tuple[Path, list[Path], lis
         assert (together[row] - alone).abs().max().item() < 1e-5, f"row {row} (slot {slot})"
 
 
-def test_mixed_batch_matches_peft(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
-    base_dir, folders, peft_models = four_adapters
-    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=8, max_len=32)
-    bank = SlotBank(model, num_slots=4, max_rank=16)
-    for slot, folder in enumerate(folders):
-        bank.load(slot, load_weights(folder, bank, f"a{slot}"))
+def test_mixed_batch_matches_peft(four_adapters: tuple[Path, list[Path]]) -> None:
+    base_dir, folders = four_adapters
+    model, bank = loaded_bank(base_dir, folders)
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(9))
-    # Each PeftModel was unloaded after saving, so rebuild PEFT's reference from the saved folders.
+    # PEFT's reference, rebuilt from the saved folders.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -111,10 +110,9 @@ def test_mixed_batch_matches_peft(four_adapters: tuple[Path, list[Path], list[An
         assert (native_logits(model, bank, ids, slot) - expected).abs().max().item() < 1e-4
 
 
-def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
-    base_dir, folders, _ = four_adapters
-    model = build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=2, max_len=32)
-    bank = SlotBank(model, num_slots=2, max_rank=16)
+def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path]]) -> None:
+    base_dir, folders = four_adapters
+    model, bank = loaded_bank(base_dir, [], rows=2, slots=2)
     rank16, rank4 = load_weights(folders[0], bank), load_weights(folders[1], bank)
     ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(4))
     bank.load(1, rank4)
@@ -126,15 +124,14 @@ def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path], list[A
     assert torch.equal(native_logits(model, bank, ids, 0), fresh)
     assert torch.equal(native_logits(model, bank, ids, 1), base)  # cleared slot = base model
     assert bank.ranks == [4, 0]
-    for name, buffer in bank.named_buffers():  # untargeted modules and ranks >= 4 are zero
-        if name.startswith("b"):
-            assert buffer[4:, 0].abs().sum() == 0
+    for name, buffer in bank.named_buffers():  # A and B past rank 4 are zero in slot 0
+        assert buffer[4:, 0].abs().sum() == 0, name
 
 
-def test_hotswap_slot_contents_equal_a_fresh_load(four_adapters: tuple[Path, list[Path], list[Any]]) -> None:
+def test_hotswap_slot_contents_equal_a_fresh_load(four_adapters: tuple[Path, list[Path]]) -> None:
     """After any sequence of loads and clears, a slot holds exactly what one load into an empty
     slot writes: the incremental zeroing leaves nothing behind in A or B."""
-    base_dir, folders, _ = four_adapters
+    base_dir, folders = four_adapters
     swapped = SlotBank(build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=1, max_len=8), num_slots=2, max_rank=16)
     fresh = SlotBank(build_model(base_dir, dtype=torch.float32, device="cpu", max_rows=1, max_len=8), num_slots=2, max_rank=16)
     weights = [load_weights(f, swapped, f"a{i}") for i, f in enumerate(folders)]

@@ -241,8 +241,8 @@ def test_real_peft_lora_on_unsupported_module(base: tuple[Any, Path], spec: Slot
     assert_problem(rejected(folder, spec), f"LoRA on {module} is not supported by the slots", f"supported targets: {SUPPORTED}")
 
 
-def test_lm_head_weights_are_refused_as_unsupported(adapter: Path, spec: SlotSpec) -> None:
-    """lm_head LoRA stored with the projection key format: the slots cannot hold it."""
+def with_lm_head_lora(adapter: Path) -> Path:
+    """The adapter also targets lm_head, with A/B stored in the projection key format."""
 
     def add(tensors: Tensors) -> None:
         tensors[KEY.format(module="lm_head", ab="A")] = torch.randn(RANK, 64)
@@ -250,18 +250,17 @@ def test_lm_head_weights_are_refused_as_unsupported(adapter: Path, spec: SlotSpe
 
     edit_tensors(adapter, add)
     edit_config(adapter, target_modules=BASE_TARGETS + ["lm_head"])
-    error = rejected(adapter, spec)
+    return adapter
+
+
+def test_lm_head_weights_are_refused_as_unsupported(adapter: Path, spec: SlotSpec) -> None:
+    """lm_head LoRA stored with the projection key format: the slots cannot hold it."""
+    error = rejected(with_lm_head_lora(adapter), spec)
     assert_problem(error, "LoRA on lm_head is not supported by the slots", f"supported targets: {SUPPORTED}")
 
 
 def test_lm_head_weights_are_not_called_untargeted(adapter: Path, spec: SlotSpec) -> None:
-    def add(tensors: Tensors) -> None:
-        tensors[KEY.format(module="lm_head", ab="A")] = torch.randn(RANK, 64)
-        tensors[KEY.format(module="lm_head", ab="B")] = torch.randn(96, RANK)
-
-    edit_tensors(adapter, add)
-    edit_config(adapter, target_modules=BASE_TARGETS + ["lm_head"])
-    error = rejected(adapter, spec)
+    error = rejected(with_lm_head_lora(adapter), spec)
     false_claims = [p for p in error.problems if "lm_head" in p and "not targeted" in p]
     assert not false_claims, error.problems
 

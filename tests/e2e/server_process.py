@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +83,11 @@ def running_server(args: list[str], log_dir: Path, http: httpx.Client) -> Iterat
         yield server
     finally:
         stop_process(process)
+
+
+@contextmanager
+def openai_client(server: Server) -> Iterator[openai.OpenAI]:
+    """The official client on the server's /v1, never through a proxy, with no retries."""
+    http_client = httpx.Client(trust_env=False, timeout=120.0)
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client) as api:
+        yield api

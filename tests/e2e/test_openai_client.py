@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server_process import Server, running_server
+from tests.e2e.server_process import Server, openai_client, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, http: httpx.Client) -> Iter
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[openai.OpenAI]:
-    http_client = httpx.Client(trust_env=False, timeout=120.0)
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client) as api:
+    with openai_client(server) as api:
         yield api
 
 

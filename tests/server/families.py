@@ -57,3 +57,24 @@ def make_family(name: str, folder: Path, *, seed: int = 0, **overrides: Any) -> 
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return model
+
+
+# The embedded SmolLM2 tokenizer (49152 ids) and chat template, copied next to tiny weights so the
+# tokenizer and chat paths run for real on a model that loads in a blink.
+CHAT_VOCAB = 49152
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def make_tiny_chat_llama(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer random llama with the embedded model's tokenizer and chat template in `folder`."""
+    import shutil
+
+    from server.model_source import resolve_model
+
+    make_family(
+        "llama-tied", folder, seed=seed, vocab_size=CHAT_VOCAB, intermediate_size=128, max_position_embeddings=256
+    )
+    embedded = resolve_model(None)  # converts the embedded model once if the cache lacks it
+    for name in TOKENIZER_FILES:
+        shutil.copy(embedded / name, folder / name)
+    return folder

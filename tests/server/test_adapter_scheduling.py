@@ -15,21 +15,9 @@ from server.engine import Engine
 from server.errors import QueueFullError
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.families import make_family
-
-
-class _NoText:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-sched")
-    make_family("llama-tied", folder)
-    return folder
+from tests.server.fakes import Collector, NoText
 
 
 def random_adapters(bank: SlotBank, count: int) -> dict[str, AdapterWeights]:
@@ -40,8 +28,8 @@ def random_adapters(bank: SlotBank, count: int) -> dict[str, AdapterWeights]:
         rank = 2 + i % 7
         modules = {
             name: ModuleLora(a=torch.randn(rank, d_in, generator=g) * 0.3, b=torch.randn(d_out, rank, generator=g) * 0.3, scaling=1.0)
-            for name, (d_in, d_out) in spec.targets.items()
-            if (hash(name) + i) % 3  # each adapter targets a different subset
+            for j, (name, (d_in, d_out)) in enumerate(spec.targets.items())
+            if (j + i) % 3  # each adapter targets a different subset (the same one every run)
         }
         adapters[f"ad{i}"] = AdapterWeights(f"ad{i}", LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"), modules)
     return adapters
@@ -52,23 +40,10 @@ def make_engine(folder: Path, *, rows: int, slots: int, adapters: int, **kwargs:
     bank = SlotBank(model, num_slots=slots, max_rank=8)
     store = random_adapters(bank, adapters)
     engine = Engine(
-        ModelRunner(model, bank), _NoText(), eos_ids=frozenset(), slot_table=SlotTable(slots),
+        ModelRunner(model, bank), NoText(), eos_ids=frozenset(), slot_table=SlotTable(slots),
         adapter_weights=store.__getitem__, **kwargs,  # type: ignore[arg-type]
     )
     return engine, store
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {}
-        self.final: dict[str, RequestOutput] = {}
-        self.order: list[str] = []
-
-    def __call__(self, event: RequestOutput) -> None:
-        self.tokens.setdefault(event.request_id, []).extend(event.token_ids)
-        if event.finished:
-            self.final[event.request_id] = event
-            self.order.append(event.request_id)
 
 
 def request(rid: str, adapter: str | None, prompt: list[int], n: int = 6) -> GenerationRequest:

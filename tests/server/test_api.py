@@ -22,9 +22,10 @@ from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
 from server.service import CompletionService
+from tests.server.families import CHAT_VOCAB
 
 MAX_MODEL_LEN = 128
-TINY_VOCAB = 49152  # the SmolLM2 tokenizer of the tiny model (tests/conftest.py)
+TINY_VOCAB = CHAT_VOCAB  # the SmolLM2 tokenizer of the tiny model
 READY_TIMEOUT_S = 120.0
 SERVED_NAME = "tiny-llama"  # the model folder's name (tests/conftest.py)
 PROMPT = "Hello, my name is"
@@ -117,6 +118,15 @@ def texts_by_index(chunks: list[Json], n_choices: int, *, chat: bool) -> tuple[l
     for index, reasons in enumerate(finishes):
         assert len(reasons) == 1, f"choice {index} finished {len(reasons)} times"
     return texts, [reasons[0] for reasons in finishes]
+
+
+def single_completion(client: TestClient, request: Json) -> tuple[list[str], list[str]]:
+    """([text], [finish_reason]) of a one-choice completion, streamed or not as `request` says."""
+    response = client.post("/v1/completions", json=request)
+    if request.get("stream"):
+        return texts_by_index(split_stream(sse_events(response))[0], 1, chat=False)
+    choice = response.json()["choices"][0]
+    return [choice["text"]], [choice["finish_reason"]]
 
 
 def complete(client: TestClient, **body: Any) -> Json:
@@ -588,12 +598,7 @@ def test_stop_string_across_a_token_boundary(client: TestClient) -> None:
     expected = four[: four.find(stop)]
     for stream in (False, True):
         request = dict(prompt=PROMPT, max_tokens=8, stop=[stop], stream=stream, **greedy())
-        response = client.post("/v1/completions", json=request)
-        if stream:
-            texts, finishes = texts_by_index(split_stream(sse_events(response))[0], 1, chat=False)
-        else:
-            choice = response.json()["choices"][0]
-            texts, finishes = [choice["text"]], [choice["finish_reason"]]
+        texts, finishes = single_completion(client, request)
         assert texts == [expected], (stream, stop)
         assert finishes == ["stop"]
 
@@ -603,12 +608,7 @@ def test_partial_stop_string_is_released_at_the_end(client: TestClient, unstoppe
     stop = unstopped[-2:] + "\u2603"  # its first two characters end the output; it never completes
     for stream in (False, True):
         request = dict(prompt=PROMPT, max_tokens=24, stop=stop, stream=stream, **greedy())
-        response = client.post("/v1/completions", json=request)
-        if stream:
-            texts, finishes = texts_by_index(split_stream(sse_events(response))[0], 1, chat=False)
-        else:
-            choice = response.json()["choices"][0]
-            texts, finishes = [choice["text"]], [choice["finish_reason"]]
+        texts, finishes = single_completion(client, request)
         assert texts == [unstopped], stream
         assert finishes == ["length"]
 
@@ -730,7 +730,8 @@ def test_still_serving_after_errors(client: TestClient, service: CompletionServi
     ready = client.get("/ready").json()
     assert {k: ready[k] for k in ("status", "model", "running", "waiting")} == {"status": "ready", "model": SERVED_NAME, "running": 0, "waiting": 0}
     assert ready["slots"]["references"] == [0] * len(ready["slots"]["references"])
-    assert service.engine.num_running == 0 and service.engine.num_waiting == 0
+    stats = service.engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
 
 
 def test_concurrent_requests(client: TestClient) -> None:

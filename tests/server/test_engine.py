@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 from server.engine import Engine
@@ -13,35 +12,12 @@ from server.runner import ModelRunner, kv_bucket, row_bucket
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
 from server.weights import build_model
-from tests.server.families import make_family
-
-
-class _NoText:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    make_family("llama-tied", folder)
-    return folder
+from tests.server.fakes import Collector, NoText
 
 
 def make_engine(folder: Path, *, rows: int = 4, max_len: int = 64, chunk: int = 512) -> Engine:
     model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=rows, max_len=max_len)
-    return Engine(ModelRunner(model), _NoText(), eos_ids=frozenset(), prefill_chunk=chunk)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {}
-        self.final: dict[str, RequestOutput] = {}
-
-    def __call__(self, event: RequestOutput) -> None:
-        self.tokens.setdefault(event.request_id, []).extend(event.token_ids)
-        if event.finished:
-            self.final[event.request_id] = event
+    return Engine(ModelRunner(model), NoText(), eos_ids=frozenset(), prefill_chunk=chunk)
 
 
 def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerationRequest:

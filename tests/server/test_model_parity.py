@@ -10,14 +10,10 @@ import torch
 from server.engine import Engine
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest
 from server.weights import build_model
+from tests.server.fakes import Collector, NoText
 from tests.server.families import FAMILIES, make_family
-
-
-class _NoText:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
 
 
 def native_logits(model, ids: torch.Tensor, *, row: int = 0) -> torch.Tensor:
@@ -43,18 +39,11 @@ def test_greedy_generation_is_token_identical(family: str, tmp_path: Path) -> No
     reference = make_family(family, tmp_path, seed=3)
     ours = build_model(tmp_path, dtype=torch.float32, device="cpu", max_rows=4, max_len=64)
     # Small prefill chunks so prompts span several chunks; rows of different lengths together.
-    engine = Engine(ModelRunner(ours), _NoText(), eos_ids=frozenset(), prefill_chunk=5)
+    engine = Engine(ModelRunner(ours), NoText(), eos_ids=frozenset(), prefill_chunk=5)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [40] * 7]
-    outputs: dict[str, list[int]] = {}
-
-    def sink(event: RequestOutput) -> None:
-        outputs.setdefault(event.request_id, []).extend(event.token_ids)
-
+    got = Collector()
     for i, prompt in enumerate(prompts):
-        engine.submit(
-            GenerationRequest(str(i), prompt, max_tokens=12, sampling=SamplingParams(temperature=0)),
-            sink,
-        )
+        engine.submit(GenerationRequest(str(i), prompt, max_tokens=12, sampling=SamplingParams(temperature=0)), got)
     engine.run_until_idle()
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
@@ -62,7 +51,7 @@ def test_greedy_generation_is_token_identical(family: str, tmp_path: Path) -> No
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                 pad_token_id=0,
             )[0, len(prompt):].tolist()
-        assert outputs[str(i)] == expected, f"row {i} of {family}"
+        assert got.tokens[str(i)] == expected, f"row {i} of {family}"
 
 
 def test_sliding_window_is_applied(tmp_path: Path) -> None:
