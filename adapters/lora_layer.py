@@ -7,7 +7,9 @@ One matmul shrinks x against every slot's A at once, the one-hot zeroes the colu
 row does not use, one matmul per output part expands against every slot's B. Tensors are
 rank-major so the first `window` ranks of all slots form a contiguous block: when every loaded
 adapter has rank <= window, only that corner is computed. Rows never mix: a row's delta depends on
-its own x and slot only (the masked slots contribute exact zeros).
+its own x and slot only (the masked slots contribute exact zeros), and both products are batched
+matmuls with one independent product per row, so a row's bits do not depend on how many rows
+share the step (a single matmul over all rows picks its kernel by row count and does).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,15 +32,17 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, onehot: torch.Tensor, window: 
     """x # [B, S, in]; a # [R, K+1, P, in]; onehot # [B, K+1] -> masked h # [B, S, window, K+1, P]"""
     batch, seq, d_in = x.shape
     a_view = a[:window].reshape(-1, d_in)  # [window*(K+1)*P, in], contiguous corner
-    h = F.linear(x, a_view).view(batch, seq, window, a.shape[1], a.shape[2])
+    h = torch.bmm(x, a_view.t().expand(batch, -1, -1))  # [B, S, window*(K+1)*P]
+    h = h.view(batch, seq, window, a.shape[1], a.shape[2])
     return h * onehot[:, None, None, :, None]
 
 
 def lora_expand(h: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
     """h # [B, S, window, K+1, P]; b # [R, K+1, out_p] -> delta of part `part` # [B, S, out_p]"""
     batch, seq, window, slots, _ = h.shape
-    rows = h[..., part].reshape(batch * seq, window * slots)  # [B*S, window*(K+1)]
-    return (rows @ b[:window].reshape(window * slots, -1)).view(batch, seq, -1)
+    rows = h[..., part].reshape(batch, seq, window * slots)  # [B, S, window*(K+1)]
+    b_view = b[:window].reshape(window * slots, -1)  # [window*(K+1), out_p]
+    return torch.bmm(rows, b_view.expand(batch, -1, -1))  # [B, S, out_p]
 
 
 class LoraSlots(nn.Module):

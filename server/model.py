@@ -14,6 +14,7 @@ per-row positions, and attends over the first `kv_len` cache positions of those 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,26 @@ class LinearPart:
     end: int
 
 
+def decode_attention(
+    q: torch.Tensor,  # [B, heads, 1, hd]
+    keys: torch.Tensor,  # [B, kv_heads, L, hd]
+    values: torch.Tensor,  # [B, kv_heads, L, hd]
+    mask: torch.Tensor,  # [B, 1, 1, L] bool, True = attend
+) -> torch.Tensor:
+    """Attention for one new token per row, computed so that a row's result is bit-identical
+    whatever the batch size and the window length: batched matmuls (one independent product per
+    row and kv head) and a row-wise softmax. The fused CPU SDPA kernel splits work by batch size
+    and so changes a row's last bits when other rows join. -> # [B, heads, 1, hd]"""
+    batch, heads, _, hd = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, group, hd)  # query heads that share a kv head, side by side
+    scores = (qg @ keys.transpose(-1, -2)) * hd**-0.5  # [B, kv_heads, group, L]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+    out = scores.softmax(dim=-1) @ values  # [B, kv_heads, group, hd]
+    return out.reshape(batch, heads, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -71,7 +92,8 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # [B, 1, S, kv_len] bool, True = attend
         rows: torch.Tensor,  # [B, 1] cache row of each batch row
         positions: torch.Tensor,  # [B, S]
-        cache: KVCache,
+        k_cache: torch.Tensor,  # [rows, kv_heads, max_len, hd], this layer's
+        v_cache: torch.Tensor,
         row_start: int,
         kv_len: int,
         lora: LoraBatch | None,
@@ -88,10 +110,12 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, S, head_dim]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, S, head_dim]
         v = v.transpose(1, 2)  # [B, kv_heads, S, head_dim]
-        k_cache, v_cache = cache.layer(self.layer_idx)
         keys = write_and_view(k_cache, k, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
         values = write_and_view(v_cache, v, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if seq == 1:
+            out = decode_attention(q, keys, values, mask)
+        else:  # prefill runs one row at a time, so it cannot mix rows whatever the kernel
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, q_size]
         return self.o_proj(out, lora)
 
@@ -106,6 +130,15 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, lora).split(self.intermediate, dim=-1)  # each [B, S, inter]
         return self.down_proj(F.silu(gate) * up, lora)
+
+
+def run_layer(layer: DecoderLayer, x: torch.Tensor, *args: object) -> torch.Tensor:
+    """Call one decoder layer. Compiling this function (rather than the whole model) gives one
+    graph that every layer reuses: layers differ only in their weights, which are graph inputs."""
+    return layer(x, *args[:-1], lora=args[-1])  # type: ignore[arg-type]
+
+
+LayerFn = Callable[..., torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
@@ -142,6 +175,10 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def all_packed(self) -> bool:
+        """Whether every projection runs on a oneDNN-packed weight (row-count-invariant kernels)."""
+        return all(m.packed is not None for m in self.modules() if isinstance(m, Linear))
 
     def pack_linears(self, *, batch_hint: int) -> None:
         """Reorder every projection's weight for oneDNN (float32 on CPU only; otherwise a no-op)."""
@@ -219,9 +256,11 @@ class Transformer(nn.Module):
         row_start: int,
         kv_len: int,
         lora: LoraBatch | None = None,
+        layer_fn: LayerFn | None = None,
     ) -> torch.Tensor:
         """Run B rows through the model, writing their keys/values; returns hidden # [B, S, hidden].
-        `lora` routes each row through its LoRA slot (None: base model only)."""
+        `lora` routes each row through its LoRA slot (None: base model only). `layer_fn` runs each
+        decoder layer (default `run_layer`; the runner passes a compiled one for decode)."""
         if self.cache is None:
             raise RuntimeError("call allocate() before forward()")
         x = self.model.embed_tokens(tokens)  # [B, S, hidden]
@@ -230,8 +269,10 @@ class Transformer(nn.Module):
         mask = self.attention_mask(positions, kv_len)
         # Cache rows of the batch, shared by every layer's key and value writes.
         rows = torch.arange(row_start, row_start + tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, rows, positions, self.cache, row_start, kv_len, lora=lora)
+        run = layer_fn or run_layer
+        for i, layer in enumerate(self.model.layers):
+            k_cache, v_cache = self.cache.layer(i)
+            x = run(layer, x, cos, sin, mask, rows, positions, k_cache, v_cache, row_start, kv_len, lora)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
