@@ -3,7 +3,7 @@
 Runs on its own thread so the HTTP event loop never waits on tensor work. Each iteration:
 1. take new requests and cancellations from the inbox;
 2. give waiting requests free rows (lowest row first, which keeps decode batches compact);
-3. prefill one chunk of at most `prefill_chunk` prompt tokens for the oldest admitted request;
+3. prefill whole prompt chunks, oldest admitted request first, up to `prefill_chunk` tokens;
 4. decode one token for every row that has finished its prefill.
 Requests join and leave between iterations, so a long prompt never stalls running streams for
 more than one chunk. Events go to each request's sink, a callable the caller supplies (the HTTP
@@ -125,6 +125,11 @@ class Engine:
     def stats(self) -> dict[str, object]:
         """Scheduler counters for /ready (read from another thread: plain ints and copies)."""
         out: dict[str, object] = {"running": len(self._running), "waiting": self._pending}
+        out["compile"] = {
+            "enabled": self.runner.compiled,
+            "graphs": self.runner.compile_counter.graphs,
+            "recompilations": self.runner.recompilations,
+        }
         if self.slot_table is not None:
             counters = self.slot_table.counters
             out["slots"] = {
@@ -178,7 +183,7 @@ class Engine:
     def step(self) -> None:
         """One scheduling iteration (also callable directly, without the thread, in tests)."""
         self._admit()
-        self._prefill_one_chunk()
+        self._prefill()
         decoding = [seq for seq, _ in self._running.values() if seq.prefilled == seq.prompt_len]
         if decoding:
             tokens = self.runner.decode([seq.row for seq in decoding])
@@ -248,10 +253,21 @@ class Engine:
         self._running[seq.request_id] = (seq, item.sink)
         self._prefilling.append(seq)
 
-    def _prefill_one_chunk(self) -> None:
-        if not self._prefilling:
-            return
-        seq = self._prefilling[0]
+    def _prefill(self) -> None:
+        """Prefill whole chunks, oldest request first, until this step has used `prefill_chunk`
+        prompt tokens (at least one chunk). Chunk boundaries are fixed per request (multiples of
+        prefill_chunk) whatever else is queued, so a prompt's numbers never depend on its
+        neighbours; many short prompts share one step instead of taking one step each."""
+        budget = self.prefill_chunk
+        while self._prefilling:
+            seq = self._prefilling[0]
+            size = min(self.prefill_chunk, seq.prompt_len - seq.prefilled)
+            if size > budget:
+                return
+            self._prefill_one_chunk(seq)
+            budget -= size
+
+    def _prefill_one_chunk(self, seq: Sequence) -> None:
         start = seq.prefilled
         chunk = seq.request.prompt_ids[start : start + self.prefill_chunk]
         last = start + len(chunk) == seq.prompt_len

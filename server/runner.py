@@ -6,11 +6,12 @@ passes row numbers and token ids in and gets token ids out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from server.model import Transformer
+from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 from server.shapes import power_of_two_bucket
 
@@ -31,9 +32,34 @@ def row_bucket(needed: int, max_rows: int) -> int:
     return power_of_two_bucket(needed, cap=max_rows)
 
 
+def kv_buckets(max_len: int) -> list[int]:
+    """Every attention window decode can use (the shapes a compiled decode is warmed up on)."""
+    buckets = [kv_bucket(1, max_len)]
+    while buckets[-1] < max_len:
+        buckets.append(kv_bucket(buckets[-1] + 1, max_len))
+    return buckets
+
+
+class CompileCounter:
+    """A torch.compile backend that counts the graphs it compiles, then hands them to inductor."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., object]:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
 class ModelRunner:
-    """`compile=True` runs decode through torch.compile over a fixed number of rows (all of them),
-    so the only shape that varies is the attention window; prefill stays eager."""
+    """Decode is batch-invariant: a row's logits are bit-identical whichever rows share its step.
+    With oneDNN-packed weights (float32 CPU) every kernel in the step computes each row on its own
+    and decode runs over a power-of-two bucket of rows; otherwise (unpacked weights: GPUs,
+    `compile=True`) the matmul kernels depend on the row count, so decode always runs over all
+    rows, a fixed shape. `compile=True` compiles that fixed-shape step (one graph per attention
+    window and LoRA on/off, all built by `warm_up`); prefill stays eager."""
 
     def __init__(self, model: Transformer, bank: SlotBank | None = None, *, compile: bool = False) -> None:
         if model.cache is None:
@@ -41,7 +67,16 @@ class ModelRunner:
         self.model = model
         self.bank = bank
         self.compiled = compile
-        self._decode_forward = torch.compile(model.forward) if compile else model.forward
+        self.fixed_rows = compile or not model.all_packed()
+        self.compile_counter = CompileCounter()
+        self.warm_graphs = 0  # graphs compiled by warm_up; any later one is a recompilation
+        if compile:
+            # One graph per (window, LoRA on/off); dynamo's default limit of 8 is too low.
+            limit = 2 * len(kv_buckets(model.cache.max_len)) + 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self._layer_fn: LayerFn | None = torch.compile(run_layer, backend=self.compile_counter, dynamic=False)
+        else:
+            self._layer_fn = None
         self.null_slot = bank.null_slot if bank is not None else 0
         self.max_rows = model.cache.max_rows
         self.max_len = model.cache.max_len
@@ -106,19 +141,50 @@ class ModelRunner:
         token = self._sample(logits, torch.tensor([row], device=self.device))
         return int(token[0])
 
+    @property
+    def recompilations(self) -> int:
+        """Graphs compiled after warm-up (0 in steady state; always 0 without compile)."""
+        return self.compile_counter.graphs - self.warm_graphs
+
+    def _fixed_step(self, kv_len: int, lora: LoraBatch | None) -> torch.Tensor:
+        """Decode every row: # [max_rows, V] logits. Under compile, the decoder layers run as one
+        compiled graph per (window, LoRA on/off), shared by all layers."""
+        tokens = self.last_tokens[:, None]  # [max_rows, 1]
+        positions = self.positions[:, None]
+        hidden = self.model(tokens, positions, row_start=0, kv_len=kv_len, lora=lora, layer_fn=self._layer_fn)
+        return self.model.logits(hidden[:, 0])
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the fixed-shape decode once per attention window, with and without LoRA, so that
+        every graph is compiled before the server reports ready. Leaves all rows free."""
+        if not self.compiled:
+            return
+        variants: list[LoraBatch | None] = [None]
+        if self.bank is not None:
+            variants.append(self.bank.batch(self.slots))
+        for kv_len in kv_buckets(self.max_len):
+            for lora in variants:
+                self._fixed_step(kv_len, lora)
+        for row in range(self.max_rows):
+            self.free_row(row)
+        self.warm_graphs = self.compile_counter.graphs
+
     @torch.inference_mode()
     def decode(self, rows: list[int]) -> list[int]:
-        """One token for each of `rows` (all already prefilled). Runs over rows [0, bucket)."""
-        batch = self.max_rows if self.compiled else row_bucket(max(rows) + 1, self.max_rows)
+        """One token for each of `rows` (all already prefilled)."""
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
-        needed = int(self.positions[index].max()) + 1
-        tokens = self.last_tokens[:batch, None]  # [B, 1]
-        positions = self.positions[:batch, None]  # [B, 1]
-        lora = self._lora(self.slots[index], self.slots[:batch])
-        hidden = self._decode_forward(
-            tokens, positions, row_start=0, kv_len=kv_bucket(needed, self.max_len), lora=lora
-        )
-        logits = self.model.logits(hidden[index, 0])  # [n, V]
+        kv_len = kv_bucket(int(self.positions[index].max()) + 1, self.max_len)
+        if self.fixed_rows:
+            lora = self._lora(self.slots[index], self.slots)
+            logits = self._fixed_step(kv_len, lora)[index]  # [n, V]
+        else:
+            batch = row_bucket(max(rows) + 1, self.max_rows)
+            lora = self._lora(self.slots[index], self.slots[:batch])
+            tokens = self.last_tokens[:batch, None]  # [B, 1]
+            positions = self.positions[:batch, None]  # [B, 1]
+            hidden = self.model(tokens, positions, row_start=0, kv_len=kv_len, lora=lora)
+            logits = self.model.logits(hidden[index, 0])  # [n, V]
         self.positions[index] += 1
         return self._sample(logits, index).tolist()
 

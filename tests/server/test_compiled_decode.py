@@ -1,0 +1,63 @@
+"""--compile: warm-up builds every decode graph; serving and adapter swaps never recompile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapters.slot_bank import SlotBank
+from adapters.slot_table import SlotTable
+from server.engine import Engine
+from server.runner import ModelRunner, kv_buckets
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest
+from server.weights import build_model
+from tests.server.fakes import Collector, NoText
+from tests.server.test_adapter_scheduling import random_adapters
+
+
+def make_engine(folder: Path, *, compile: bool) -> Engine:
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=128, pack=not compile)
+    bank = SlotBank(model, num_slots=2, max_rank=8, fixed_window=compile)
+    store = random_adapters(bank, 4)
+    return Engine(
+        ModelRunner(model, bank, compile=compile), NoText(), eos_ids=frozenset(),
+        slot_table=SlotTable(2), adapter_weights=store.__getitem__,
+    )
+
+
+def test_buckets_cover_every_window() -> None:
+    assert kv_buckets(128) == [64, 128] and kv_buckets(2048)[-1] == 2048 and kv_buckets(100) == [64, 100]
+
+
+def test_warm_up_compiles_every_shape_then_nothing_recompiles(tiny_dir: Path) -> None:
+    torch._dynamo.reset()
+    engine = make_engine(tiny_dir, compile=True)
+    engine.runner.warm_up()
+    assert engine.runner.warm_graphs == 2 * len(kv_buckets(128))  # each window, LoRA on and off
+    assert engine.runner.recompilations == 0
+
+    # 4 adapters on 2 slots force swaps; 70-token prompts cross into the 128 window.
+    requests = [
+        GenerationRequest(
+            f"r{i}", [3 + (i * 7 + j) % 80 for j in range(70 if i % 3 == 0 else 6)], max_tokens=5,
+            sampling=SamplingParams(temperature=0), adapter=None if i % 5 == 4 else f"ad{i % 4}",
+        )
+        for i in range(10)
+    ]
+    compiled = Collector()
+    for r in requests:
+        engine.submit(r, compiled)
+    engine.run_until_idle()
+    assert engine.slot_table is not None and engine.slot_table.counters.loads >= 4
+    assert engine.runner.recompilations == 0
+    stats = engine.stats()["compile"]
+    assert stats == {"enabled": True, "graphs": engine.runner.warm_graphs, "recompilations": 0}
+
+    eager_engine = make_engine(tiny_dir, compile=False)
+    eager = Collector()
+    for r in requests:
+        eager_engine.submit(r, eager)
+    eager_engine.run_until_idle()
+    assert compiled.tokens == eager.tokens
