@@ -7,19 +7,19 @@ never used as a path.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from adapters.errors import AdapterNotFoundError, InvalidAdapterError
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from adapters.store import AdapterNameError
+from adapters.store import check_name as check_store_name
 
 
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise InvalidAdapterError(
-            name, ["adapter names must be 1-64 characters of letters, digits, '.', '_' or '-'"]
-        )
+    """The store's rule (names are safe as path components), as an InvalidAdapterError (400)."""
+    try:
+        check_store_name(name)
+    except AdapterNameError as exc:
+        raise InvalidAdapterError(name, [str(exc)]) from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,422 @@
+"""The on-disk adapter store: versions, persistence, crash safety (including a real SIGKILL)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters.store import (
+    AdapterNameError,
+    AdapterStore,
+    StoreError,
+    StoredVersion,
+    UnknownAdapterError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG = b'{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}'
+
+
+def sha(config: bytes, weights: bytes) -> str:
+    return hashlib.sha256(config + weights).hexdigest()
+
+
+def files_hash(stored: StoredVersion) -> str:
+    """The version id recomputed from the files on disk."""
+    return sha((stored.path / "adapter_config.json").read_bytes(), (stored.path / "adapter_model.safetensors").read_bytes())
+
+
+def add(store: AdapterStore, name: str, weights: bytes, config: bytes = CONFIG, source: str = "upload") -> StoredVersion:
+    return store.commit(name, store.stage_files(config, io.BytesIO(weights)), source=source)
+
+
+def tmp_entries(root: Path) -> list[Path]:
+    return list((root / "tmp").iterdir())
+
+
+def test_stage_commit_and_query(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    weights = os.urandom(3000)
+    staged = store.stage_files(CONFIG, io.BytesIO(weights))
+    assert staged.version == sha(CONFIG, weights)
+    assert staged.size == len(CONFIG) + len(weights)
+    assert staged.path.parent == tmp_path / "tmp"
+    assert store.names() == []  # staged is not visible
+
+    stored = store.commit("alpha", staged, source="path:/x")
+    assert stored.version == sha(CONFIG, weights)
+    assert stored.path == tmp_path / "adapters" / "alpha" / stored.version
+    assert (stored.path / "adapter_config.json").read_bytes() == CONFIG
+    assert (stored.path / "adapter_model.safetensors").read_bytes() == weights
+    assert (stored.name, stored.size, stored.source) == ("alpha", len(CONFIG) + len(weights), "path:/x")
+    assert store.current("alpha") == stored
+    assert store.versions("alpha") == [stored]
+    assert store.names() == ["alpha"]
+    assert tmp_entries(tmp_path) == []
+    catalog = json.loads((tmp_path / "catalog.json").read_text())
+    assert catalog["format"] == 1
+    assert catalog["adapters"]["alpha"] == {
+        "current": stored.version,
+        "versions": [{"version": stored.version, "size": stored.size, "created": stored.created, "source": "path:/x"}],
+    }
+
+
+def test_stage_dir_and_path_from_safetensors(tmp_path: Path) -> None:
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_bytes(CONFIG)
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, 2)}, peft / "adapter_model.safetensors")
+    weights = (peft / "adapter_model.safetensors").read_bytes()
+
+    store = AdapterStore(tmp_path / "data")
+    from_dir = store.stage_dir(peft)
+    from_path = store.stage_files(CONFIG, peft / "adapter_model.safetensors")
+    assert from_dir.version == from_path.version == sha(CONFIG, weights)
+    stored = store.commit("lora", from_dir, source="path:" + str(peft))
+    assert files_hash(stored) == stored.version
+    assert store.commit("lora", from_path, source="upload").version == stored.version
+
+    (peft / "adapter_model.safetensors").unlink()
+    with pytest.raises(StoreError):
+        store.stage_dir(peft)
+
+
+def test_identical_commit_is_idempotent(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    first = add(store, "a", b"same")
+    second = add(store, "a", b"same", source="other")
+    assert second == first  # the original record, not a new one
+    assert store.versions("a") == [first]
+    assert sorted(p.name for p in (tmp_path / "adapters" / "a").iterdir()) == [first.version]
+    assert tmp_entries(tmp_path) == []  # the duplicate staged copy was discarded
+
+
+def test_new_content_adds_a_version_and_becomes_current(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    v1 = add(store, "a", b"one")
+    v2 = add(store, "a", b"two")
+    assert v1.version != v2.version
+    assert store.current("a") == v2
+    assert store.versions("a") == [v1, v2]  # oldest first
+    assert (v1.path / "adapter_model.safetensors").read_bytes() == b"one"  # older versions stay on disk
+    # Recommitting older content makes it current again without a third version.
+    assert add(store, "a", b"one") == v1
+    assert store.current("a") == v1
+    assert store.versions("a") == [v1, v2]
+    # A different config alone is a different version.
+    assert add(store, "a", b"one", config=b"{}").version == sha(b"{}", b"one")
+
+
+def test_catalog_persists_across_restart(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    v1 = add(store, "b", b"one")
+    v2 = add(store, "b", b"two")
+    other = add(store, "a", b"x", source="hub:org/repo@rev")
+    add(store, "b", b"one")  # current goes back to v1
+
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == ["a", "b"]
+    assert reopened.versions("b") == [v1, v2]
+    assert reopened.current("b") == v1
+    assert reopened.current("a") == other
+
+
+def test_tmp_leftovers_are_removed_at_start(tmp_path: Path) -> None:
+    AdapterStore(tmp_path)
+    leftover = tmp_path / "tmp" / "deadbeef"
+    leftover.mkdir()
+    (leftover / "adapter_config.json").write_bytes(CONFIG)
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / "tmp" / "stray-file").write_bytes(b"x")
+
+    store = AdapterStore(tmp_path)
+    assert tmp_entries(tmp_path) == []
+    assert store.names() == []
+
+
+def test_staged_but_not_committed_is_invisible_after_restart(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    v1 = add(store, "a", b"one")
+    store.stage_files(CONFIG, io.BytesIO(b"two"))  # "crash" before commit
+
+    reopened = AdapterStore(tmp_path)
+    assert reopened.versions("a") == [v1]
+    assert tmp_entries(tmp_path) == []
+
+
+def test_entries_whose_files_are_gone_are_dropped_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = AdapterStore(tmp_path)
+    a1 = add(store, "a", b"one")
+    a2 = add(store, "a", b"two")
+    b1 = add(store, "b", b"bee")
+    c1 = add(store, "c", b"sea")
+    for path in (a2.path / "adapter_model.safetensors", b1.path / "adapter_config.json"):
+        path.unlink()  # a version that lacks a file
+    for path in c1.path.iterdir():
+        path.unlink()
+    c1.path.rmdir()  # a version whose folder is missing
+
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == ["a"]
+    assert reopened.versions("a") == [a1]
+    assert reopened.current("a") == a1  # the current one was dropped: fall back to the newest left
+    assert "dropping" in caplog.text
+    # The repair is persisted.
+    assert list(json.loads((tmp_path / "catalog.json").read_text())["adapters"]) == ["a"]
+
+
+def test_stray_catalog_temp_file_is_ignored(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    v1 = add(store, "a", b"one")
+    # A crash during the catalog write leaves a (possibly truncated) temp file next to catalog.json.
+    stray = tmp_path / ".catalog-0123abcd.tmp"
+    stray.write_bytes(b'{"format": 1, "adapters": {"a": {"curr')
+
+    reopened = AdapterStore(tmp_path)
+    assert reopened.current("a") == v1
+    assert not stray.exists()
+
+
+def test_failed_catalog_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AdapterStore(tmp_path)
+    v1 = add(store, "a", b"one")
+    before = (tmp_path / "catalog.json").read_bytes()
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        add(store, "a", b"two")
+    monkeypatch.undo()
+
+    assert store.current("a") == v1  # memory did not move ahead of the disk
+    assert (tmp_path / "catalog.json").read_bytes() == before
+    assert not list(tmp_path.glob(".catalog-*"))
+    assert AdapterStore(tmp_path).versions("a") == [v1]
+
+
+def test_malformed_catalog_refuses_to_start(tmp_path: Path) -> None:
+    AdapterStore(tmp_path)
+    (tmp_path / "catalog.json").write_text('{"format": 1, "adapters": {"../etc": {"current": "x", "versions": []}}}')
+    with pytest.raises(StoreError, match="malformed"):
+        AdapterStore(tmp_path)
+    (tmp_path / "catalog.json").write_text("{not json")
+    with pytest.raises(StoreError, match="malformed"):
+        AdapterStore(tmp_path)
+
+
+# The child commits version 1, then stages version 2 from a slow endless stream; it prints a marker
+# once staging has written some blocks, and the test kills it there.
+_CHILD = r"""
+import io, sys, time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+from adapters.store import AdapterStore
+
+class Slow(io.RawIOBase):
+    reads = 0
+    def readable(self): return True
+    def read(self, size=-1):
+        self.reads += 1
+        if self.reads == 3:
+            print("STAGING", flush=True)
+        if self.reads >= 3:
+            time.sleep(0.05)
+        return b"" if self.reads > 2000 else b"\x02" * size
+
+store = AdapterStore(Path(sys.argv[1]))
+store.commit("a", store.stage_files(b'{"v": 1}', io.BytesIO(b"\x01" * 5000)), source="upload")
+print("COMMITTED", flush=True)
+store.commit("a", store.stage_files(b'{"v": 2}', Slow()), source="upload")
+print("UNREACHED", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def child_process(script: str, root: Path) -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
+    """Run `script` with the store root as argv[1]; always killed and reaped on exit."""
+    child = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        yield child, child.stdout
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sigkill_while_staging_keeps_the_previous_version(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    with child_process(_CHILD, root) as (child, stdout):
+        assert stdout.readline().strip() == "COMMITTED"
+        assert stdout.readline().strip() == "STAGING"
+        partial = [p / "adapter_model.safetensors" for p in tmp_entries(root)]
+        assert len(partial) == 1 and partial[0].stat().st_size >= 2 << 20  # killed mid-copy
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+
+    store = AdapterStore(root)
+    expected = sha(b'{"v": 1}', b"\x01" * 5000)
+    assert store.names() == ["a"]
+    assert [v.version for v in store.versions("a")] == [expected]
+    assert store.current("a").version == expected
+    assert files_hash(store.current("a")) == expected
+    assert tmp_entries(root) == []
+    assert [p.name for p in (root / "adapters" / "a").iterdir()] == [expected]
+
+
+# The child commits new versions as fast as it can; the test kills it at an arbitrary moment.
+_LOOP_CHILD = r"""
+import io, sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+from adapters.store import AdapterStore
+
+store = AdapterStore(Path(sys.argv[1]))
+for i in range(100000):
+    store.commit("a", store.stage_files(b"{}", io.BytesIO(b"w%d" % i * 1000)), source="upload")
+    if i == 2:
+        print("READY", flush=True)
+"""
+
+
+def test_sigkill_at_any_moment_of_commits_leaves_a_consistent_store(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    with child_process(_LOOP_CHILD, root) as (child, stdout):
+        assert stdout.readline().strip() == "READY"
+        threading.Event().wait(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+
+    store = AdapterStore(root)
+    versions = store.versions("a")
+    assert len(versions) >= 3
+    assert store.current("a") == versions[-1]
+    for stored in versions:
+        assert files_hash(stored) == stored.version
+    assert tmp_entries(root) == []
+
+
+def test_max_bytes_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    with pytest.raises(StoreError, match=r"exceed.*MB"):
+        store.stage_files(CONFIG, io.BytesIO(b"x" * 3_000_001), max_bytes=3_000_000)
+    assert tmp_entries(tmp_path) == []
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_bytes(CONFIG)
+    (peft / "adapter_model.safetensors").write_bytes(b"y" * 11)
+    with pytest.raises(StoreError, match="MB"):
+        store.stage_dir(peft, max_bytes=10)
+    assert tmp_entries(tmp_path) == []
+    assert store.stage_dir(peft, max_bytes=11).size == len(CONFIG) + 11  # the limit itself is allowed
+    assert store.names() == []
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "x" * 65, "name with space", "../etc", "a\\b", "é"])
+def test_invalid_names_are_refused_before_touching_the_disk(tmp_path: Path, name: str) -> None:
+    store = AdapterStore(tmp_path)
+    staged = store.stage_files(CONFIG, io.BytesIO(b"w"))
+    with pytest.raises(AdapterNameError, match="1-64 characters"):
+        store.commit(name, staged, source="upload")
+    assert staged.path.is_dir()  # untouched
+    assert list((tmp_path / "adapters").iterdir()) == []
+    assert not (tmp_path / "catalog.json").exists()
+    for call in (store.current, store.versions, store.delete):
+        with pytest.raises(AdapterNameError):
+            call(name)
+    with pytest.raises(AdapterNameError):
+        store.prune(name, set())
+
+
+def test_valid_edge_names(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    for name in ("x" * 64, "a.b_c-D9", "...", ".hidden"):
+        add(store, name, b"w")
+    assert store.names() == sorted(["x" * 64, "a.b_c-D9", "...", ".hidden"])
+
+
+def test_delete_removes_catalog_entry_and_files(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    add(store, "a", b"one")
+    add(store, "a", b"two")
+    kept = add(store, "b", b"one")
+    store.delete("a")
+    assert store.names() == ["b"]
+    assert not (tmp_path / "adapters" / "a").exists()
+    assert tmp_entries(tmp_path) == []
+    with pytest.raises(UnknownAdapterError):
+        store.current("a")
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == ["b"]
+    assert files_hash(reopened.current("b")) == kept.version
+
+
+def test_unknown_names(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    for call in (store.current, store.versions, store.delete):
+        with pytest.raises(UnknownAdapterError, match="nope"):
+            call("nope")
+    with pytest.raises(UnknownAdapterError):
+        store.prune("nope", set())
+
+
+def test_prune_keeps_current_and_kept_versions(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    v1, v2, v3, v4 = (add(store, "a", w) for w in (b"1", b"2", b"3", b"4"))
+    store.prune("a", {v2.version})
+    assert store.versions("a") == [v2, v4]  # v4 is current
+    assert not v1.path.exists() and not v3.path.exists()
+    assert v2.path.exists() and v4.path.exists()
+    store.prune("a", set())
+    assert store.versions("a") == [v4]
+    assert AdapterStore(tmp_path).versions("a") == [v4]
+    assert tmp_entries(tmp_path) == []
+
+
+def test_commit_only_accepts_this_stores_staging(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "one")
+    other = AdapterStore(tmp_path / "two")
+    staged = other.stage_files(CONFIG, io.BytesIO(b"w"))
+    with pytest.raises(StoreError):
+        store.commit("a", staged, source="upload")
+    staged.discard()
+    assert not staged.path.exists()
+
+
+def test_concurrent_commits(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for j in range(5):
+                add(store, f"n{i}", b"%d-%d" % (i, j))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == [f"n{i}" for i in range(6)]
+    assert all(len(reopened.versions(f"n{i}")) == 5 for i in range(6))
