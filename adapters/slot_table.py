@@ -16,6 +16,8 @@ class SlotState:
     name: str | None = None  # adapter in the slot; None = empty
     refs: int = 0  # running rows using it
     last_used: int = 0  # logical clock of the last acquire
+    pinned: bool = False  # never chosen as a victim
+    retiring: bool = False  # unloaded while in use: emptied when its last row ends
 
 
 @dataclass
@@ -45,20 +47,24 @@ class SlotTable:
 
     def can_place(self, name: str) -> bool:
         """True if acquire(name) would succeed now."""
-        return name in self._where or any(s.refs == 0 for s in self.slots)
+        return name in self._where or any(self._evictable(s) for s in self.slots)
+
+    @staticmethod
+    def _evictable(state: SlotState) -> bool:
+        return state.refs == 0 and not state.pinned
 
     def acquire(self, name: str) -> Placement | None:
         """Reserve a slot holding `name` for one row; None if every slot is busy with others."""
         self._clock += 1
         slot = self._where.get(name)
-        if slot is not None:
+        if slot is not None and not self.slots[slot].retiring:
             state = self.slots[slot]
             state.refs += 1
             state.last_used = self._clock
             self.counters.hits += 1
             return Placement(slot=slot, load=False)
-        free = [i for i, s in enumerate(self.slots) if s.refs == 0]
-        if not free:
+        free = [i for i, s in enumerate(self.slots) if self._evictable(s)]
+        if not free or slot is not None:  # a retiring copy must drain before it is reloaded
             self.counters.waits += 1
             return None
         # Prefer an empty slot, then the least recently used idle one.
@@ -73,18 +79,51 @@ class SlotTable:
         self.counters.loads += 1
         return Placement(slot=slot, load=True, evicted=evicted)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int) -> bool:
+        """One row stopped using the slot. True when the caller must now clear it (it was
+        unloaded while in use and this was its last row)."""
         state = self.slots[slot]
         if state.refs <= 0:
             raise RuntimeError(f"slot {slot} released more often than acquired")
         state.refs -= 1
+        if state.refs == 0 and state.retiring:
+            self.forget(slot)
+            return True
+        return False
 
     def forget(self, slot: int) -> None:
         """The slot's load failed or its adapter is gone: mark it empty."""
         state = self.slots[slot]
         if state.name is not None:
             self._where.pop(state.name, None)
-        state.name = None
+        state.name, state.pinned, state.retiring = None, False, False
+
+    def pin(self, name: str, pinned: bool) -> None:
+        """Keep (or stop keeping) a resident adapter in its slot. At least one slot always stays
+        unpinned, so every other adapter can still be served."""
+        slot = self._where.get(name)
+        if slot is None:
+            raise KeyError(name)
+        if pinned and not self.slots[slot].pinned and sum(s.pinned for s in self.slots) + 1 >= len(self.slots):
+            raise ValueError(f"pinning {name!r} would leave no slot for other adapters")
+        self.slots[slot].pinned = pinned
+
+    def unload(self, name: str) -> int | None:
+        """Take `name` out of its slot: the slot to clear now, or None (not resident, or rows
+        still use it: it is emptied when the last one ends and new rows no longer get it)."""
+        slot = self._where.get(name)
+        if slot is None:
+            return None
+        state = self.slots[slot]
+        if state.refs > 0:
+            state.retiring, state.pinned = True, False
+            return None
+        self.forget(slot)
+        return slot
+
+    def is_pinned(self, name: str) -> bool:
+        slot = self._where.get(name)
+        return slot is not None and self.slots[slot].pinned
 
     def references(self) -> list[int]:
         return [s.refs for s in self.slots]

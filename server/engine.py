@@ -19,13 +19,14 @@ import random
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.slot_table import Placement, SlotTable
 from server.detokenize import Decoder
-from server.errors import EngineStoppedError, QueueFullError
+from server.errors import ConflictError, EngineStoppedError, QueueFullError, SlotsBusyError
 from server.runner import ModelRunner
 from server.sequence import GenerationRequest, RequestOutput, Sequence
 
@@ -43,6 +44,14 @@ class _Submit:
 @dataclass(frozen=True)
 class _Cancel:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Work that must run on the engine thread between steps (slot changes from the admin API)."""
+
+    fn: Callable[[], Any]
+    future: Future[Any]
 
 
 @dataclass
@@ -72,8 +81,8 @@ class Engine:
         max_waiting: int = 1024,
         max_wait_s: float = 2.0,
     ) -> None:
-        """`slot_table` + `adapter_weights(name)` enable adapter requests: a request's adapter is
-        written into a slot on admission when it is not resident. `max_waiting` bounds the queue
+        """`slot_table` enables adapter requests: a request's adapter (its `adapter_weights`, or
+        else `adapter_weights(key)`) is written into a slot on admission when it is not resident. `max_waiting` bounds the queue
         (QueueFullError beyond it). A request that has waited `max_wait_s` for a slot stops
         everyone behind it from being admitted until it gets one (no starvation)."""
         self.runner = runner
@@ -82,7 +91,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
-        self._inbox: queue.SimpleQueue[_Submit | _Cancel | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
         self.slot_table = slot_table
         self.adapter_weights = adapter_weights
         self.max_waiting = max_waiting
@@ -111,6 +120,21 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(_Cancel(request_id))
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run fn() on the engine thread between two steps; its result or exception lands in the
+        future (the slot tensors and the slot table are only ever touched from that thread)."""
+        future: Future[Any] = Future()
+        self._inbox.put(_Call(fn, future))
+        return future
+
+    def load_adapter(self, key: str, weights: Any, *, pin: bool) -> Future[int]:
+        """Write an adapter version into a slot now (if not resident) and pin or unpin it."""
+        return self.call(lambda: self._load_now(key, weights, pin))
+
+    def unload_adapter(self, key: str) -> Future[None]:
+        """Take an adapter version out of its slot; rows still using it finish on it first."""
+        return self.call(lambda: self._unload_now(key))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
@@ -175,6 +199,11 @@ class Engine:
                 self._waiting.append(_Waiting(seq, item.sink))
             elif isinstance(item, _Cancel):
                 self._cancel(item.request_id)
+            elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as exc:  # reported to the caller, the engine keeps going
+                    item.future.set_exception(exc)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -223,9 +252,14 @@ class Engine:
     def _load(self, item: _Waiting, placement: Placement) -> bool:
         """Write the request's adapter into its slot; on failure answer the request, return False."""
         name = item.seq.request.adapter
-        assert name is not None and self.slot_table is not None and self.adapter_weights is not None
+        assert name is not None and self.slot_table is not None
         try:
-            self.runner.load_slot(placement.slot, self.adapter_weights(name))
+            weights = item.seq.request.adapter_weights
+            if weights is None:
+                if self.adapter_weights is None:
+                    raise LookupError("the request carries no adapter weights")
+                weights = self.adapter_weights(name)
+            self.runner.load_slot(placement.slot, weights)
             return True
         except Exception as exc:  # the adapter vanished or is broken: fail this request only
             log.exception("loading adapter %s failed", name)
@@ -291,8 +325,34 @@ class Engine:
         self.runner.free_row(seq.row)
         heapq.heappush(self._free_rows, seq.row)
         if seq.slot is not None and self.slot_table is not None:
-            self.slot_table.release(seq.slot)
+            if self.slot_table.release(seq.slot):  # unloaded while in use: empty it now
+                self.runner.clear_slot(seq.slot)
             seq.slot = None
+
+    def _load_now(self, key: str, weights: Any, pin: bool) -> int:
+        table = self.slot_table
+        if table is None:
+            raise ValueError("this engine has no LoRA slots")
+        placement = table.acquire(key)
+        if placement is None:
+            raise SlotsBusyError("every slot is in use by running requests; retry shortly")
+        try:
+            if placement.load:
+                self.runner.load_slot(placement.slot, weights)
+        except Exception:
+            table.release(placement.slot)
+            table.forget(placement.slot)
+            raise
+        table.release(placement.slot)
+        try:
+            table.pin(key, pin)
+        except ValueError as exc:
+            raise ConflictError(str(exc)) from None
+        return placement.slot
+
+    def _unload_now(self, key: str) -> None:
+        if self.slot_table is not None and (slot := self.slot_table.unload(key)) is not None:
+            self.runner.clear_slot(slot)
 
     def _cancel(self, request_id: str) -> None:
         for item in list(self._waiting):

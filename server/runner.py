@@ -118,6 +118,10 @@ class ModelRunner:
             raise RuntimeError("no LoRA slots")
         self.bank.load(slot, weights)  # type: ignore[arg-type]
 
+    def clear_slot(self, slot: int) -> None:
+        if self.bank is not None:
+            self.bank.clear(slot)
+
     def _lora(self, active: torch.Tensor, forward_slots: torch.Tensor) -> LoraBatch | None:
         """Routing for the forward's rows # [B]; None (base path only) when none of the rows that
         matter (`active` slots) uses an adapter."""

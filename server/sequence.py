@@ -8,7 +8,7 @@ still turn out to be the start of a stop string is held back until it cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from server.detokenize import Decoder, IncrementalDetokenizer
 from server.sampling import SamplingParams
@@ -25,7 +25,10 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    adapter: str | None = None  # LoRA adapter name; None = the base model
+    adapter: str | None = None  # slot key of the LoRA adapter version; None = the base model
+    # The version's weights, resolved when the request was accepted: a queued request gets the
+    # version it was accepted with even if the adapter is replaced or deleted meanwhile.
+    adapter_weights: Any = None
 
 
 @dataclass(frozen=True)

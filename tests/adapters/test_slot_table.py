@@ -40,3 +40,38 @@ def test_empty_slot_is_preferred_and_forget() -> None:
     table.release(second.slot)
     table.forget(second.slot)
     assert table.slot_of("b") is None and table.references() == [0, 0]
+
+
+def test_pinned_slots_are_never_victims_and_one_slot_stays_unpinned() -> None:
+    table = SlotTable(3)
+    for name in "ab":
+        table.release(table.acquire(name).slot)  # type: ignore[union-attr]
+    table.pin("a", True)
+    table.pin("b", True)
+    try:
+        table.acquire("c") and table.pin("c", True)
+    except ValueError as exc:
+        assert "no slot for other adapters" in str(exc)
+    else:
+        raise AssertionError("pinning every slot must be refused")
+    table.release(table.slot_of("c"))  # type: ignore[arg-type]
+    placed = table.acquire("d")  # only c's slot is a candidate
+    assert placed is not None and placed.evicted == "c"
+    assert table.is_pinned("a") and table.is_pinned("b") and not table.is_pinned("d")
+    table.pin("a", False)
+    table.release(placed.slot)
+    assert table.acquire("e").evicted == "a"  # type: ignore[union-attr]
+
+
+def test_unload_waits_for_running_rows_and_new_rows_do_not_join() -> None:
+    table = SlotTable(2)
+    old = table.acquire("v1")
+    assert old is not None
+    assert table.unload("v1") is None  # in use: retiring, not cleared yet
+    assert table.acquire("v1") is None  # a retiring copy takes no new rows
+    assert table.release(old.slot) is True  # last row gone: the caller clears it now
+    assert table.resident() == {} and table.references() == [0, 0]
+    again = table.acquire("v1")  # loaded afresh afterwards
+    assert again is not None and again.load
+    table.release(again.slot)
+    assert table.unload("v1") == again.slot and table.unload("v1") is None
