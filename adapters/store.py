@@ -60,6 +60,14 @@ class UnknownAdapterError(StoreError):
     """No adapter of that name is in the catalog."""
 
 
+class AdapterTooLargeError(StoreError):
+    """The weights exceed the size limit given to stage_*."""
+
+
+class IncompleteAdapterError(StoreError):
+    """A folder to stage lacks adapter_config.json or adapter_model.safetensors."""
+
+
 def check_name(name: str) -> None:
     """Refuse anything that could escape adapters/ when used in a path; called before any path is built."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
@@ -150,7 +158,7 @@ class AdapterStore:
     def stage_dir(self, folder: Path, *, max_bytes: int | None = None) -> Staged:
         folder = Path(folder)
         if not _complete(folder):
-            raise StoreError(f"{folder} must contain {CONFIG_FILE} and {WEIGHTS_FILE}")
+            raise IncompleteAdapterError(f"{folder} must contain {CONFIG_FILE} and {WEIGHTS_FILE}")
         return self.stage_files((folder / CONFIG_FILE).read_bytes(), folder / WEIGHTS_FILE, max_bytes=max_bytes)
 
     @staticmethod
@@ -160,7 +168,7 @@ class AdapterStore:
             while block := src.read(_BLOCK):
                 written += len(block)
                 if max_bytes is not None and written > max_bytes:
-                    raise StoreError(f"adapter weights exceed the limit of {max_bytes / 1e6:g} MB")
+                    raise AdapterTooLargeError(f"adapter weights exceed the limit of {max_bytes / 1e6:g} MB")
                 digest.update(block)
                 out.write(block)
             out.flush()

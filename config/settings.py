@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +54,18 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Requests queued beyond the running rows; more get HTTP 429."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    data_dir: Path | None = Field(
+        default=None, description="Adapter store; default $XDG_DATA_HOME/loraswap or ~/.local/share/loraswap."
+    )
+    max_cpu_loras: int = Field(default=32, ge=1, description="Validated adapters cached in CPU memory (LRU).")
+    adapter_roots: list[Path] = Field(
+        default_factory=list, description="Folders the admin API may load adapters from by path."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token of the admin API; unset = admin from loopback only."
+    )
+    api_key: SecretStr | None = Field(default=None, description="Bearer token required by the inference API.")
+    max_upload_mb: float = Field(default=1024, gt=0, description="Largest adapter weights file accepted.")
 
     @field_validator("lora_modules", mode="before")
     @classmethod
@@ -69,9 +81,9 @@ class Settings(BaseSettings):
             return pairs
         return value
 
-    @field_validator("model", "served_model_name")
+    @field_validator("model", "served_model_name", "admin_token", "api_key", mode="before")
     @classmethod
-    def _empty_is_none(cls, value: str | None) -> str | None:
+    def _empty_is_none(cls, value: object) -> object:
         return value or None
 
     @classmethod

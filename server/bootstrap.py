@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from adapters.peft_format import read_adapter_dir
-from adapters.registry import AdapterInfo, AdapterRegistry, check_name
+from adapters.catalog import AdapterCatalog, AdapterVersion
 from adapters.slot_bank import SlotBank
 from adapters.slot_table import SlotTable
-from adapters.validation import AdapterWeights, validate
+from adapters.store import AdapterStore
 from config.settings import Settings
+from server.admin import AdminService
 from server.engine import Engine
 from server.errors import UnsupportedModelError
 from server.model_config import load_model_config
@@ -91,10 +92,11 @@ def build_service(settings: Settings) -> CompletionService:
         model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
     )
     name = served_name(settings, folder)
-    registry = AdapterRegistry(base_name=name)
-    store: dict[str, AdapterWeights] = {}  # CPU copies; slots are filled on demand
+    catalog = AdapterCatalog(
+        AdapterStore(data_dir(settings)), bank.spec(), base_name=name, max_cpu=settings.max_cpu_loras
+    )
     for adapter_name, path in settings.lora_modules.items():
-        store[adapter_name] = load_adapter(bank, registry, adapter_name, Path(path).expanduser())
+        load_adapter(catalog, adapter_name, Path(path).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
         ModelRunner(model, bank, compile=settings.compile),
@@ -102,40 +104,42 @@ def build_service(settings: Settings) -> CompletionService:
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
         slot_table=SlotTable(settings.max_loras),
-        adapter_weights=store.__getitem__,
+        # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,
     )
     warm_up(engine)
     engine.start()
     log.info("model ready in %.1f s", time.monotonic() - start)
-    return CompletionService(
+    service = CompletionService(
         engine,
         tokenizer,
-        registry,
+        catalog,
         model_name=name,
         max_model_len=settings.max_model_len,
         vocab_size=cfg.vocab_size,
         request_timeout=settings.request_timeout,
     )
-
-
-def load_adapter(bank: SlotBank, registry: AdapterRegistry, name: str, path: Path) -> AdapterWeights:
-    """Read and validate (every problem at once) a PEFT adapter; register it. Slots load on demand."""
-    check_name(name)
-    start = time.monotonic()
-    weights = validate(read_adapter_dir(path, name), bank.spec(), name)
-    info = AdapterInfo(
-        name=name,
-        rank=weights.rank,
-        alpha=weights.config.lora_alpha,
-        target_modules=tuple(weights.target_suffixes),
-        nbytes=weights.nbytes,
-        source=str(path),
+    service.admin = AdminService(
+        catalog, engine, adapter_roots=settings.adapter_roots, max_upload_bytes=int(settings.max_upload_mb * 1e6)
     )
-    registry.add(info)
-    log.info("adapter %s (rank %d, %s) validated in %.0f ms", name, info.rank,
+    return service
+
+
+def data_dir(settings: Settings) -> Path:
+    if settings.data_dir is not None:
+        return settings.data_dir.expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "loraswap"
+
+
+def load_adapter(catalog: AdapterCatalog, name: str, path: Path) -> AdapterVersion:
+    """Validate (every problem at once) and publish a PEFT adapter folder given at start (the
+    operator's own path: no --adapter-roots check). The store keeps it; slots load on demand."""
+    start = time.monotonic()
+    info, _ = catalog.add(name, catalog.store.stage_dir(path), source=f"path:{path}")
+    log.info("adapter %s (rank %d, %s) ready in %.0f ms", name, info.rank,
              ",".join(info.target_modules), (time.monotonic() - start) * 1000)
-    return weights
+    return info
 
 
 def warm_up(engine: Engine) -> None:

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, help="seconds to finish running requests on SIGTERM (default 30)")
     serve.add_argument("--max-waiting", type=int, help="queued requests before HTTP 429 (default 256)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--data-dir", type=Path, help="adapter store (default ~/.local/share/loraswap)")
+    serve.add_argument("--max-cpu-loras", type=int, help="validated adapters kept in CPU memory (default 32)")
+    serve.add_argument("--adapter-roots", nargs="+", type=Path, metavar="DIR",
+                       help="folders the admin API may load adapters from by path")
+    serve.add_argument("--admin-token", help="bearer token of the admin API (default: loopback clients only)")
+    serve.add_argument("--api-key", help="bearer token required by the inference API (default: none)")
+    serve.add_argument("--max-upload-mb", type=float, help="largest adapter weights accepted (default 1024)")
     return parser
 
 
@@ -66,7 +73,12 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: build_service(settings), on_load_failure=on_failure)
+    app = create_app(
+        lambda: build_service(settings),
+        on_load_failure=on_failure,
+        admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+    )
     # On SIGTERM uvicorn stops accepting connections and lets open ones (streams included) finish
     # for up to drain_timeout seconds; the lifespan then stops the engine and the process exits 0.
     config = uvicorn.Config(

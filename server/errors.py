@@ -56,3 +56,31 @@ class QueueFullError(LoraswapError):
 
 class RequestTimeoutError(LoraswapError):
     """A request exceeded --request-timeout; it was cancelled (HTTP 408)."""
+
+
+class SlotsBusyError(LoraswapError):
+    """Every LoRA slot is in use by running requests, so an adapter cannot be loaded now (HTTP 503)."""
+
+
+class ConflictError(LoraswapError):
+    """The operation conflicts with the server's state, e.g. an adapter named like the base model (HTTP 409)."""
+
+
+class UnauthorizedError(LoraswapError):
+    """Missing or wrong bearer token (HTTP 401)."""
+
+
+class ForbiddenError(LoraswapError):
+    """Admin routes without a configured token answer loopback clients only (HTTP 403)."""
+
+
+class PayloadTooLargeError(LoraswapError):
+    """An upload exceeds --max-upload-mb (HTTP 413)."""
+
+
+class UpstreamError(LoraswapError):
+    """A Hugging Face hub download failed: unreachable, offline, or no such repository (HTTP 502)."""
+
+
+class PathNotAllowedError(LoraswapError):
+    """A server-side adapter path outside --adapter-roots (also via '..' or a symlink) (HTTP 403)."""

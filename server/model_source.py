@@ -130,21 +130,23 @@ def looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-def hub_model_dir(repo_id: str, revision: str | None = None) -> Path:
+def hub_model_dir(
+    repo_id: str, revision: str | None = None, *, patterns: list[str] | None = None, what: str = "model"
+) -> Path:
     """Resolve a hub id through huggingface_hub (uses its cache; honours HF_HUB_OFFLINE)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns or HUB_PATTERNS))
     except LocalEntryNotFoundError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else (
             "the hub could not be reached and it is not in the local cache"
         )
-        raise ModelSourceError(f"cannot resolve model {repo_id!r}: {why}") from exc
+        raise ModelSourceError(f"cannot resolve {what} {repo_id!r}: {why}") from exc
     except Exception as exc:  # network errors, 401/404 from the hub, bad ids
-        raise ModelSourceError(f"cannot resolve model {repo_id!r} on the hub: {exc}") from exc
+        raise ModelSourceError(f"cannot resolve {what} {repo_id!r} on the hub: {exc}") from exc
 
 
 def resolve_model(spec: str | None) -> Path:

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.registry import AdapterRegistry
+from adapters.catalog import AdapterCatalog, AdapterRef
+from adapters.errors import AdapterNotFoundError
 from server.engine import Engine
 from server.errors import (
     ContextLengthError,
@@ -37,7 +38,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    adapter: str | None = None
+    adapter: AdapterRef | None = None
 
 
 class CompletionService:
@@ -45,7 +46,7 @@ class CompletionService:
         self,
         engine: Engine,
         tokenizer: Any,
-        registry: AdapterRegistry,
+        catalog: AdapterCatalog,
         *,
         model_name: str,
         max_model_len: int,
@@ -54,20 +55,25 @@ class CompletionService:
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
-        self.registry = registry
+        self.catalog = catalog
+        self.admin: Any = None  # the AdminService (server/admin.py), set by bootstrap
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.request_timeout = request_timeout
 
     # ---- names ---------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> tuple[str, str | None]:
-        """(served name, adapter) for a request's `model` field; None or the base name = no adapter."""
+    async def check_model(self, name: str | None) -> tuple[str, AdapterRef | None]:
+        """(served name, adapter version) for a request's `model` field; None or the base name =
+        no adapter. A cold adapter is read from disk on a worker thread."""
         if name is None or name == self.model_name:
             return self.model_name, None
-        if name in self.registry:
-            return name, name
-        available = ", ".join([self.model_name] + [a.name for a in self.registry.all()])
+        if name in self.catalog:
+            try:
+                return name, await asyncio.to_thread(self.catalog.resolve, name)
+            except AdapterNotFoundError:  # deleted meanwhile
+                pass
+        available = ", ".join([self.model_name] + [a.name for a in self.catalog.all()])
         raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {available}")
 
     # ---- prompts -------------------------------------------------------------------------
@@ -123,7 +129,8 @@ class CompletionService:
             stop=options.stop,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
-            adapter=options.adapter,
+            adapter=None if options.adapter is None else options.adapter.key,
+            adapter_weights=None if options.adapter is None else options.adapter.weights,
         )
 
     # ---- running -------------------------------------------------------------------------

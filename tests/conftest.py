@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,17 @@ from tests.server.families import make_tiny_chat_llama
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama folder (config.json, safetensors, SmolLM2 tokenizer and chat template)."""
     return make_tiny_chat_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default adapter store of in-process servers is a fresh temp folder per test module,
+    never the user's (server processes get their own: tests/e2e/server_process.py)."""
+    folder = tmp_path_factory.mktemp("loraswap-data")
+    previous = os.environ.get("LORASWAP_DATA_DIR")
+    os.environ["LORASWAP_DATA_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["LORASWAP_DATA_DIR"]
+    else:
+        os.environ["LORASWAP_DATA_DIR"] = previous

@@ -7,9 +7,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
+from server.api.admin_routes import router as admin_router
+from server.api.auth import require_api_key
 from server.api.errors import install_error_handlers
 from server.api.openai_routes import router as openai_router
 from server.errors import LoraswapError
@@ -50,7 +52,15 @@ class ServiceHolder:
                 self.on_failure(self.error)
 
 
-def create_app(factory: ServiceFactory, *, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    factory: ServiceFactory,
+    *,
+    on_load_failure: Callable[[str], None] | None = None,
+    admin_token: str | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """`admin_token`: bearer token of the admin routes (None: loopback clients only);
+    `api_key`: bearer token the inference routes require (None: open)."""
     holder = ServiceHolder(factory, on_load_failure)
 
     @asynccontextmanager
@@ -62,6 +72,8 @@ def create_app(factory: ServiceFactory, *, on_load_failure: Callable[[str], None
 
     app = FastAPI(title="loraswap", lifespan=lifespan)
     app.state.holder = holder
+    app.state.admin_token = admin_token
+    app.state.api_key = api_key
     install_error_handlers(app)
 
     @app.get("/health")
@@ -77,5 +89,6 @@ def create_app(factory: ServiceFactory, *, on_load_failure: Callable[[str], None
             return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    app.include_router(openai_router)
+    app.include_router(openai_router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin_router)
     return app

@@ -11,30 +11,56 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterNotFoundError, InvalidAdapterError
+from adapters.store import (
+    AdapterNameError,
+    AdapterTooLargeError,
+    IncompleteAdapterError,
+    StoreError,
+    UnknownAdapterError,
+)
 from server.errors import (
+    ConflictError,
     EngineStoppedError,
+    ForbiddenError,
     InvalidRequestError,
     LoadFailedError,
     LoraswapError,
     ModelNotFoundError,
     NotReadyError,
+    PathNotAllowedError,
+    PayloadTooLargeError,
     QueueFullError,
     RequestTimeoutError,
+    SlotsBusyError,
+    UnauthorizedError,
+    UpstreamError,
 )
 
 log = logging.getLogger("loraswap.api")
 
 # Most specific first: the first matching type decides.
-STATUS_BY_TYPE: tuple[tuple[type[LoraswapError], int, str, str | None], ...] = (
+STATUS_BY_TYPE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", None),
     (InvalidAdapterError, 400, "invalid_request_error", "invalid_adapter"),
+    (AdapterNameError, 400, "invalid_request_error", "invalid_adapter_name"),
+    (IncompleteAdapterError, 400, "invalid_request_error", "invalid_adapter"),
+    (UnauthorizedError, 401, "authentication_error", "invalid_token"),
+    (ForbiddenError, 403, "permission_error", "admin_loopback_only"),
+    (PathNotAllowedError, 403, "permission_error", "path_not_allowed"),
     (AdapterNotFoundError, 404, "invalid_request_error", "adapter_not_found"),
+    (UnknownAdapterError, 404, "invalid_request_error", "adapter_not_found"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (ConflictError, 409, "invalid_request_error", "conflict"),
+    (PayloadTooLargeError, 413, "invalid_request_error", "payload_too_large"),
+    (AdapterTooLargeError, 413, "invalid_request_error", "payload_too_large"),
     (QueueFullError, 429, "rate_limit_exceeded", "queue_full"),
     (RequestTimeoutError, 408, "timeout", "request_timeout"),
     (NotReadyError, 503, "service_unavailable", "model_loading"),
     (LoadFailedError, 503, "service_unavailable", "model_load_failed"),
     (EngineStoppedError, 503, "service_unavailable", "shutting_down"),
+    (SlotsBusyError, 503, "service_unavailable", "slots_busy"),
+    (UpstreamError, 502, "upstream_error", "hub_error"),
+    (StoreError, 500, "internal_error", "store_error"),
 )
 
 
@@ -42,28 +68,34 @@ def error_body(message: str, *, type_: str, param: str | None = None, code: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def status_for(exc: LoraswapError) -> tuple[int, str, str | None]:
+def status_for(exc: Exception) -> tuple[int, str, str | None]:
     for cls, status, type_, code in STATUS_BY_TYPE:
         if isinstance(exc, cls):
             return status, type_, code
     return 500, "internal_error", None
 
 
-def error_response(exc: LoraswapError) -> JSONResponse:
+def error_response(exc: Exception) -> JSONResponse:
     status, type_, code = status_for(exc)
     if status == 500:
         log.error("request failed: %s", exc)
     param = getattr(exc, "param", None)
     if isinstance(exc, ModelNotFoundError):
         param = "model"
-    retry = isinstance(exc, (NotReadyError, EngineStoppedError, QueueFullError))
-    headers = {"Retry-After": "1" if isinstance(exc, QueueFullError) else "5"} if retry else None
+    retry = isinstance(exc, (NotReadyError, EngineStoppedError, QueueFullError, SlotsBusyError))
+    headers: dict[str, str] | None = {"Retry-After": "1" if isinstance(exc, (QueueFullError, SlotsBusyError)) else "5"} if retry else None
+    if isinstance(exc, UnauthorizedError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(str(exc), type_=type_, param=param, code=code), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraswapError)
     async def _loraswap(_: Request, exc: LoraswapError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from adapters.catalog import AdapterRef
 from server.api.errors import error_body
 from server.api.schemas import (
     ChatChoice,
@@ -53,7 +54,7 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def _options(body: _SamplingFields, max_tokens: int | None, adapter: str | None) -> GenerationOptions:
+def _options(body: _SamplingFields, max_tokens: int | None, adapter: AdapterRef | None) -> GenerationOptions:
     return GenerationOptions(
         adapter=adapter,
         max_tokens=max_tokens,
@@ -185,7 +186,7 @@ def _event_stream(
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
-    model, adapter = service.check_model(body.model)
+    model, adapter = await service.check_model(body.model)
     raw = body.prompt
     if not raw:
         raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -223,7 +224,7 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
-    model, adapter = service.check_model(body.model)
+    model, adapter = await service.check_model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = service.encode_chat(messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -258,7 +259,7 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
 async def list_models(service: CompletionService = Depends(get_service)) -> ModelList:
     base = ModelCard(id=service.model_name, max_model_len=service.max_model_len)
     adapters = [
-        ModelCard(id=a.name, root=a.source, parent=service.model_name, max_model_len=service.max_model_len)
-        for a in service.registry.all()
+        ModelCard(id=a.name, root=a.source.removeprefix("path:"), parent=service.model_name, max_model_len=service.max_model_len)
+        for a in service.catalog.all()
     ]
     return ModelList(data=[base, *adapters])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from adapters.peft_format import read_adapter_dir
 from adapters.slot_bank import SlotBank
@@ -39,3 +41,37 @@ def native_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, slot: i
     lora = bank.batch(torch.tensor([slot]))
     hidden = model(ids, torch.arange(seq)[None], row_start=row, kv_len=seq, lora=lora)
     return model.logits(hidden)
+
+
+def projection_shapes(model_dir: Path) -> dict[str, tuple[str, int, int]]:
+    """HF projection name -> (block, in, out) for the Llama-family checkpoint in model_dir."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    return {
+        "q_proj": ("self_attn", hidden, q), "k_proj": ("self_attn", hidden, kv), "v_proj": ("self_attn", hidden, kv),
+        "o_proj": ("self_attn", q, hidden), "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter),
+        "down_proj": ("mlp", inter, hidden),
+    }
+
+
+def write_random_adapter(
+    folder: Path, model_dir: Path, *, rank: int, targets: list[str], seed: int, scale: float = 0.3
+) -> Path:
+    """A random PEFT LoRA adapter for model_dir's checkpoint, in the files PEFT saves."""
+    shapes = projection_shapes(model_dir)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for target in targets:
+            block, d_in, d_out = shapes[target]
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * scale
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "target_modules": targets}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder

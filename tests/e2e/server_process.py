@@ -74,6 +74,8 @@ def running_server(args: list[str], log_dir: Path, http: httpx.Client) -> Iterat
     """`python -m server serve --port <free> *args`, ready, stopped at exit."""
     port = free_port()
     log_path = log_dir / "server.log"
+    if "--data-dir" not in args:  # each server its own adapter store
+        args = [*args, "--data-dir", str(log_dir / "data")]
     command = [sys.executable, "-m", "server", "serve", "--port", str(port), *args]
     with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)

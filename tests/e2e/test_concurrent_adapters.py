@@ -5,55 +5,31 @@ slot reference is released afterwards."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-from safetensors.torch import save_file
-
+from server.model_source import resolve_model
+from tests.adapters.helpers import write_random_adapter
 from tests.e2e.server_process import Server, running_server
 
 pytestmark = pytest.mark.e2e
 
-# SmolLM2-135M: hidden 576, 9 query heads and 3 kv heads of 64, MLP 1536, 30 layers.
-SHAPES = {
-    "q_proj": ("self_attn", 576, 576), "k_proj": ("self_attn", 576, 192), "v_proj": ("self_attn", 576, 192),
-    "o_proj": ("self_attn", 576, 576), "gate_proj": ("mlp", 576, 1536), "up_proj": ("mlp", 576, 1536),
-    "down_proj": ("mlp", 1536, 576),
-}
-LAYERS = 30
 NUM_ADAPTERS = 12
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Count to three.", "Say hello."]
 MAX_TOKENS = 10
-
-
-def write_adapter(folder: Path, *, rank: int, targets: list[str], seed: int) -> Path:
-    """A random PEFT LoRA adapter in the on-disk format PEFT saves (config + safetensors)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(LAYERS):
-        for target in targets:
-            block, d_in, d_out = SHAPES[target]
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.6
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "target_modules": targets}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("adapters")
-    target_sets = [["q_proj", "v_proj"], list(SHAPES), ["o_proj", "down_proj"], ["k_proj", "gate_proj", "up_proj"]]
+    base = resolve_model(None)
+    target_sets = [["q_proj", "v_proj"], ALL_LINEAR, ["o_proj", "down_proj"], ["k_proj", "gate_proj", "up_proj"]]
     modules = [
-        f"ad{i}={write_adapter(root / f'ad{i}', rank=(4, 8, 16)[i % 3], targets=target_sets[i % 4], seed=i)}"
+        f"ad{i}="
+        f"{write_random_adapter(root / f'ad{i}', base, rank=(4, 8, 16)[i % 3], targets=target_sets[i % 4], seed=i, scale=0.6)}"
         for i in range(NUM_ADAPTERS)
     ]
     args = ["--max-num-seqs", "16", "--max-model-len", "256", "--max-loras", "4", "--max-lora-rank", "16",

@@ -1,0 +1,186 @@
+"""The adapters a server knows: names, their current immutable version, and a CPU cache of weights.
+
+Three tiers: the on-disk store (every version, `adapters/store.py`), a CPU cache of validated
+weights (LRU, `max_cpu` entries) and the device slots (the engine's SlotTable). Slots and the
+cache are keyed by version (`name@<first 16 hex of the sha256>`), never by bare name, so replacing
+an adapter is just a new key: requests accepted before the swap keep the old version's weights,
+and the old slot empties once its last row ends.
+
+Nothing becomes visible before it is completely validated: `add` checks a staged copy against the
+slot spec (every problem at once), then commits it to the store, then publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError
+from adapters.peft_format import parse_config, read_adapter_dir
+from adapters.registry import check_name
+from adapters.store import CONFIG_FILE, AdapterStore, Staged, StoredVersion
+from adapters.validation import AdapterWeights, SlotSpec, validate
+
+log = logging.getLogger("loraswap.catalog")
+
+
+def version_key(name: str, version: str) -> str:
+    """Slot/cache key of one version ('@' cannot occur in a name)."""
+    return f"{name}@{version[:16]}"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: str  # sha256 of config + weights
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size: int  # bytes on disk
+    source: str
+    created: float
+
+    @property
+    def key(self) -> str:
+        return version_key(self.name, self.version)
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    last_used: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What a request carries: the version's slot key and its weights."""
+
+    name: str
+    key: str
+    weights: AdapterWeights = field(repr=False)
+
+
+def _describe(stored: StoredVersion, weights: AdapterWeights | None) -> AdapterVersion:
+    if weights is not None:
+        rank, alpha, targets = weights.rank, weights.config.lora_alpha, tuple(weights.target_suffixes)
+    else:  # the config alone (cheap): rank, alpha, targets as declared
+        problems: list[str] = []
+        config = parse_config(json.loads((stored.path / CONFIG_FILE).read_text()), problems)
+        if config is None:
+            raise InvalidAdapterError(stored.name, problems)
+        targets_raw = config.target_modules
+        rank, alpha = config.r, config.lora_alpha
+        targets = (targets_raw,) if isinstance(targets_raw, str) else tuple(sorted(targets_raw))
+    return AdapterVersion(
+        name=stored.name, version=stored.version, rank=rank, alpha=alpha, target_modules=targets,
+        size=stored.size, source=stored.source, created=stored.created,
+    )
+
+
+class AdapterCatalog:
+    def __init__(self, store: AdapterStore, spec: SlotSpec, *, base_name: str, max_cpu: int) -> None:
+        self.store = store
+        self.spec = spec
+        self.base_name = base_name
+        self.max_cpu = max(1, max_cpu)
+        self._lock = threading.Lock()
+        self._current: dict[str, AdapterVersion] = {}
+        self._usage: dict[str, Usage] = {}
+        self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()  # key -> weights, LRU order
+        for name in store.names():
+            try:
+                self._current[name] = _describe(store.current(name), None)
+                self._usage[name] = Usage()
+            except Exception as exc:  # one unreadable entry must not stop the server
+                log.warning("skipping stored adapter %s: %s", name, exc)
+
+    # ---- publishing ----------------------------------------------------------------------
+    def add(self, name: str, staged: Staged, *, source: str) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Validate the staged copy completely, commit it and make it `name`'s current version.
+        Returns (new, previous or None). The staged copy is discarded on any failure."""
+        try:
+            check_name(name)
+            if name == self.base_name:
+                raise InvalidAdapterError(name, ["an adapter cannot take the base model's name"])
+            weights = validate(read_adapter_dir(staged.path, name), self.spec, name)
+        except BaseException:
+            staged.discard()
+            raise
+        stored = self.store.commit(name, staged, source=source)
+        info = _describe(stored, weights)
+        with self._lock:
+            previous = self._current.get(name)
+            self._current[name] = info
+            self._usage.setdefault(name, Usage())
+            self._remember(info.key, weights)
+        log.info("adapter %s version %s (rank %d, %s) from %s", name, info.version[:16], info.rank,
+                 ",".join(info.target_modules), source)
+        return info, previous if previous is not None and previous.version != info.version else None
+
+    def delete(self, name: str) -> list[str]:
+        """Forget `name` and delete its files; returns the keys of its versions (to unload)."""
+        with self._lock:
+            if name not in self._current:
+                raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+            keys = [version_key(name, v.version) for v in self.store.versions(name)]
+            del self._current[name]
+            self._usage.pop(name, None)
+            for key in keys:
+                self._cache.pop(key, None)
+        self.store.delete(name)
+        return keys
+
+    # ---- reading -------------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return name in self._current
+
+    def get(self, name: str) -> AdapterVersion:
+        try:
+            return self._current[name]
+        except KeyError:
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist") from None
+
+    def all(self) -> list[AdapterVersion]:
+        with self._lock:
+            return sorted(self._current.values(), key=lambda info: info.name)
+
+    def versions(self, name: str) -> list[StoredVersion]:
+        self.get(name)
+        return self.store.versions(name)
+
+    def usage(self, name: str) -> Usage:
+        return self._usage.get(name, Usage())
+
+    def in_cpu_cache(self, key: str) -> bool:
+        return key in self._cache
+
+    def resolve(self, name: str, *, count: bool = True) -> AdapterRef:
+        """The current version of `name` with its weights, read from disk if cold (blocking: call
+        off the event loop). `count` records a request against it."""
+        info = self.get(name)
+        with self._lock:
+            weights = self._cache.get(info.key)
+            if weights is not None:
+                self._cache.move_to_end(info.key)
+        if weights is None:
+            stored = next(v for v in self.store.versions(name) if v.version == info.version)
+            start = time.monotonic()
+            weights = validate(read_adapter_dir(stored.path, name), self.spec, name)
+            log.info("adapter %s loaded from disk in %.0f ms", info.key, (time.monotonic() - start) * 1000)
+            with self._lock:
+                self._remember(info.key, weights)
+        if count:
+            usage = self._usage.setdefault(name, Usage())
+            usage.requests += 1
+            usage.last_used = time.time()
+        return AdapterRef(name=name, key=info.key, weights=weights)
+
+    def _remember(self, key: str, weights: AdapterWeights) -> None:
+        self._cache[key] = weights
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_cpu:
+            self._cache.popitem(last=False)

@@ -1,0 +1,67 @@
+"""A server killed with SIGKILL in the middle of an adapter upload restarts with the previous
+version intact and no partial adapter listed."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from tests.adapters.helpers import write_random_adapter
+from tests.e2e.server_process import running_server
+
+pytestmark = pytest.mark.e2e
+
+BOUNDARY = "loraswapboundary"
+
+
+def multipart_head(config: bytes) -> bytes:
+    """The start of a multipart body: the config part, then the weights part's headers."""
+    return (
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"; filename=\"adapter_config.json\"\r\n\r\n".encode()
+        + config
+        + f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"; "
+        "filename=\"adapter_model.safetensors\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    )
+
+
+def test_sigkill_during_upload_keeps_the_previous_version(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    v1 = write_random_adapter(tmp_path / "v1", tiny_llama_dir, rank=4, targets=["q_proj"], seed=1)
+    v2 = write_random_adapter(tmp_path / "v2", tiny_llama_dir, rank=8, targets=["q_proj", "v_proj"], seed=2)
+    args = ["--model", str(tiny_llama_dir), "--max-num-seqs", "2", "--max-model-len", "128", "--max-lora-rank", "8",
+            "--data-dir", str(tmp_path / "data")]
+    files = {n: (n, (v1 / n).read_bytes()) for n in ("adapter_config.json", "adapter_model.safetensors")}
+    expected = hashlib.sha256(files["adapter_config.json"][1] + files["adapter_model.safetensors"][1]).hexdigest()
+
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        (tmp_path / "first").mkdir()
+        with running_server(args, tmp_path / "first", http) as server:
+            assert http.put(f"{server.base_url}/admin/adapters/ad", files=files).json()["version"] == expected
+            # Half an upload of a new version over a raw socket, then the server dies.
+            weights = (v2 / "adapter_model.safetensors").read_bytes()
+            head = multipart_head((v2 / "adapter_config.json").read_bytes())
+            length = len(head) + len(weights) + len(f"\r\n--{BOUNDARY}--\r\n")
+            url = urlparse(server.base_url)
+            with socket.create_connection((url.hostname, url.port)) as sock:
+                sock.sendall(
+                    f"PUT /admin/adapters/ad HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: {length}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
+                    + head + weights[: len(weights) // 2]
+                )
+                time.sleep(0.5)
+                server.process.send_signal(signal.SIGKILL)
+                server.process.wait(30)
+
+        (tmp_path / "second").mkdir()
+        with running_server(args, tmp_path / "second", http) as server:
+            listing = http.get(f"{server.base_url}/admin/adapters").json()["adapters"]
+            assert [(a["name"], a["version"], len(a["versions"])) for a in listing] == [("ad", expected, 1)]
+            answer = http.post(f"{server.base_url}/v1/completions",
+                               json={"model": "ad", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+            assert answer.status_code == 200, answer.text

@@ -1,0 +1,331 @@
+"""The admin API on a tiny model: authentication, every route, every source, every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from config.settings import Settings
+from server.api.app import create_app
+from server.bootstrap import build_service
+from tests.adapters.helpers import write_random_adapter
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LOOPBACK = ("127.0.0.1", 40000)
+Json = dict[str, Any]
+
+
+def settings(model: Path, data: Path, **extra: Any) -> Settings:
+    return Settings(model=str(model), max_num_seqs=4, max_model_len=128, max_loras=2, max_lora_rank=8,
+                    data_dir=data, max_upload_mb=0.2, **extra)
+
+
+def ready(client: TestClient) -> TestClient:
+    for _ in range(600):
+        if client.get("/ready").status_code == 200:
+            return client
+        time.sleep(0.05)
+    raise AssertionError("not ready")
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("roots")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir: Path, roots: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    conf = settings(tiny_llama_dir, tmp_path_factory.mktemp("data"), adapter_roots=[roots])
+    app = create_app(lambda: build_service(conf), admin_token=TOKEN)
+    with TestClient(app, client=("203.0.113.9", 5000)) as test_client:  # a remote address
+        yield ready(test_client)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "one": write_random_adapter(root / "one", tiny_llama_dir, rank=4, targets=["q_proj", "v_proj"], seed=1, scale=2.0),
+        "two": write_random_adapter(root / "two", tiny_llama_dir, rank=8, targets=["o_proj", "down_proj"], seed=2, scale=2.0),
+        "big": write_random_adapter(root / "big", tiny_llama_dir, rank=16, targets=["q_proj"], seed=3),
+    }
+
+
+def files(folder: Path, weights: bytes | None = None) -> dict[str, tuple[str, bytes]]:
+    return {
+        "adapter_config.json": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+        "adapter_model.safetensors": (
+            "adapter_model.safetensors", weights if weights is not None else (folder / "adapter_model.safetensors").read_bytes()
+        ),
+    }
+
+
+def upload(client: TestClient, name: str, folder: Path, *, weights: bytes | None = None) -> Any:
+    return client.put(f"/admin/adapters/{name}", files=files(folder, weights), headers=AUTH)
+
+
+def greedy(client: TestClient, model: str) -> str:
+    response = client.post("/v1/completions", json={"model": model, "prompt": "hello there", "max_tokens": 8,
+                                                     "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+def error(response: Any, status: int, *phrases: str) -> None:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+# ---- authentication ------------------------------------------------------------------------
+
+
+def test_token_is_required(client: TestClient) -> None:
+    response = client.get("/admin/adapters")
+    error(response, 401, "admin token")
+    assert response.headers["www-authenticate"] == "Bearer"
+    error(client.get("/admin/adapters", headers={"Authorization": "Bearer wrong"}), 401)
+    error(client.get("/admin/adapters", headers={"Authorization": TOKEN}), 401)  # no scheme
+    assert client.get("/admin/adapters", headers=AUTH).status_code == 200
+    for method, path in [("PUT", "/admin/adapters/x"), ("DELETE", "/admin/adapters/x"), ("POST", "/admin/adapters/x/load"),
+                         ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")]:
+        assert client.request(method, path).status_code == 401, path
+
+
+def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    conf = settings(tiny_llama_dir, tmp_path / "data", api_key="inference-key")
+    app = create_app(lambda: build_service(conf), api_key="inference-key")
+    with TestClient(app, client=("203.0.113.9", 5000)) as remote:
+        ready(remote)
+        error(remote.get("/admin/adapters"), 403, "loopback")
+        error(remote.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}), 401, "API key")
+        assert remote.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                           headers={"Authorization": "Bearer inference-key"}).status_code == 200
+        assert remote.get("/health").status_code == 200
+    local_app = create_app(lambda: build_service(settings(tiny_llama_dir, tmp_path / "data2")))
+    with TestClient(local_app, client=LOOPBACK) as local:
+        ready(local)
+        assert local.get("/admin/adapters").json() == {"adapters": []}
+
+
+# ---- publishing, hotswap, listing ------------------------------------------------------------
+
+
+def test_upload_then_replace_with_a_new_version(client: TestClient, adapters: dict[str, Path]) -> None:
+    base = greedy(client, "tiny-llama")
+    response = upload(client, "ad", adapters["one"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    folder = adapters["one"]
+    expected = hashlib.sha256((folder / "adapter_config.json").read_bytes() + (folder / "adapter_model.safetensors").read_bytes())
+    assert body["version"] == expected.hexdigest() and body["replaced"] is None
+    assert (body["rank"], body["alpha"], body["target_modules"]) == (4, 4.0, ["q_proj", "v_proj"])
+    assert body["size"] == sum(p.stat().st_size for p in folder.iterdir())
+    first = greedy(client, "ad")
+    assert first != base
+
+    again = upload(client, "ad", adapters["two"]).json()
+    assert again["replaced"] == body["version"] and again["version"] != body["version"]
+    second = greedy(client, "ad")
+    assert second not in (first, base)
+    status = client.get("/admin/adapters/ad", headers=AUTH).json()
+    assert [v["version"] for v in status["versions"]] == [body["version"], again["version"]]
+    assert status["version"] == again["version"] and status["requests"] == 2 and status["last_used"] is not None
+    assert "ad" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+def test_load_pin_unload_delete(client: TestClient, adapters: dict[str, Path]) -> None:
+    assert upload(client, "p1", adapters["one"]).status_code == 200
+    assert upload(client, "p2", adapters["two"]).status_code == 200
+    loaded = client.post("/admin/adapters/p1/load", json={"pin": True}, headers=AUTH).json()
+    assert loaded["tier"] == "slot" and loaded["pinned"] is True and loaded["slot"] in (0, 1)
+    # Two slots: pinning the second would leave none for other adapters.
+    error(client.post("/admin/adapters/p2/load", json={"pin": True}, headers=AUTH), 409, "no slot")
+    assert client.post("/admin/adapters/p2/load", headers=AUTH).json()["pinned"] is False
+    unloaded = client.post("/admin/adapters/p1/unload", headers=AUTH).json()
+    assert unloaded["tier"] == "cpu" and unloaded["slot"] is None and unloaded["pinned"] is False
+    listing = {a["name"]: a for a in client.get("/admin/adapters", headers=AUTH).json()["adapters"]}
+    assert {"p1", "p2"} <= set(listing) and listing["p2"]["tier"] == "slot"
+    assert client.delete("/admin/adapters/p2", headers=AUTH).json() == {"name": "p2", "deleted": True}
+    error(client.post("/v1/completions", json={"model": "p2", "prompt": "x", "max_tokens": 1}), 404, "p2")
+    error(client.get("/admin/adapters/p2", headers=AUTH), 404)
+    error(client.delete("/admin/adapters/p2", headers=AUTH), 404)
+
+
+def test_server_paths_only_inside_roots(client: TestClient, adapters: dict[str, Path], roots: Path, tmp_path: Path) -> None:
+    target = roots / "good"
+    target.mkdir(exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (target / name).write_bytes((adapters["one"] / name).read_bytes())
+    ok = client.put("/admin/adapters/bypath", json={"path": str(target)}, headers=AUTH)
+    assert ok.status_code == 200 and ok.json()["source"].startswith("path:")
+    error(client.put("/admin/adapters/x", json={"path": str(adapters["one"])}, headers=AUTH), 403, "outside")
+    error(client.put("/admin/adapters/x", json={"path": f"{roots}/../{adapters['one'].parent.name}/one"}, headers=AUTH), 403)
+    escape = roots / "escape"
+    escape.symlink_to(adapters["one"], target_is_directory=True)
+    error(client.put("/admin/adapters/x", json={"path": str(escape)}, headers=AUTH), 403, "outside")
+    sneaky = roots / "sneaky"  # a real folder inside whose weights file links outside
+    sneaky.mkdir()
+    (sneaky / "adapter_config.json").write_bytes((adapters["one"] / "adapter_config.json").read_bytes())
+    (sneaky / "adapter_model.safetensors").symlink_to(adapters["one"] / "adapter_model.safetensors")
+    error(client.put("/admin/adapters/x", json={"path": str(sneaky)}, headers=AUTH), 403)
+    error(client.put("/admin/adapters/x", json={"path": "relative/dir"}, headers=AUTH), 400, "absolute")
+    # vLLM's routes use the same checks.
+    vllm = client.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(target)}, headers=AUTH)
+    assert vllm.status_code == 200
+    error(client.post("/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": str(escape)}, headers=AUTH), 403)
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=AUTH).status_code == 200
+    error(client.post("/v1/completions", json={"model": "v", "prompt": "x", "max_tokens": 1}), 404)
+
+
+def test_hub_source_reports_an_unreachable_hub(client: TestClient) -> None:
+    response = client.put("/admin/adapters/h", json={"hub_id": "someone/some-adapter", "revision": "main"}, headers=AUTH)
+    error(response, 502, "cannot resolve adapter 'someone/some-adapter'")
+    error(client.put("/admin/adapters/h", json={"hub_id": "../etc"}, headers=AUTH), 400, "org/name")
+    error(client.put("/admin/adapters/h", json={"path": "/x", "hub_id": "a/b"}, headers=AUTH), 400, "exactly one")
+
+
+# ---- bad input: a 4xx, nothing published, the server keeps serving ----------------------------
+
+
+def _truncated(folder: Path) -> bytes:
+    return (folder / "adapter_model.safetensors").read_bytes()[:-100]
+
+
+def _absurd_header(folder: Path) -> bytes:
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = [1 << 40, 1 << 20]
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + header_len :]
+
+
+def _edited(folder: Path, tmp: Path, change: Any) -> bytes:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, str(tmp / "w.safetensors"))
+    return (tmp / "w.safetensors").read_bytes()
+
+
+def _nan(tensors: dict[str, torch.Tensor]) -> None:
+    next(iter(tensors.values()))[0, 0] = float("nan")
+
+
+def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "phrase"),
+    [
+        ("truncated", 400, "not a valid safetensors file"),
+        ("absurd-header", 400, "not a valid safetensors file"),
+        ("nan", 400, "NaN"),
+        ("wrong-shape", 400, "shape"),
+        ("rank-above-slots", 400, "rank"),
+        ("too-large", 413, "limit"),
+    ],
+)
+def test_bad_uploads(client: TestClient, adapters: dict[str, Path], tmp_path: Path, case: str, status: int, phrase: str) -> None:
+    one = adapters["one"]
+    folder, weights = one, None
+    if case == "truncated":
+        weights = _truncated(one)
+    elif case == "absurd-header":
+        weights = _absurd_header(one)
+    elif case == "nan":
+        weights = _edited(one, tmp_path, _nan)
+    elif case == "wrong-shape":
+        weights = _edited(one, tmp_path, _wrong_shape)
+    elif case == "rank-above-slots":
+        folder = adapters["big"]
+    elif case == "too-large":
+        weights = b"\0" * 300_000
+    error(upload(client, "bad", folder, weights=weights), status, phrase)
+    error(client.get("/admin/adapters/bad", headers=AUTH), 404)
+    assert greedy(client, "tiny-llama")  # still serving
+
+
+def test_bad_forms_and_names(client: TestClient, adapters: dict[str, Path]) -> None:
+    one = adapters["one"]
+    only_config = {"adapter_config.json": files(one)["adapter_config.json"]}
+    error(client.put("/admin/adapters/bad", files=only_config, headers=AUTH), 400, "adapter_model.safetensors")
+    pickle = {**only_config, "adapter_model.bin": ("adapter_model.bin", b"\x80\x04K\x01.")}
+    error(client.put("/admin/adapters/bad", files=pickle, headers=AUTH), 400, "pickle")
+    error(client.put("/admin/adapters/bad", content=b"raw", headers={**AUTH, "content-type": "text/plain"}), 400, "multipart")
+    for name in ("..", "bad name", "a%2Fb", "x" * 65, "tiny-llama"):
+        response = client.put(f"/admin/adapters/{name}", files=files(one), headers=AUTH)
+        assert response.status_code in (400, 404), (name, response.text)
+    assert client.put("/admin/adapters/", files=files(one), headers=AUTH).status_code in (404, 405)
+    listed = {a["name"] for a in client.get("/admin/adapters", headers=AUTH).json()["adapters"]}
+    assert not listed & {"bad", "..", "bad name", "tiny-llama"}
+
+
+def test_catalog_survives_a_restart(tiny_llama_dir: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    conf = settings(tiny_llama_dir, tmp_path / "data")
+    app = create_app(lambda: build_service(conf))
+    with TestClient(app, client=LOOPBACK) as first:
+        ready(first)
+        version = first.put("/admin/adapters/keep", files=files(adapters["one"])).json()["version"]
+        answer = greedy(first, "keep")
+    app = create_app(lambda: build_service(conf))
+    with TestClient(app, client=LOOPBACK) as second:
+        ready(second)
+        status = second.get("/admin/adapters/keep").json()
+        assert status["version"] == version and status["tier"] == "disk"
+        assert greedy(second, "keep") == answer
+
+
+def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, adapters: dict[str, Path]) -> None:
+    versions = [adapters["one"], adapters["two"]]
+    expected = []
+    for folder in versions:
+        assert upload(client, "swap", folder).status_code == 200
+        expected.append(greedy(client, "swap"))
+    assert expected[0] != expected[1]
+    answers: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            response = client.post("/v1/completions", json={"model": "swap", "prompt": "hello there", "max_tokens": 8,
+                                                             "temperature": 0, "ignore_eos": True})
+            if response.status_code != 200:
+                failures.append(response.text)
+            else:
+                answers.append(response.json()["choices"][0]["text"])
+
+    callers = [threading.Thread(target=keep_calling) for _ in range(2)]
+    for thread in callers:
+        thread.start()
+    try:
+        for i in range(20):
+            assert upload(client, "swap", versions[i % 2]).status_code == 200
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in callers:
+            thread.join(60)
+    assert not failures and len(answers) >= 10
+    assert set(answers) <= set(expected), set(answers) - set(expected)  # each entirely one version
+    stats = client.get("/ready").json()["slots"]
+    assert stats["references"] == [0, 0]
+    current = "swap@" + client.get("/admin/adapters/swap", headers=AUTH).json()["version"][:16]
+    assert all(key == current for key in stats["resident"] if key.startswith("swap@"))  # old versions left
