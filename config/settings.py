@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Adapters loaded at start: name -> PEFT adapter folder."
     )
     compile: bool = Field(default=False, description="torch.compile the model step.")
+    quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
+        default="none", description="bitsandbytes quantization of the decoder projections."
+    )
     request_timeout: float | None = Field(
         default=600.0, gt=0, description="Seconds a request may run before it is cancelled (HTTP 408)."
     )

@@ -51,7 +51,16 @@ def describe(info: AdapterVersion) -> dict[str, Any]:
 
 
 class AdminService:
-    def __init__(self, catalog: AdapterCatalog, engine: Engine, *, adapter_roots: Sequence[Path], max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        catalog: AdapterCatalog,
+        engine: Engine,
+        *,
+        adapter_roots: Sequence[Path],
+        max_upload_bytes: int,
+        model_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_info = model_info or {}
         self.catalog = catalog
         self.engine = engine
         self.adapter_roots = list(adapter_roots)

@@ -87,7 +87,12 @@ def build_service(settings: Settings) -> CompletionService:
         max_len=settings.max_model_len,
         cfg=cfg,
         pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
+        quantization=None if settings.quantization == "none" else settings.quantization,
     )
+    footprint = model.memory_footprint()
+    log.info("weights: decoder projections %.1f MB (%s), other %.1f MB; KV cache %.1f MB",
+             footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6,
+             footprint["kv_cache_bytes"] / 1e6)
     bank = SlotBank(
         model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
     )
@@ -120,7 +125,12 @@ def build_service(settings: Settings) -> CompletionService:
         request_timeout=settings.request_timeout,
     )
     service.admin = AdminService(
-        catalog, engine, adapter_roots=settings.adapter_roots, max_upload_bytes=int(settings.max_upload_mb * 1e6)
+        catalog, engine, adapter_roots=settings.adapter_roots, max_upload_bytes=int(settings.max_upload_mb * 1e6),
+        model_info={
+            "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "quantization": settings.quantization, "compile": settings.compile,
+            "memory": {**footprint, "lora_slot_bytes": sum(t.numel() * t.element_size() for t in bank.buffers())},
+        },
     )
     return service
 

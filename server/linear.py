@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.errors import UnsupportedModelError
+
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch, LoraSlots
 
@@ -28,27 +30,84 @@ class Linear(nn.Linear):
     """nn.Linear plus an optional packed weight and optional LoRA slots (attached by the SlotBank)."""
 
     packed: torch.Tensor | None
+    quantized: nn.Module | None
     lora: LoraSlots | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.packed = None
+        self.quantized = None
         self.lora = None
+
+    def quantize(self, method: str) -> None:
+        """Replace the weight by a bitsandbytes copy quantized on its device: `int8` (LLM.int8(),
+        per-row scales, outlier threshold 6.0 as transformers uses) or `nf4` / `fp4` (blocks of 64,
+        no double quantization, so a fused projection quantizes exactly like its separate parts).
+        The LoRA delta stays in the compute dtype on top. The dense weight is dropped."""
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise UnsupportedModelError(
+                f"--quantization {method} needs bitsandbytes: pip install 'loraswap[quant]'"
+            ) from exc
+
+        weight = self.weight.detach()
+        device, dtype = weight.device, weight.dtype
+        has_bias = self.bias is not None
+        module: nn.Module
+        if method == "int8":
+            module = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=has_bias,
+                                         has_fp16_weights=False, threshold=6.0)
+            module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+        elif method in ("nf4", "fp4"):
+            module = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=has_bias, compute_dtype=dtype,
+                                       compress_statistics=False, quant_type=method)
+            module.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=False,
+                                              quant_type=method, module=module)
+        else:
+            raise ValueError(f"unknown quantization {method!r}")
+        if has_bias:
+            module.bias = nn.Parameter(self.bias.detach().cpu(), requires_grad=False)  # type: ignore[union-attr]
+        self.quantized = module.to(device)  # bitsandbytes quantizes on the move to the device
+        self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 
     def pack(self, *, batch_hint: int, keep_dense: bool = False) -> None:
         """Reorder the weight for oneDNN (float32, CPU). `batch_hint`: typical rows per call."""
         weight = self.weight.detach()
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        if self.quantized is not None or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         if not keep_dense:
             self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 
+    def weight_bytes(self) -> int:
+        """Bytes the projection's weight and bias take in the form used at run time."""
+        if self.quantized is not None:
+            return sum(_tensor_bytes(p) + _quant_state_bytes(p) for p in self.quantized.parameters())
+        weight = self.packed if self.packed is not None else self.weight
+        bias = 0 if self.bias is None else _tensor_bytes(self.bias)
+        return _tensor_bytes(weight) + bias
+
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.quantized is not None:
+            y = self.quantized(x)
         else:
             y = F.linear(x, self.weight, self.bias)
         if lora is not None and self.lora is not None:
             y = self.lora.add_to(y, x, lora)
         return y
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.numel() * t.element_size()
+
+
+def _quant_state_bytes(param: torch.Tensor) -> int:
+    """The scales bitsandbytes keeps beside a quantized weight (int8 row scales, 4-bit absmax)."""
+    extra = [getattr(param, "SCB", None)]
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        extra += [state.absmax, state.code]
+    return sum(_tensor_bytes(t) for t in extra if isinstance(t, torch.Tensor))

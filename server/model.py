@@ -189,6 +189,30 @@ class Transformer(nn.Module):
                 tied = module is self.lm_head and self.cfg.tie_word_embeddings
                 module.pack(batch_hint=batch_hint, keep_dense=tied)
 
+    def decoder_linears(self) -> list[Linear]:
+        """The projections of the decoder layers (what quantization applies to; not lm_head)."""
+        return [m for layer in self.model.layers for m in layer.modules() if isinstance(m, Linear)]
+
+    def quantize_linears(self, method: str) -> None:
+        for module in self.decoder_linears():
+            module.quantize(method)
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes by kind: decoder projections (quantized or not), everything else of the weights
+        (embedding, lm_head, norms), and the KV cache."""
+        linears = self.decoder_linears()
+        linear = sum(m.weight_bytes() for m in linears)
+        counted = {id(p) for m in linears for p in m.parameters()}  # includes bitsandbytes copies
+        other = 0
+        if self.lm_head.packed is not None:  # its dense weight is on meta, or is the embedding
+            other += self.lm_head.packed.numel() * self.lm_head.packed.element_size()
+        for t in self.parameters():
+            if id(t) not in counted and t.device.type != "meta":
+                counted.add(id(t))
+                other += t.numel() * t.element_size()
+        cache = 0 if self.cache is None else sum(t.numel() * t.element_size() for t in self.cache.buffers())
+        return {"linear_bytes": linear, "other_weight_bytes": other, "kv_cache_bytes": cache}
+
     def allocate(self, *, max_rows: int, max_len: int) -> None:
         """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""
         cfg = self.cfg

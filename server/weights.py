@@ -101,15 +101,19 @@ def build_model(
     max_len: int,
     cfg: ModelConfig | None = None,
     pack: bool = True,
+    quantization: str | None = None,
 ) -> Transformer:
     """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len.
-    `pack` reorders float32 CPU weights for oneDNN (see server/linear.py)."""
+    `quantization` (int8, nf4, fp4) quantizes the decoder projections with bitsandbytes; `pack`
+    reorders the remaining float32 CPU weights for oneDNN (see server/linear.py)."""
     cfg = cfg or load_model_config(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     load_weights(model, folder)
+    if quantization is not None:
+        model.quantize_linears(quantization)
     if pack:
         model.pack_linears(batch_hint=max_rows)
     model.allocate(max_rows=max_rows, max_len=max_len)

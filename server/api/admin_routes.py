@@ -96,6 +96,12 @@ async def put_adapter(name: str, request: Request, admin: AdminService = Depends
     return await asyncio.to_thread(admin.put_hub, name, body.hub_id, body.revision)
 
 
+@router.get("/admin/model")
+async def model_info(admin: AdminService = Depends(get_admin)) -> dict[str, Any]:
+    """The base model: name, dtype, device, quantization, compile, memory footprint in bytes."""
+    return admin.model_info
+
+
 @router.get("/admin/adapters")
 async def list_adapters(admin: AdminService = Depends(get_admin)) -> dict[str, Any]:
     return {"adapters": await asyncio.to_thread(admin.list)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from adapters.slot_bank import SlotBank
@@ -17,8 +18,9 @@ from tests.server.fakes import Collector, NoText
 from tests.server.test_adapter_scheduling import random_adapters
 
 
-def make_engine(folder: Path, *, compile: bool) -> Engine:
-    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=128, pack=not compile)
+def make_engine(folder: Path, *, compile: bool, quantization: str | None = None) -> Engine:
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=128, pack=not compile,
+                        quantization=quantization)
     bank = SlotBank(model, num_slots=2, max_rank=8, fixed_window=compile)
     store = random_adapters(bank, 4)
     return Engine(
@@ -31,9 +33,12 @@ def test_buckets_cover_every_window() -> None:
     assert kv_buckets(128) == [64, 128] and kv_buckets(2048)[-1] == 2048 and kv_buckets(100) == [64, 100]
 
 
-def test_warm_up_compiles_every_shape_then_nothing_recompiles(tiny_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_warm_up_compiles_every_shape_then_nothing_recompiles(tiny_dir: Path, quantization: str | None) -> None:
+    if quantization is not None:
+        pytest.importorskip("bitsandbytes")
     torch._dynamo.reset()
-    engine = make_engine(tiny_dir, compile=True)
+    engine = make_engine(tiny_dir, compile=True, quantization=quantization)
     engine.runner.warm_up()
     assert engine.runner.warm_graphs == 2 * len(kv_buckets(128))  # each window, LoRA on and off
     assert engine.runner.recompilations == 0
@@ -55,7 +60,7 @@ def test_warm_up_compiles_every_shape_then_nothing_recompiles(tiny_dir: Path) ->
     stats = engine.stats()["compile"]
     assert stats == {"enabled": True, "graphs": engine.runner.warm_graphs, "recompilations": 0}
 
-    eager_engine = make_engine(tiny_dir, compile=False)
+    eager_engine = make_engine(tiny_dir, compile=False, quantization=quantization)
     eager = Collector()
     for r in requests:
         eager_engine.submit(r, eager)
