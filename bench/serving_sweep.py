@@ -19,10 +19,12 @@ Adapters are random rank-16 on all linear layers. Writes bench/results/serving_s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,10 +193,38 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r["vs_eager"] = round(r["tokens_per_s"] / eager[key], 3)
 
 
+def markdown(path: Path) -> str:
+    """The README tables from a results file."""
+    rows = json.loads(path.read_text())["rows"]
+    point = {(r["mode"], r["series"], r["clients"], r["adapters"]): r for r in rows}
+    lines = ["| concurrent requests | base tok/s | TTFT p50 / max (s) | 8 adapters tok/s (vs base) | --compile tok/s (vs eager) |",
+             "|---:|---:|---:|---:|---:|"]
+    for c in sorted({r["clients"] for r in rows if r["series"] == "concurrency"}):
+        base = point[("eager", "concurrency", c, 0)]
+        mixed = point.get(("eager", "concurrency-8-adapters", c, 8))
+        comp = point.get(("compile", "concurrency", c, 0))
+        lines.append(
+            f"| {c} | {base['tokens_per_s']:.1f} | {base['ttft_p50_s']:.2f} / {base['ttft_max_s']:.2f} | "
+            + (f"{mixed['tokens_per_s']:.1f} ({mixed['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if mixed else "-")
+            + " | " + (f"{comp['tokens_per_s']:.1f} ({comp['vs_eager']:.2f}x)" if comp else "-") + " |"
+        )
+    lines += ["", "| distinct adapters (32 requests, 8 slots) | tok/s | vs base | TTFT p50 / max (s) | slot loads |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if r["series"] == "adapters" and r["mode"] == "eager"), key=lambda r: r["adapters"]):
+        label = "0 (base model)" if r["adapters"] == 0 else str(r["adapters"])
+        lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r.get('vs_base', 1.0):.2f} | "
+                     f"{r['ttft_p50_s']:.2f} / {r['ttft_max_s']:.2f} | {r['slot_loads']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few points, eager only (about 3 minutes)")
+    parser.add_argument("--table", type=Path, help="print the README tables of a results file and exit")
     args = parser.parse_args()
+    if args.table is not None:
+        print(markdown(args.table))
+        return
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"max_num_seqs": MAX_ROWS, "max_model_len": MAX_LEN, "slots": SLOTS, "rank": RANK,

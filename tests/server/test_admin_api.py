@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 import threading
 import time
@@ -329,3 +330,33 @@ def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, ad
     assert stats["references"] == [0, 0]
     current = "swap@" + client.get("/admin/adapters/swap", headers=AUTH).json()["version"][:16]
     assert all(key == current for key in stats["resident"] if key.startswith("swap@"))  # old versions left
+
+
+def test_delete_lets_running_requests_finish(client: TestClient, adapters: dict[str, Path]) -> None:
+    assert upload(client, "doomed", adapters["one"]).status_code == 200
+    body = {"model": "doomed", "prompt": "hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"text"' in first  # the request is running on the adapter
+        assert client.delete("/admin/adapters/doomed", headers=AUTH).status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    finals = [json.loads(line[6:]) for line in rest[:-1]]
+    assert all("error" not in chunk for chunk in finals)
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in finals)
+    error(client.post("/v1/completions", json={"model": "doomed", "prompt": "x", "max_tokens": 1}), 404)
+    assert not [k for k in client.get("/ready").json()["slots"]["resident"] if k.startswith("doomed@")]
+
+
+def test_hub_source_from_the_offline_cache(client: TestClient, adapters: dict[str, Path], offline_hub: Path) -> None:
+    repo = offline_hub / "models--someorg--cached-lora"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    shutil.copytree(adapters["one"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    response = client.put("/admin/adapters/fromhub", json={"hub_id": "someorg/cached-lora"}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["source"] == "hub:someorg/cached-lora@main"
+    assert greedy(client, "fromhub")
+    error(client.put("/admin/adapters/h2", json={"hub_id": "someorg/not-cached"}, headers=AUTH), 502, "HF_HUB_OFFLINE")

@@ -16,19 +16,6 @@ from server.weights import build_model
 from tests.server.families import make_family
 
 
-@pytest.fixture()
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty huggingface_hub cache in offline mode, so nothing can reach a hub."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_local_folder(tmp_path: Path) -> None:
     make_family("qwen2", tmp_path)
     assert resolve_model(str(tmp_path)) == tmp_path
