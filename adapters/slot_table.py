@@ -41,6 +41,9 @@ class SlotTable:
         self.counters = SlotCounters()
         self._clock = 0
         self._where: dict[str, int] = {}
+        # Unloaded adapters (old versions): a queued request may still need one; it is loaded for
+        # that request's rows only and emptied when they end, never left resident.
+        self._retired: set[str] = set()
 
     def slot_of(self, name: str) -> int | None:
         return self._where.get(name)
@@ -75,6 +78,7 @@ class SlotTable:
             del self._where[evicted]
             self.counters.evictions += 1
         state.name, state.refs, state.last_used = name, 1, self._clock
+        state.retiring = name in self._retired
         self._where[name] = slot
         self.counters.loads += 1
         return Placement(slot=slot, load=True, evicted=evicted)
@@ -111,6 +115,7 @@ class SlotTable:
     def unload(self, name: str) -> int | None:
         """Take `name` out of its slot: the slot to clear now, or None (not resident, or rows
         still use it: it is emptied when the last one ends and new rows no longer get it)."""
+        self._retired.add(name)
         slot = self._where.get(name)
         if slot is None:
             return None
@@ -120,6 +125,10 @@ class SlotTable:
             return None
         self.forget(slot)
         return slot
+
+    def revive(self, name: str) -> None:
+        """`name` is current again (its content was published anew): keep it resident as usual."""
+        self._retired.discard(name)
 
     def is_pinned(self, name: str) -> bool:
         slot = self._where.get(name)

@@ -88,6 +88,7 @@ class AdminService:
 
     def _publish(self, name: str, staged: Staged, source: str) -> dict[str, Any]:
         info, previous = self.catalog.add(name, staged, source=source)
+        self._wait(self.engine.activate_adapter(info.key))  # it may be an old version come back
         if previous is not None:  # hotswap: the old version drains, then leaves its slot
             self._wait(self.engine.unload_adapter(previous.key))
         return {**describe(info), "replaced": previous.version if previous is not None else None}

@@ -132,6 +132,10 @@ class Engine:
         """Write an adapter version into a slot now (if not resident) and pin or unpin it."""
         return self.call(lambda: self._load_now(key, weights, pin))
 
+    def activate_adapter(self, key: str) -> Future[None]:
+        """A published (current) version: undo an earlier unload of the same key."""
+        return self.call(lambda: self.slot_table.revive(key) if self.slot_table is not None else None)
+
     def unload_adapter(self, key: str) -> Future[None]:
         """Take an adapter version out of its slot; rows still using it finish on it first."""
         return self.call(lambda: self._unload_now(key))

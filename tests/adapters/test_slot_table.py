@@ -71,7 +71,20 @@ def test_unload_waits_for_running_rows_and_new_rows_do_not_join() -> None:
     assert table.acquire("v1") is None  # a retiring copy takes no new rows
     assert table.release(old.slot) is True  # last row gone: the caller clears it now
     assert table.resident() == {} and table.references() == [0, 0]
+    table.revive("v1")  # published again
     again = table.acquire("v1")  # loaded afresh afterwards
     assert again is not None and again.load
-    table.release(again.slot)
-    assert table.unload("v1") == again.slot and table.unload("v1") is None
+    assert table.release(again.slot) is False
+    assert table.unload("v1") == again.slot and table.unload("v1") is None  # idle: cleared at once
+
+
+def test_an_unloaded_version_comes_back_only_for_its_queued_rows() -> None:
+    table = SlotTable(2)
+    table.release(table.acquire("v1").slot)  # type: ignore[union-attr]
+    assert table.unload("v1") is not None  # idle: cleared at once
+    late = table.acquire("v1")  # a request accepted before the swap, admitted after it
+    assert late is not None and late.load
+    assert table.release(late.slot) is True and table.resident() == {}  # not left resident
+    table.revive("v1")  # published again: resident as usual
+    again = table.acquire("v1")
+    assert again is not None and table.release(again.slot) is False and table.resident() == {"v1": again.slot}
