@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
         default="none", description="bitsandbytes quantization of the decoder projections."
     )
+    quantize_lm_head: bool = Field(default=False, description="Quantize an untied lm_head too.")
     request_timeout: float | None = Field(
         default=600.0, gt=0, description="Seconds a request may run before it is cancelled (HTTP 408)."
     )

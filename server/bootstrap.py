@@ -88,6 +88,7 @@ def build_service(settings: Settings) -> CompletionService:
         cfg=cfg,
         pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
         quantization=None if settings.quantization == "none" else settings.quantization,
+        quantize_lm_head=settings.quantize_lm_head,
     )
     footprint = model.memory_footprint()
     log.info("weights: decoder projections %.1f MB (%s), other %.1f MB; KV cache %.1f MB",

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"],
                        help="quantize the decoder projections with bitsandbytes (default none)")
+    serve.add_argument("--quantize-lm-head", action="store_true", default=None,
+                       help="quantize an untied lm_head too (the embedding always stays unquantized)")
     serve.add_argument("--data-dir", type=Path, help="adapter store (default ~/.local/share/loraswap)")
     serve.add_argument("--max-cpu-loras", type=int, help="validated adapters kept in CPU memory (default 32)")
     serve.add_argument("--adapter-roots", nargs="+", type=Path, metavar="DIR",

@@ -206,6 +206,9 @@ class Transformer(nn.Module):
         other = 0
         if self.lm_head.packed is not None:  # its dense weight is on meta, or is the embedding
             other += self.lm_head.packed.numel() * self.lm_head.packed.element_size()
+        if self.lm_head.quantized is not None:  # --quantize-lm-head
+            other += self.lm_head.weight_bytes()
+            counted |= {id(p) for p in self.lm_head.quantized.parameters()}
         for t in self.parameters():
             if id(t) not in counted and t.device.type != "meta":
                 counted.add(id(t))

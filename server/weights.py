@@ -102,6 +102,7 @@ def build_model(
     cfg: ModelConfig | None = None,
     pack: bool = True,
     quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> Transformer:
     """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len.
     `quantization` (int8, nf4, fp4) quantizes the decoder projections with bitsandbytes; `pack`
@@ -114,6 +115,14 @@ def build_model(
     load_weights(model, folder)
     if quantization is not None:
         model.quantize_linears(quantization)
+    if quantize_lm_head:
+        if quantization is None:
+            raise UnsupportedModelError("--quantize-lm-head needs --quantization")
+        if cfg.tie_word_embeddings:
+            raise UnsupportedModelError(
+                "--quantize-lm-head needs an untied lm_head; this model ties it to the embedding, which stays unquantized"
+            )
+        model.lm_head.quantize(quantization)
     if pack:
         model.pack_linears(batch_hint=max_rows)
     model.allocate(max_rows=max_rows, max_len=max_len)

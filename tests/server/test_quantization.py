@@ -72,3 +72,34 @@ def test_memory_of_the_projections(base: Path) -> None:
         assert footprint["linear_bytes"] < bound * dense["linear_bytes"], method
         # The embedding (tied lm_head) stays float32; the packed lm_head copy is counted too.
         assert footprint["other_weight_bytes"] >= dense["other_weight_bytes"]
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_quantized_lm_head_matches_transformers(method: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = tmp_path / "untied"
+    make_family("llama-mha-untied", folder, hidden_size=128, intermediate_size=256)
+    skip: list[str] = []  # transformers keeps lm_head unquantized unless told to skip nothing
+    config = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip) if method == "int8"
+              else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=False,
+                                      bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip))
+    want_model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu", dtype=torch.float32)
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=32, quantization=method,
+                        quantize_lm_head=True)
+    plain = build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=32, quantization=method)
+    assert model.lm_head.quantized is not None
+    assert model.memory_footprint()["other_weight_bytes"] < plain.memory_footprint()["other_weight_bytes"]
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = want_model(ids).logits
+        hidden = model(ids, torch.arange(12)[None], row_start=0, kv_len=12)
+        got = model.logits(hidden)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_quantized_lm_head_refuses_a_tied_head(base: Path) -> None:
+    from server.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="untied"):
+        build_model(base, dtype=torch.float32, device="cpu", max_rows=1, max_len=16, quantization="nf4", quantize_lm_head=True)
