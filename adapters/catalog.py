@@ -87,7 +87,9 @@ class AdapterCatalog:
         self.spec = spec
         self.base_name = base_name
         self.max_cpu = max(1, max_cpu)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the in-memory maps
+        # Store change + publish as one step: concurrent adds/deletes of a name cannot interleave.
+        self._mutate = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}
         self._usage: dict[str, Usage] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()  # key -> weights, LRU order
@@ -110,28 +112,30 @@ class AdapterCatalog:
         except BaseException:
             staged.discard()
             raise
-        stored = self.store.commit(name, staged, source=source)
-        info = _describe(stored, weights)
-        with self._lock:
-            previous = self._current.get(name)
-            self._current[name] = info
-            self._usage.setdefault(name, Usage())
-            self._remember(info.key, weights)
+        with self._mutate:
+            stored = self.store.commit(name, staged, source=source)
+            info = _describe(stored, weights)
+            with self._lock:
+                previous = self._current.get(name)
+                self._current[name] = info
+                self._usage.setdefault(name, Usage())
+                self._remember(info.key, weights)
         log.info("adapter %s version %s (rank %d, %s) from %s", name, info.version[:16], info.rank,
                  ",".join(info.target_modules), source)
         return info, previous if previous is not None and previous.version != info.version else None
 
     def delete(self, name: str) -> list[str]:
         """Forget `name` and delete its files; returns the keys of its versions (to unload)."""
-        with self._lock:
-            if name not in self._current:
-                raise AdapterNotFoundError(f"adapter {name!r} does not exist")
-            keys = [version_key(name, v.version) for v in self.store.versions(name)]
-            del self._current[name]
-            self._usage.pop(name, None)
-            for key in keys:
-                self._cache.pop(key, None)
-        self.store.delete(name)
+        with self._mutate:
+            with self._lock:
+                if name not in self._current:
+                    raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+                keys = [version_key(name, v.version) for v in self.store.versions(name)]
+                del self._current[name]
+                self._usage.pop(name, None)
+                for key in keys:
+                    self._cache.pop(key, None)
+            self.store.delete(name)
         return keys
 
     # ---- reading -------------------------------------------------------------------------
@@ -174,9 +178,11 @@ class AdapterCatalog:
             with self._lock:
                 self._remember(info.key, weights)
         if count:
-            usage = self._usage.setdefault(name, Usage())
-            usage.requests += 1
-            usage.last_used = time.time()
+            with self._lock:
+                usage = self._usage.get(name)  # None: deleted meanwhile
+                if usage is not None:
+                    usage.requests += 1
+                    usage.last_used = time.time()
         return AdapterRef(name=name, key=info.key, weights=weights)
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:

@@ -17,9 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from adapters.errors import InvalidAdapterError
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from adapters.store import CONFIG_FILE, WEIGHTS_FILE
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # PEFT saves `base_model.model.<module>.lora_A.weight` (older files may keep the adapter name).

@@ -48,10 +48,6 @@ class SlotTable:
     def slot_of(self, name: str) -> int | None:
         return self._where.get(name)
 
-    def can_place(self, name: str) -> bool:
-        """True if acquire(name) would succeed now."""
-        return name in self._where or any(self._evictable(s) for s in self.slots)
-
     @staticmethod
     def _evictable(state: SlotState) -> bool:
         return state.refs == 0 and not state.pinned
@@ -112,10 +108,13 @@ class SlotTable:
             raise ValueError(f"pinning {name!r} would leave no slot for other adapters")
         self.slots[slot].pinned = pinned
 
-    def unload(self, name: str) -> int | None:
+    def unload(self, name: str, *, retire: bool = True) -> int | None:
         """Take `name` out of its slot: the slot to clear now, or None (not resident, or rows
-        still use it: it is emptied when the last one ends and new rows no longer get it)."""
-        self._retired.add(name)
+        still use it: it is emptied when the last one ends and new rows no longer get it).
+        `retire`: the name is an old version (replaced or deleted), never to stay resident again;
+        False for an operator's unload of the current version, which later requests reload."""
+        if retire:
+            self._retired.add(name)
         slot = self._where.get(name)
         if slot is None:
             return None

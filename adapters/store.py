@@ -36,7 +36,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-# Same names as adapters/peft_format.py; repeated so the store does not import torch.
+from server.errors import LoraswapError
+
+# The two files of a PEFT adapter (adapters/peft_format.py reads them).
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -48,7 +50,7 @@ _FORMAT = 1
 log = logging.getLogger(__name__)
 
 
-class StoreError(Exception):
+class StoreError(LoraswapError):
     """Base class of adapter store problems."""
 
 

@@ -48,10 +48,6 @@ class AdapterWeights:
         return max(m.rank for m in self.modules.values())
 
     @property
-    def nbytes(self) -> int:
-        return sum(m.a.numel() * 4 + m.b.numel() * 4 for m in self.modules.values())
-
-    @property
     def target_suffixes(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 

@@ -32,9 +32,8 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.adapters.helpers import write_random_adapter
+from tests.adapters.helpers import ALL_LINEAR, write_random_adapter
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
 

@@ -46,7 +46,7 @@ def greedy(model: Transformer, prompt: list[int]) -> list[int]:
 def main() -> None:
     folder = resolve_model(None)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True)["input_ids"]
                for p in PROMPTS]
     reference = build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=256)
     with torch.inference_mode():

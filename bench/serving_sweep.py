@@ -157,7 +157,7 @@ def build_engine(compile: bool) -> tuple[Engine, list[list[int]], float]:
     warm_s = time.perf_counter() - start
     engine.start()
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True)["input_ids"]
         for q in QUESTIONS
     ]
     return engine, prompts, warm_s

@@ -105,7 +105,7 @@ class AdminService:
         return self.status(name)
 
     def unload(self, name: str) -> dict[str, Any]:
-        self._wait(self.engine.unload_adapter(self.catalog.get(name).key))
+        self._wait(self.engine.unload_adapter(self.catalog.get(name).key, retire=False))
         return self.status(name)
 
     # ---- reading -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from config.settings import Settings
 from server.admin import AdminService
 from server.engine import Engine
 from server.errors import UnsupportedModelError
-from server.model_config import load_model_config
+from server.model_config import eos_ids, load_model_config
 from server.model_source import EMBEDDED_NAME, resolve_model
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
@@ -49,8 +49,7 @@ def eos_token_ids(folder: Path, config_eos: tuple[int, ...], tokenizer: object) 
     ids = set(config_eos)
     gen = folder / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
+        ids.update(eos_ids(json.loads(gen.read_text())))
     tok_eos = getattr(tokenizer, "eos_token_id", None)
     if tok_eos is not None:
         ids.add(int(tok_eos))

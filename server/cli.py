@@ -90,7 +90,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
+        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]  # float works
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises SIGTERM after a graceful shutdown; with this no-op as the handler it

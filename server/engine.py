@@ -136,9 +136,10 @@ class Engine:
         """A published (current) version: undo an earlier unload of the same key."""
         return self.call(lambda: self.slot_table.revive(key) if self.slot_table is not None else None)
 
-    def unload_adapter(self, key: str) -> Future[None]:
-        """Take an adapter version out of its slot; rows still using it finish on it first."""
-        return self.call(lambda: self._unload_now(key))
+    def unload_adapter(self, key: str, *, retire: bool = True) -> Future[None]:
+        """Take an adapter version out of its slot; rows still using it finish on it first.
+        `retire=False` for the current version (see SlotTable.unload)."""
+        return self.call(lambda: self._unload_now(key, retire))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
@@ -347,15 +348,17 @@ class Engine:
             table.release(placement.slot)
             table.forget(placement.slot)
             raise
-        table.release(placement.slot)
+        if table.release(placement.slot):  # a retired version: it does not stay resident
+            self.runner.clear_slot(placement.slot)
+            raise ConflictError(f"{key} has been replaced or deleted")
         try:
             table.pin(key, pin)
         except ValueError as exc:
             raise ConflictError(str(exc)) from None
         return placement.slot
 
-    def _unload_now(self, key: str) -> None:
-        if self.slot_table is not None and (slot := self.slot_table.unload(key)) is not None:
+    def _unload_now(self, key: str, retire: bool) -> None:
+        if self.slot_table is not None and (slot := self.slot_table.unload(key, retire=retire)) is not None:
             self.runner.clear_slot(slot)
 
     def _cancel(self, request_id: str) -> None:

@@ -63,7 +63,7 @@ class SlotsBusyError(LoraswapError):
 
 
 class ConflictError(LoraswapError):
-    """The operation conflicts with the server's state, e.g. an adapter named like the base model (HTTP 409)."""
+    """The operation conflicts with the server's state, e.g. pinning the last unpinned slot (HTTP 409)."""
 
 
 class UnauthorizedError(LoraswapError):

@@ -83,10 +83,10 @@ class Linear(nn.Linear):
     def weight_bytes(self) -> int:
         """Bytes the projection's weight and bias take in the form used at run time."""
         if self.quantized is not None:
-            return sum(_tensor_bytes(p) + _quant_state_bytes(p) for p in self.quantized.parameters())
+            return sum(tensor_bytes(p) + _quant_state_bytes(p) for p in self.quantized.parameters())
         weight = self.packed if self.packed is not None else self.weight
-        bias = 0 if self.bias is None else _tensor_bytes(self.bias)
-        return _tensor_bytes(weight) + bias
+        bias = 0 if self.bias is None else tensor_bytes(self.bias)
+        return tensor_bytes(weight) + bias
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         if self.packed is not None:
@@ -100,7 +100,7 @@ class Linear(nn.Linear):
         return y
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
     return 0 if t.device.type == "meta" else t.numel() * t.element_size()
 
 
@@ -110,4 +110,4 @@ def _quant_state_bytes(param: torch.Tensor) -> int:
     state = getattr(param, "quant_state", None)
     if state is not None:
         extra += [state.absmax, state.code]
-    return sum(_tensor_bytes(t) for t in extra if isinstance(t, torch.Tensor))
+    return sum(tensor_bytes(t) for t in extra if isinstance(t, torch.Tensor))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.kv_cache import KVCache, write_and_view
-from server.linear import Linear, onednn_packing_available
+from server.linear import Linear, onednn_packing_available, tensor_bytes
 from server.model_config import ModelConfig
 from server.rope import apply_rope, rope_tables
 
@@ -200,20 +200,19 @@ class Transformer(nn.Module):
     def memory_footprint(self) -> dict[str, int]:
         """Bytes by kind: decoder projections (quantized or not), everything else of the weights
         (embedding, lm_head, norms), and the KV cache."""
-        linears = self.decoder_linears()
-        linear = sum(m.weight_bytes() for m in linears)
-        counted = {id(p) for m in linears for p in m.parameters()}  # includes bitsandbytes copies
-        other = 0
-        if self.lm_head.packed is not None:  # its dense weight is on meta, or is the embedding
-            other += self.lm_head.packed.numel() * self.lm_head.packed.element_size()
-        if self.lm_head.quantized is not None:  # --quantize-lm-head
-            other += self.lm_head.weight_bytes()
-            counted |= {id(p) for p in self.lm_head.quantized.parameters()}
-        for t in self.parameters():
-            if id(t) not in counted and t.device.type != "meta":
-                counted.add(id(t))
-                other += t.numel() * t.element_size()
-        cache = 0 if self.cache is None else sum(t.numel() * t.element_size() for t in self.cache.buffers())
+        decoder = self.decoder_linears()
+        in_decoder = {id(p) for m in decoder for p in m.parameters()}
+        # Embedding and norms; named_parameters lists a tied lm_head weight once, as the embedding.
+        other = sum(
+            tensor_bytes(p) for name, p in self.named_parameters()
+            if id(p) not in in_decoder and not name.startswith("lm_head.")
+        )
+        head = self.lm_head
+        tied = head.weight is self.model.embed_tokens.weight
+        if not tied or head.packed is not None:  # a tied, unpacked head is the embedding itself
+            other += head.weight_bytes()
+        cache = 0 if self.cache is None else sum(tensor_bytes(t) for t in self.cache.buffers())
+        linear = sum(m.weight_bytes() for m in decoder)
         return {"linear_bytes": linear, "other_weight_bytes": other, "kv_cache_bytes": cache}
 
     def allocate(self, *, max_rows: int, max_len: int) -> None:

@@ -86,7 +86,8 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+def eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+    """`eos_token_id` of a config dict (an int, a list, or absent)."""
     eos = raw.get("eos_token_id")
     if eos is None:
         return ()
@@ -139,7 +140,7 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         sliding_window=int(sliding) if sliding else None,
         rope=_rope_from_hf(raw),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_ids(raw),
+        eos_token_ids=eos_ids(raw),
     )
 
 

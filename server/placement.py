@@ -1,5 +1,7 @@
 """Where each part of the model lives: `--device-map auto|cpu|cuda|cuda:N|<file.json>`.
 
+Not wired into the model yet (the flag does not exist until it is): the planner alone, tested.
+
 A Llama-family decoder is a chain: embedding -> layers 0..L-1 -> final norm -> lm_head. Each part
 lives on one device, and a layer's KV cache and LoRA slot tensors live with its weights, so the
 hidden state is the only tensor that crosses devices, and only at the "boundaries" where

@@ -150,13 +150,13 @@ class ModelRunner:
         """Graphs compiled after warm-up (0 in steady state; always 0 without compile)."""
         return self.compile_counter.graphs - self.warm_graphs
 
-    def _fixed_step(self, kv_len: int, lora: LoraBatch | None) -> torch.Tensor:
-        """Decode every row: # [max_rows, V] logits. Under compile, the decoder layers run as one
-        compiled graph per (window, LoRA on/off), shared by all layers."""
-        tokens = self.last_tokens[:, None]  # [max_rows, 1]
-        positions = self.positions[:, None]
+    def _forward(self, rows: int, kv_len: int, lora: LoraBatch | None) -> torch.Tensor:
+        """One decode token for cache rows [0, rows): hidden # [rows, hidden]. Under compile the
+        decoder layers run as one compiled graph per (window, LoRA on/off), shared by all layers."""
+        tokens = self.last_tokens[:rows, None]  # [rows, 1]
+        positions = self.positions[:rows, None]
         hidden = self.model(tokens, positions, row_start=0, kv_len=kv_len, lora=lora, layer_fn=self._layer_fn)
-        return self.model.logits(hidden[:, 0])
+        return hidden[:, 0]
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -169,7 +169,7 @@ class ModelRunner:
             variants.append(self.bank.batch(self.slots))
         for kv_len in kv_buckets(self.max_len):
             for lora in variants:
-                self._fixed_step(kv_len, lora)
+                self._forward(self.max_rows, kv_len, lora)
         for row in range(self.max_rows):
             self.free_row(row)
         self.warm_graphs = self.compile_counter.graphs
@@ -179,16 +179,12 @@ class ModelRunner:
         """One token for each of `rows` (all already prefilled)."""
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         kv_len = kv_bucket(int(self.positions[index].max()) + 1, self.max_len)
-        if self.fixed_rows:
-            lora = self._lora(self.slots[index], self.slots)
-            logits = self._fixed_step(kv_len, lora)[index]  # [n, V]
+        batch = self.max_rows if self.fixed_rows else row_bucket(max(rows) + 1, self.max_rows)
+        hidden = self._forward(batch, kv_len, self._lora(self.slots[index], self.slots[:batch]))  # [B, hidden]
+        if self.fixed_rows:  # an unpacked lm_head's kernel depends on the row count too: all rows
+            logits = self.model.logits(hidden)[index]  # [n, V]
         else:
-            batch = row_bucket(max(rows) + 1, self.max_rows)
-            lora = self._lora(self.slots[index], self.slots[:batch])
-            tokens = self.last_tokens[:batch, None]  # [B, 1]
-            positions = self.positions[:batch, None]  # [B, 1]
-            hidden = self.model(tokens, positions, row_start=0, kv_len=kv_len, lora=lora)
-            logits = self.model.logits(hidden[index, 0])  # [n, V]
+            logits = self.model.logits(hidden[index])
         self.positions[index] += 1
         return self._sample(logits, index).tolist()
 

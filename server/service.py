@@ -96,8 +96,6 @@ class CompletionService:
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions instead", param="messages"
             )
-        if not messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors (e.g. role order) are the client's to fix
@@ -134,10 +132,23 @@ class CompletionService:
         )
 
     # ---- running -------------------------------------------------------------------------
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Events of one request until it finishes; cancels it in the engine if abandoned."""
+    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+        """Submit every request now, so that a full queue (429) or a shutdown (503) is raised
+        before any response is sent; if one fails, those already submitted are cancelled. Returns
+        each request's events; abandoning an iterator cancels its request."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        streams = []
+        try:
+            for request in requests:
+                streams.append(self._submit(request, loop))
+        except BaseException:
+            for request in requests[: len(streams)]:
+                self.engine.cancel(request.request_id)
+            raise
+        return streams
+
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
+        events: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
 
         def sink(event: RequestOutput) -> None:  # called on the engine thread
             try:
@@ -146,21 +157,26 @@ class CompletionService:
                 pass
 
         self.engine.submit(request, sink)
+        # One timer per request (not one per token): it wakes the reader with None.
+        timer = None if self.request_timeout is None else loop.call_later(self.request_timeout, events.put_nowait, None)
+        return self._events(request, events, timer)
+
+    async def _events(
+        self, request: GenerationRequest, events: asyncio.Queue[RequestOutput | None], timer: asyncio.TimerHandle | None
+    ) -> AsyncIterator[RequestOutput]:
         finished = False
-        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
         try:
             while not finished:
-                try:
-                    event = await asyncio.wait_for(
-                        events.get(), None if deadline is None else max(0.0, deadline - loop.time())
-                    )
-                except TimeoutError:
+                event = await events.get()
+                if event is None:
                     raise RequestTimeoutError(
                         f"the request ran longer than the server's limit of {self.request_timeout:g} s "
                         "(--request-timeout); ask for fewer tokens"
-                    ) from None
+                    )
                 finished = event.finished
                 yield event
         finally:
-            if not finished:  # the client went away or the task was cancelled
+            if timer is not None:
+                timer.cancel()
+            if not finished:  # the client went away, the task was cancelled or the timeout fired
                 self.engine.cancel(request.request_id)

@@ -108,6 +108,13 @@ def build_model(
     `quantization` (int8, nf4, fp4) quantizes the decoder projections with bitsandbytes; `pack`
     reorders the remaining float32 CPU weights for oneDNN (see server/linear.py)."""
     cfg = cfg or load_model_config(folder)
+    if quantize_lm_head:  # checked before any weight is read
+        if quantization is None:
+            raise UnsupportedModelError("--quantize-lm-head needs --quantization")
+        if cfg.tie_word_embeddings:
+            raise UnsupportedModelError(
+                "--quantize-lm-head needs an untied lm_head; this model ties it to the embedding, which stays unquantized"
+            )
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -116,12 +123,6 @@ def build_model(
     if quantization is not None:
         model.quantize_linears(quantization)
     if quantize_lm_head:
-        if quantization is None:
-            raise UnsupportedModelError("--quantize-lm-head needs --quantization")
-        if cfg.tie_word_embeddings:
-            raise UnsupportedModelError(
-                "--quantize-lm-head needs an untied lm_head; this model ties it to the embedding, which stays unquantized"
-            )
         model.lm_head.quantize(quantization)
     if pack:
         model.pack_linears(batch_hint=max_rows)

@@ -41,12 +41,9 @@ class ServiceHolder:
     def _load(self) -> None:
         try:
             self.service = self.factory()
-        except LoraswapError as exc:  # expected failures: the message says what to do
-            self.error = f"{type(exc).__name__}: {exc}"
-            if self.on_failure is not None:
-                self.on_failure(self.error)
         except Exception as exc:
-            log.exception("model failed to load")
+            if not isinstance(exc, LoraswapError):  # expected failures say what to do; others need the trace
+                log.exception("model failed to load")
             self.error = f"{type(exc).__name__}: {exc}"
             if self.on_failure is not None:
                 self.on_failure(self.error)

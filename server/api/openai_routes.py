@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -34,7 +35,6 @@ from server.errors import (
     GenerationFailedError,
     InvalidRequestError,
     LoadFailedError,
-    LoraswapError,
     NotReadyError,
 )
 from server.sampling import SamplingParams
@@ -89,10 +89,10 @@ def _usage(finals: list[RequestOutput], n: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def _collect(service: CompletionService, request: GenerationRequest) -> tuple[str, RequestOutput]:
+async def _collect(stream: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:
     parts: list[str] = []
     last: RequestOutput | None = None
-    async for event in service.stream(request):
+    async for event in stream:
         parts.append(event.text)
         last = event
     assert last is not None and last.finished
@@ -101,11 +101,10 @@ async def _collect(service: CompletionService, request: GenerationRequest) -> tu
     return "".join(parts), last
 
 
-async def _collect_all(
-    http_request: Request, service: CompletionService, requests: list[GenerationRequest]
-) -> list[tuple[str, RequestOutput]]:
-    """Run requests to completion; if the client disconnects first, cancel them (frees their rows)."""
-    work = asyncio.ensure_future(asyncio.gather(*(_collect(service, r) for r in requests)))
+async def _collect_all(http_request: Request, streams: list[AsyncIterator[RequestOutput]]) -> list[tuple[str, RequestOutput]]:
+    """Run submitted requests to completion. If one fails or the client disconnects, the others
+    are cancelled (which frees their rows) rather than left generating for nobody."""
+    tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
 
     async def disconnected() -> None:
         while not await http_request.is_disconnected():
@@ -113,29 +112,35 @@ async def _collect_all(
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                raise asyncio.CancelledError  # client gone
+            pending.discard(watcher)
+            for task in done:
+                task.result()  # re-raises the first failure
+        return [task.result() for task in tasks]
     finally:
         watcher.cancel()
-    if not work.done():  # client gone: cancelling the collectors cancels the engine requests
-        work.cancel()
-        raise asyncio.CancelledError
-    return work.result()
+        for task in tasks:
+            task.cancel()
 
 
-async def _merged(service: CompletionService, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Events of several requests as (choice index, event), in arrival order."""
     queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
-    async def pump(index: int, request: GenerationRequest) -> None:
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
-            async for event in service.stream(request):
+            async for event in stream:
                 await queue.put((index, event))
-        except LoraswapError as exc:  # e.g. the request timed out: end this choice with an error
-            failed = RequestOutput(request.request_id, "", [], finished=True, finish_reason="error", error=str(exc))
+        except Exception as exc:  # e.g. the request timed out: end this choice with an error
+            failed = RequestOutput("", "", [], finished=True, finish_reason="error", error=str(exc))
             await queue.put((index, failed))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    remaining = len(requests)
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    remaining = len(streams)
     try:
         while remaining:
             index, event = await queue.get()
@@ -152,8 +157,7 @@ def _sse(payload: BaseModel | dict) -> str:
 
 
 def _event_stream(
-    service: CompletionService,
-    requests: list[GenerationRequest],
+    streams: list[AsyncIterator[RequestOutput]],
     body: _SamplingFields,
     make_chunk: Callable[[int, RequestOutput | None], BaseModel | None],
     make_usage_chunk: Callable[[Usage], BaseModel],
@@ -163,12 +167,12 @@ def _event_stream(
     include_usage = body.stream_options.include_usage if body.stream_options else True
 
     async def events() -> AsyncIterator[str]:
-        for i in range(len(requests)):
+        for i in range(len(streams)):
             opening = make_chunk(i, None)
             if opening is not None:
                 yield _sse(opening)
         finals: list[RequestOutput] = []
-        async for index, event in _merged(service, requests):
+        async for index, event in _merged(streams):
             if event.finish_reason == "error":
                 yield _sse(error_body(event.error or "generation failed", type_="internal_error"))
                 break
@@ -194,7 +198,8 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         raw = [raw]  # type: ignore[list-item]
     prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]
     requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter))
-    echoes = [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
+    decoded = [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts]  # once per prompt
+    echoes = [text for text in decoded for _ in range(body.n)]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
 
     if body.stream:
@@ -212,9 +217,9 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         def usage_chunk(usage: Usage) -> BaseModel:
             return CompletionResponse(id=completion_id, model=model, choices=[], usage=usage)
 
-        return _event_stream(service, requests, body, chunk, usage_chunk)
+        return _event_stream(service.submit_all(requests), body, chunk, usage_chunk)
 
-    results = await _collect_all(http_request, service, requests)
+    results = await _collect_all(http_request, service.submit_all(requests))
     choices = [
         CompletionChoice(index=i, text=echoes[i] + text, finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)
@@ -245,9 +250,9 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
         def usage_chunk(usage: Usage) -> BaseModel:
             return ChatCompletionChunk(id=completion_id, model=model, choices=[], usage=usage)
 
-        return _event_stream(service, requests, body, chunk, usage_chunk)
+        return _event_stream(service.submit_all(requests), body, chunk, usage_chunk)
 
-    results = await _collect_all(http_request, service, requests)
+    results = await _collect_all(http_request, service.submit_all(requests))
     choices = [
         ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)

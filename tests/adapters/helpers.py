@@ -43,6 +43,9 @@ def native_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, slot: i
     return model.logits(hidden)
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def projection_shapes(model_dir: Path) -> dict[str, tuple[str, int, int]]:
     """HF projection name -> (block, in, out) for the Llama-family checkpoint in model_dir."""
     cfg = json.loads((model_dir / "config.json").read_text())

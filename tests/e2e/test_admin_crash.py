@@ -34,6 +34,7 @@ def multipart_head(config: bytes) -> bytes:
 def test_sigkill_during_upload_keeps_the_previous_version(tiny_llama_dir: Path, tmp_path: Path) -> None:
     v1 = write_random_adapter(tmp_path / "v1", tiny_llama_dir, rank=4, targets=["q_proj"], seed=1)
     v2 = write_random_adapter(tmp_path / "v2", tiny_llama_dir, rank=8, targets=["q_proj", "v_proj"], seed=2)
+    # The new version's weights are 192 MB of filler: it never gets as far as validation.
     args = ["--model", str(tiny_llama_dir), "--max-num-seqs", "2", "--max-model-len", "128", "--max-lora-rank", "8",
             "--data-dir", str(tmp_path / "data")]
     files = {n: (n, (v1 / n).read_bytes()) for n in ("adapter_config.json", "adapter_model.safetensors")}
@@ -43,25 +44,32 @@ def test_sigkill_during_upload_keeps_the_previous_version(tiny_llama_dir: Path, 
         (tmp_path / "first").mkdir()
         with running_server(args, tmp_path / "first", http) as server:
             assert http.put(f"{server.base_url}/admin/adapters/ad", files=files).json()["version"] == expected
-            # Half an upload of a new version over a raw socket, then the server dies.
-            weights = (v2 / "adapter_model.safetensors").read_bytes()
+            # A whole upload of a large new version; the server dies while the store is copying
+            # it into its staging area (after the HTTP layer has received it).
+            weights = b"\0" * (192 << 20)
             head = multipart_head((v2 / "adapter_config.json").read_bytes())
-            length = len(head) + len(weights) + len(f"\r\n--{BOUNDARY}--\r\n")
+            tail = f"\r\n--{BOUNDARY}--\r\n".encode()
             url = urlparse(server.base_url)
+            staging = tmp_path / "data" / "tmp"
             with socket.create_connection((url.hostname, url.port)) as sock:
                 sock.sendall(
-                    f"PUT /admin/adapters/ad HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: {length}\r\n"
-                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
-                    + head + weights[: len(weights) // 2]
+                    f"PUT /admin/adapters/ad HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                    f"Content-Length: {len(head) + len(weights) + len(tail)}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode() + head + weights + tail
                 )
-                time.sleep(0.5)
+                deadline = time.monotonic() + 60
+                while not list(staging.glob("*/adapter_model.safetensors")):
+                    assert time.monotonic() < deadline and server.process.poll() is None, "staging never started"
+                    time.sleep(0.002)
                 server.process.send_signal(signal.SIGKILL)
                 server.process.wait(30)
+            assert list(staging.glob("*/adapter_model.safetensors"))  # a partial copy was left behind
 
         (tmp_path / "second").mkdir()
         with running_server(args, tmp_path / "second", http) as server:
             listing = http.get(f"{server.base_url}/admin/adapters").json()["adapters"]
             assert [(a["name"], a["version"], len(a["versions"])) for a in listing] == [("ad", expected, 1)]
+            assert not list((tmp_path / "data" / "tmp").iterdir())  # the partial copy is gone
             answer = http.post(f"{server.base_url}/v1/completions",
                                json={"model": "ad", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
             assert answer.status_code == 200, answer.text

@@ -11,13 +11,12 @@ import httpx
 import openai
 import pytest
 from server.model_source import resolve_model
-from tests.adapters.helpers import write_random_adapter
+from tests.adapters.helpers import ALL_LINEAR, write_random_adapter
 from tests.e2e.server_process import Server, running_server
 
 pytestmark = pytest.mark.e2e
 
 NUM_ADAPTERS = 12
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Count to three.", "Say hello."]
 MAX_TOKENS = 10
 

@@ -21,6 +21,7 @@ from httpx import Response
 from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
+from server.errors import QueueFullError
 from server.service import CompletionService
 from tests.server.families import CHAT_VOCAB
 
@@ -247,7 +248,9 @@ def test_ready_reports_a_failed_load() -> None:
         assert failures == ["RuntimeError: weights are corrupt"]
         assert test_client.get("/health").status_code == 200
         for method, path, payload in INFERENCE_CALLS:
-            assert_error(test_client.request(method, path, json=payload), 503)
+            response = test_client.request(method, path, json=payload)
+            assert_error(response, 503, code="model_load_failed")
+            assert "retry-after" not in response.headers  # retrying will not help
 
 
 def test_inference_after_a_failed_load_says_it_failed() -> None:
@@ -257,8 +260,7 @@ def test_inference_after_a_failed_load_says_it_failed() -> None:
     app = create_app(failing_factory)
     with TestClient(app) as test_client:
         app.state.holder.join(10)
-        error = assert_error(test_client.post("/v1/completions", json={"prompt": "hi"}), 503)
-        assert error["code"] != "model_loading"
+        error = assert_error(test_client.post("/v1/completions", json={"prompt": "hi"}), 503, code="model_load_failed")
         assert "weights are corrupt" in error["message"]
 
 
@@ -755,3 +757,17 @@ def test_concurrent_requests(client: TestClient) -> None:
     assert not errors, errors
     assert [results.get(i) for i in range(len(prompts))] == expected
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_queue_full_is_429_before_any_stream_starts(client: TestClient, service: CompletionService, stream: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: Any) -> None:
+        raise QueueFullError("256 requests are already waiting; retry shortly")
+
+    monkeypatch.setattr(service.engine, "submit", full)
+    for path, payload in (("/v1/completions", {"prompt": "hi", "max_tokens": 2, "n": 2}),
+                          ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})):
+        response = client.post(path, json={**payload, "stream": stream})
+        assert_error(response, 429, code="queue_full")
+        assert response.headers["retry-after"] == "1"

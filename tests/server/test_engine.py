@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from server.engine import Engine
+from server.errors import EngineStoppedError
 from server.runner import ModelRunner, kv_bucket, row_bucket
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
@@ -116,3 +118,6 @@ def test_background_thread_serves_and_stops(tiny_dir: Path) -> None:
     assert done.wait(30)
     engine.stop()
     assert len(got.tokens["t"]) == 8
+    assert engine._thread is not None and not engine._thread.is_alive()
+    with pytest.raises(EngineStoppedError):
+        engine.submit(greedy("u", [4]), sink)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from server.errors import ModelSourceError, UnsupportedModelError
 from server.model_config import parse_model_config
 from server.model_source import looks_like_hub_id, resolve_model
 from server.weights import build_model
+from tests.conftest import seed_hub_cache
 from tests.server.families import make_family
 
 
@@ -29,11 +29,7 @@ def test_hub_id_offline_without_cache_fails_clearly(offline_hub: Path) -> None:
 def test_hub_id_served_from_cache_offline(offline_hub: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     make_family("llama-tied", source)
-    repo = offline_hub / "models--someorg--tiny"
-    snapshot = repo / "snapshots" / ("a" * 40)
-    shutil.copytree(source, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
+    snapshot = seed_hub_cache(offline_hub, "someorg/tiny", source, "a" * 40)
     folder = resolve_model("someorg/tiny")
     assert folder.resolve() == snapshot.resolve()
     build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=16)

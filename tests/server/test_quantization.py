@@ -11,13 +11,12 @@ import torch
 
 from adapters.slot_bank import SlotBank
 from server.weights import build_model
-from tests.adapters.helpers import load_weights, native_logits, write_random_adapter
+from tests.adapters.helpers import ALL_LINEAR, load_weights, native_logits, write_random_adapter
 from tests.server.families import make_family
 
 pytest.importorskip("bitsandbytes")
 
 METHODS = ["int8", "nf4", "fp4"]
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def reference(folder: Path, method: str, adapter: Path | None = None) -> Any:

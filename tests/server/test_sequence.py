@@ -46,7 +46,7 @@ def test_partial_stop_prefix_is_released_when_it_diverges() -> None:
 
 
 def test_eos_finishes_without_text() -> None:
-    seq, events = run("ab\0cd", eos=3)
+    seq, events = run("ab!cd", eos=ord("!"))  # "!" decodes to text, yet must not appear
     assert "".join(e.text for e in events) == "ab" and seq.finish_reason == "stop"
 
 
