@@ -21,6 +21,7 @@ from torch import nn
 
 from adapters.lora_layer import LoraBatch, LoraSlots
 from adapters.validation import AdapterWeights, SlotSpec
+from server.linear import Linear
 from server.model import Transformer
 from server.shapes import power_of_two_bucket
 
@@ -40,9 +41,8 @@ class SlotBank(nn.Module):
         # Rank written for each module in each slot; beyond it a slot's tensors are all zero.
         self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
         self._window = self._compute_window()  # read every step; recomputed only on writes
-        weight = model.model.embed_tokens.weight
-        self.dtype, device = weight.dtype, weight.device
-        by_module: dict[nn.Module, list[tuple[str, int, int]]] = defaultdict(list)
+        self.dtype = model.model.embed_tokens.weight.dtype
+        by_module: dict[Linear, list[tuple[str, int, int]]] = defaultdict(list)
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -50,6 +50,7 @@ class SlotBank(nn.Module):
         for index, (module, parts) in enumerate(by_module.items()):
             parts.sort(key=lambda p: p[1])
             d_in = module.in_features
+            device = module.device  # a module's slots live with its weights (device maps)
             a = torch.zeros(max_rank, num_slots + 1, len(parts), d_in, dtype=self.dtype, device=device)
             self.register_buffer(f"a{index}", a, persistent=False)
             bs = []

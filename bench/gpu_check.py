@@ -7,7 +7,8 @@ parameters) and random rank-16 adapters, then measures on CUDA:
    decoder projections' memory against bfloat16;
 3. `--compile`: warm-up graphs and time, recompilations over 100 hotswaps under decode;
 4. decode throughput at 1, 8, 32 and 64 rows, without adapters and with 8 adapters, eager and
-   compiled, as ratios to eager without adapters.
+   compiled, as ratios to eager without adapters;
+5. `--device-map`: a GPU + CPU split against the GPU alone, and the `auto` plan.
 Writes one JSON file (--out).
 """
 
@@ -91,6 +92,44 @@ def parity(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def device_map_check(folder: Path, adapter: Path) -> dict[str, Any]:
+    """A real two-device split (first half of the layers on the GPU, the rest with the norm and
+    the head on the CPU; float32) against the same model on the GPU alone, base and with an
+    adapter in a slot; and what `--device-map auto` plans on this machine."""
+    from server.device_map import estimate_part_sizes, resolve_device_map
+    from server.model_config import load_model_config
+    from server.placement import Placement
+
+    cfg = load_model_config(folder)
+    half = cfg.num_hidden_layers // 2
+    split = Placement("cuda:0", ("cuda:0",) * half + ("cpu",) * (cfg.num_hidden_layers - half), "cpu", "cpu")
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name, placement in (("gpu", None), ("split", split)):
+        model = build_model(folder, dtype=torch.float32, device="cuda", max_rows=1, max_len=64, placement=placement)
+        bank = SlotBank(model, num_slots=2, max_rank=16)
+        bank.load(0, validate(read_adapter_dir(adapter, "a"), bank.spec(), "a"))
+        with torch.inference_mode():
+            for slot in (0, bank.null_slot):
+                lora = bank.batch(torch.tensor([slot], device="cuda"))
+                hidden = model(ids.cuda(), torch.arange(48, device="cuda")[None], row_start=0, kv_len=48, lora=lora)
+                logits[(name, slot)] = model.logits(hidden).float().cpu()
+        devices = sorted({str(t.device) for t in bank.buffers()})
+        del model, bank
+        torch.cuda.empty_cache()
+    sizes = estimate_part_sizes(cfg, dtype_bytes=2, quantization=None, quantize_lm_head=False, max_rows=64,
+                                max_len=512, num_slots=8, max_rank=16)
+    auto = resolve_device_map("auto", cfg, lambda: sizes)
+    out = {
+        "split": split.to_json(), "split_boundaries": split.boundaries(), "split_slot_devices": devices,
+        "max_abs_diff_base": (logits[("split", 2)] - logits[("gpu", 2)]).abs().max().item(),
+        "max_abs_diff_adapter": (logits[("split", 0)] - logits[("gpu", 0)]).abs().max().item(),
+        "auto": auto.to_json(),
+    }
+    print(out, flush=True)
+    return out
+
+
 def engine_for(folder: Path, adapters: list[Path], *, compile: bool, rows: int) -> tuple[Engine, dict[str, Any]]:
     model = build_model(folder, dtype=torch.bfloat16, device="cuda", max_rows=rows, max_len=512)
     bank = SlotBank(model, num_slots=8, max_rank=16, fixed_window=compile)
@@ -154,6 +193,7 @@ def main() -> None:
         adapters = [write_random_adapter(Path(tmp) / f"ad{i}", folder, rank=16, targets=ALL_LINEAR, seed=i, scale=0.01)
                     for i in range(8)]
         results["parity"] = parity(folder)
+        results["device_map"] = device_map_check(folder, adapters[0])
         results.update(throughput_and_compile(folder, adapters))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

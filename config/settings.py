@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     dtype: Dtype = "auto"
     device: Device = "auto"
+    device_map: str | None = Field(
+        default=None,
+        description="auto, cpu, cuda, cuda:N or a JSON file mapping parts/layer ranges to devices; overrides device.",
+    )
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
     max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
     prefill_chunk: int = Field(default=512, ge=16, description="Prompt tokens prefilled per step.")
@@ -85,7 +89,7 @@ class Settings(BaseSettings):
             return pairs
         return value
 
-    @field_validator("model", "served_model_name", "admin_token", "api_key", mode="before")
+    @field_validator("model", "served_model_name", "admin_token", "api_key", "device_map", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return value or None

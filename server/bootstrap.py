@@ -18,8 +18,10 @@ from config.settings import Settings
 from server.admin import AdminService
 from server.engine import Engine
 from server.errors import UnsupportedModelError
-from server.model_config import eos_ids, load_model_config
+from server.device_map import describe, estimate_part_sizes, resolve_device_map, visible_devices
+from server.model_config import ModelConfig, eos_ids, load_model_config
 from server.model_source import EMBEDDED_NAME, resolve_model
+from server.placement import PartSizes, Placement
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.service import CompletionService
@@ -75,9 +77,13 @@ def build_service(settings: Settings) -> CompletionService:
             f"--max-model-len {settings.max_model_len} exceeds the model's max_position_embeddings "
             f"({cfg.max_position_embeddings})"
         )
-    device = pick_device(settings.device)
+    placement = None if settings.device_map is None else place(settings, cfg)
+    # Under a device map, any GPU part decides the dtype (bfloat16 by default), as --device cuda does.
+    device = pick_device(settings.device) if placement is None else main_device(placement)
     dtype = pick_dtype(settings.dtype, device)
     log.info("loading %s (%s, %s on %s)", folder, cfg.model_type, dtype, device)
+    if placement is not None:
+        log.info("device map: %s", json.dumps(describe(placement)))
     model = build_model(
         folder,
         dtype=dtype,
@@ -88,6 +94,7 @@ def build_service(settings: Settings) -> CompletionService:
         pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
         quantization=None if settings.quantization == "none" else settings.quantization,
         quantize_lm_head=settings.quantize_lm_head,
+        placement=placement,
     )
     footprint = model.memory_footprint()
     log.info("weights: decoder projections %.1f MB (%s), other %.1f MB; KV cache %.1f MB",
@@ -129,10 +136,32 @@ def build_service(settings: Settings) -> CompletionService:
         model_info={
             "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "quantization": settings.quantization, "compile": settings.compile,
+            "device_map": None if placement is None else describe(placement),
             "memory": {**footprint, "lora_slot_bytes": sum(t.numel() * t.element_size() for t in bank.buffers())},
         },
     )
     return service
+
+
+def main_device(placement: Placement) -> torch.device:
+    gpus = [d for d in placement.devices() if d != "cpu"]
+    return torch.device(gpus[0] if gpus else "cpu")
+
+
+def place(settings: Settings, cfg: ModelConfig) -> Placement:
+    """The placement --device-map asks for; `auto` sizes each part as it will be loaded."""
+    gpu = any(d.startswith("cuda") for d in visible_devices()[1:])
+    dtype_bytes = pick_dtype(settings.dtype, torch.device("cuda" if gpu else "cpu")).itemsize
+    quantization = None if settings.quantization == "none" else settings.quantization
+
+    def sizes() -> PartSizes:
+        return estimate_part_sizes(
+            cfg, dtype_bytes=dtype_bytes, quantization=quantization, quantize_lm_head=settings.quantize_lm_head,
+            max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
+            num_slots=settings.max_loras, max_rank=settings.max_lora_rank,
+        )
+
+    return resolve_device_map(settings.device_map or "auto", cfg, sizes)
 
 
 def data_dir(settings: Settings) -> Path:

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--device-map", metavar="MAP",
+                       help="auto (spread over visible GPUs), cpu, cuda, cuda:N or a JSON file of part -> device")
     serve.add_argument("--max-num-seqs", type=int, help="rows decoded together (default 16)")
     serve.add_argument("--max-model-len", type=int, help="prompt + output tokens per row (default 2048)")
     serve.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")

@@ -4,7 +4,7 @@ Every layer owns two buffers `[max_rows, kv_heads, max_len, head_dim]`. A row is
 each token is written at its own (row, position), so decoding rows of different lengths needs no
 padding, no reallocation and no change of shape. Rows are handed out by the engine; freeing a
 row needs no clearing because a new sequence overwrites positions from 0 and attends only to
-positions it wrote.
+positions it wrote. Under a device map each layer's buffers live on that layer's device.
 """
 
 from __future__ import annotations
@@ -23,15 +23,20 @@ class KVCache(torch.nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        layer_devices: list[torch.device] | None = None,
     ) -> None:
+        """`layer_devices`: one device per layer (a device map); default `device` for all."""
         super().__init__()
+        if layer_devices is not None and len(layer_devices) != num_layers:
+            raise ValueError(f"{len(layer_devices)} layer devices for {num_layers} layers")
         self.max_rows = max_rows
         self.max_len = max_len
         shape = (max_rows, kv_heads, max_len, head_dim)
+        devices = layer_devices or [torch.device(device)] * num_layers
         # Buffers (not a list of tensors) so .to(device) moves them and compile sees fixed addresses.
-        for i in range(num_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for i, dev in enumerate(devices):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")

@@ -80,6 +80,15 @@ class Linear(nn.Linear):
         if not keep_dense:
             self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the projection computes (a packed or quantized weight leaves `weight` on meta)."""
+        if self.packed is not None:
+            return self.packed.device
+        if self.quantized is not None:
+            return next(self.quantized.parameters()).device
+        return self.weight.device
+
     def weight_bytes(self) -> int:
         """Bytes the projection's weight and bias take in the form used at run time."""
         if self.quantized is not None:

@@ -6,6 +6,10 @@ the per-token path: `qkv_proj` holds q_proj, k_proj and v_proj stacked along its
 `gate_up_proj` holds gate_proj and up_proj. `Transformer.linear_parts()` maps each Hugging Face
 projection name to its fused module and output slice.
 
+Under a device map (`place`) each part lives on its own device, with its KV cache and LoRA slots;
+only the hidden state crosses devices, where consecutive layers differ (the forward's per-row
+inputs are copied once per device, not once per layer).
+
 A forward pass takes B contiguous cache rows starting at `row_start`, S tokens per row at explicit
 per-row positions, and attends over the first `kv_len` cache positions of those rows. Decode is
 `S == 1` over rows [0, B); prefill is one row with S prompt tokens. All shapes are fixed by
@@ -15,7 +19,7 @@ per-row positions, and attends over the first `kv_len` cache positions of those 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +33,7 @@ from server.rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
+    from server.placement import Placement
 
 
 class RMSNorm(nn.Module):
@@ -171,6 +176,25 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache: KVCache | None = None
+        self.layer_devices: list[torch.device] = []  # set by allocate(), from where the weights are
+
+    def place(self, placement: Placement) -> None:
+        """Materialise a meta-device model part by part on the devices `placement` names."""
+        self.model.embed_tokens.to_empty(device=placement.embed)
+        for layer, device in zip(self.model.layers, placement.layers, strict=True):
+            layer.to_empty(device=device)
+        self.model.norm.to_empty(device=placement.norm)
+        self.lm_head.to_empty(device=placement.lm_head)
+
+    @property
+    def home_device(self) -> torch.device:
+        """The embedding's device: token ids come in and logits go out there."""
+        return self.model.embed_tokens.weight.device
+
+    def boundaries(self) -> list[int]:
+        """Layers whose input hidden state arrives from another device."""
+        before = [self.home_device, *self.layer_devices]
+        return [i for i, device in enumerate(self.layer_devices) if device != before[i]]
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -219,6 +243,8 @@ class Transformer(nn.Module):
         """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""
         cfg = self.cfg
         param = self.model.embed_tokens.weight
+        # A layer's norm weight is never packed or quantized, so it says where the layer lives.
+        self.layer_devices = [layer.input_layernorm.weight.device for layer in self.model.layers]
         self.cache = KVCache(
             num_layers=cfg.num_hidden_layers,
             max_rows=max_rows,
@@ -226,7 +252,7 @@ class Transformer(nn.Module):
             kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim,
             dtype=param.dtype,
-            device=param.device,
+            layer_devices=self.layer_devices,
         )
         cos, sin = rope_tables(cfg.head_dim, cfg.rope, max_len)
         self.register_buffer("rope_cos", cos.to(param.device, param.dtype), persistent=False)
@@ -296,11 +322,34 @@ class Transformer(nn.Module):
         # Cache rows of the batch, shared by every layer's key and value writes.
         rows = torch.arange(row_start, row_start + tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
         run = layer_fn or run_layer
+        inputs = {x.device: _LayerInputs(cos, sin, mask, rows, positions, lora)}
         for i, layer in enumerate(self.model.layers):
+            device = self.layer_devices[i]
+            if x.device != device:  # a device-map boundary: only the hidden state crosses
+                x = x.to(device)
+            here = inputs.get(device) or inputs.setdefault(device, inputs[self.home_device].to(device))
             k_cache, v_cache = self.cache.layer(i)
-            x = run(layer, x, cos, sin, mask, rows, positions, k_cache, v_cache, row_start, kv_len, lora)
-        return self.model.norm(x)
+            x = run(layer, x, here.cos, here.sin, here.mask, here.rows, here.positions, k_cache, v_cache,
+                    row_start, kv_len, here.lora)
+        return self.model.norm(x.to(self.model.norm.weight.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Project hidden states to float32 vocabulary logits. # [..., vocab]"""
-        return self.lm_head(hidden).float()
+        """Project hidden states to float32 vocabulary logits, on the home device. # [..., vocab]"""
+        return self.lm_head(hidden.to(self.lm_head.device)).float().to(self.home_device)
+
+
+@dataclass(frozen=True)
+class _LayerInputs:
+    """What every decoder layer reads besides the hidden state; one copy per device."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    lora: LoraBatch | None
+
+    def to(self, device: torch.device) -> _LayerInputs:
+        lora = None if self.lora is None else replace(self.lora, onehot=self.lora.onehot.to(device))
+        return _LayerInputs(self.cos.to(device), self.sin.to(device), self.mask.to(device),
+                            self.rows.to(device), self.positions.to(device), lora)

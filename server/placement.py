@@ -1,6 +1,7 @@
 """Where each part of the model lives: `--device-map auto|cpu|cuda|cuda:N|<file.json>`.
 
-Not wired into the model yet (the flag does not exist until it is): the planner alone, tested.
+This module is the pure planner; `server/device_map.py` sizes the parts and lists the devices,
+and `Transformer.place` puts the weights where a placement says.
 
 A Llama-family decoder is a chain: embedding -> layers 0..L-1 -> final norm -> lm_head. Each part
 lives on one device, and a layer's KV cache and LoRA slot tensors live with its weights, so the

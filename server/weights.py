@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -16,6 +17,9 @@ from safetensors import safe_open
 from server.errors import UnsupportedModelError
 from server.model import Transformer
 from server.model_config import ModelConfig, load_model_config
+
+if TYPE_CHECKING:
+    from server.placement import Placement
 
 _FUSED = re.compile(
     r"^(model\.layers\.\d+)\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$"
@@ -103,10 +107,13 @@ def build_model(
     pack: bool = True,
     quantization: str | None = None,
     quantize_lm_head: bool = False,
+    placement: Placement | None = None,
 ) -> Transformer:
     """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len.
     `quantization` (int8, nf4, fp4) quantizes the decoder projections with bitsandbytes; `pack`
-    reorders the remaining float32 CPU weights for oneDNN (see server/linear.py)."""
+    reorders the remaining float32 CPU weights for oneDNN (see server/linear.py). `placement`
+    (a device map) puts each part, its KV cache and quantized weights on its own device;
+    without one everything goes on `device`."""
     cfg = cfg or load_model_config(folder)
     if quantize_lm_head:  # checked before any weight is read
         if quantization is None:
@@ -117,7 +124,11 @@ def build_model(
             )
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    if placement is None:
+        model = model.to_empty(device=device)
+    else:
+        model.place(placement)
+    model = model.to(dtype)
     model.tie_weights()
     load_weights(model, folder)
     if quantization is not None:

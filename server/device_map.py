@@ -1,0 +1,123 @@
+"""`--device-map auto|cpu|cuda|cuda:N|<file.json>` for a model about to be loaded.
+
+`server/placement.py` decides where parts go from sizes in bytes; this module supplies those sizes
+before any weight is read (from the config, the dtype, the quantization, the KV cache and the LoRA
+slots, which all live with their layer) and the devices this process can see with their free
+memory. `auto` spreads the model over the visible GPUs and falls back to the CPU when none is
+visible; it never spills layers onto the CPU on its own (a JSON map can).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from server.errors import UnsupportedModelError
+from server.model_config import ModelConfig
+from server.placement import (
+    DeviceBudget,
+    PartSizes,
+    Placement,
+    PlacementError,
+    load_device_map,
+    plan_auto,
+    single_device,
+)
+
+INT8_SCALE_BYTES = 4  # LLM.int8(): one float32 scale per output row
+NF4_BLOCK = 64  # 4-bit: one float32 absmax per 64 weights, plus a 16-entry float32 code table
+NF4_CODE_BYTES = 16 * 4
+
+
+class DeviceMapError(UnsupportedModelError):
+    """The device map is invalid or the model does not fit (the message says by how much)."""
+
+
+def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """(in, out, parts) of each fused projection of one decoder layer; `parts` = HF projections
+    fused in it (they share one LoRA A tensor per slot)."""
+    q, kv, hidden, inter = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
+    return [(hidden, q + 2 * kv, 3), (q, hidden, 1), (hidden, 2 * inter, 2), (inter, hidden, 1)]
+
+
+def linear_bytes(d_in: int, d_out: int, dtype_bytes: int, quantization: str | None) -> int:
+    """Weight bytes of one projection as it is kept at run time (bias not included)."""
+    n = d_in * d_out
+    if quantization is None:
+        return n * dtype_bytes
+    if quantization == "int8":
+        return n + d_out * INT8_SCALE_BYTES
+    if quantization in ("nf4", "fp4"):
+        return (n + 1) // 2 + -(-n // NF4_BLOCK) * 4 + NF4_CODE_BYTES
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def estimate_part_sizes(
+    cfg: ModelConfig,
+    *,
+    dtype_bytes: int,
+    quantization: str | None,
+    quantize_lm_head: bool,
+    max_rows: int,
+    max_len: int,
+    num_slots: int,
+    max_rank: int,
+) -> PartSizes:
+    """Bytes of each part as it will sit on its device: a layer counts its weights, its KV cache
+    and its LoRA slot tensors (null slot included)."""
+    hidden, vocab = cfg.hidden_size, cfg.vocab_size
+    biases = (cfg.q_size + 2 * cfg.kv_size) * cfg.qkv_bias + hidden * cfg.o_bias
+    biases += (2 * cfg.intermediate_size + hidden) * cfg.mlp_bias
+    norms = 2 * hidden + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
+    weights += (biases + norms) * dtype_bytes
+    kv_cache = 2 * max_rows * cfg.num_key_value_heads * max_len * cfg.head_dim * dtype_bytes
+    slot_elems = sum(parts * i + o for i, o, parts in projection_shapes(cfg))  # A: [P, in], Bs: [out]
+    slots = max_rank * (num_slots + 1) * slot_elems * dtype_bytes
+    layer = weights + kv_cache + slots
+    tied = cfg.tie_word_embeddings
+    head = 0 if tied else linear_bytes(hidden, vocab, dtype_bytes, quantization if quantize_lm_head else None)
+    return PartSizes(
+        embed=vocab * hidden * dtype_bytes,
+        layers=[layer] * cfg.num_hidden_layers,
+        norm=hidden * dtype_bytes,
+        lm_head=head,
+        tied=tied,
+    )
+
+
+def visible_devices() -> list[str]:
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def gpu_budgets() -> list[DeviceBudget]:
+    """Every visible GPU with the bytes free on it now (other processes' use counts)."""
+    return [DeviceBudget(f"cuda:{i}", torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
+
+
+def resolve_device_map(
+    spec: str,
+    cfg: ModelConfig,
+    sizes: Callable[[], PartSizes],
+    *,
+    available: list[str] | None = None,
+    budgets: Callable[[], list[DeviceBudget]] = gpu_budgets,
+) -> Placement:
+    """The placement `spec` asks for on this machine. `sizes` is called only for `auto`."""
+    available = visible_devices() if available is None else available
+    try:
+        placed = load_device_map(spec, cfg.num_hidden_layers, available=available, tied=cfg.tie_word_embeddings)
+        if placed is not None:
+            return placed
+        gpus = budgets()
+        if not gpus:  # auto on a machine without GPUs: everything on the CPU
+            return single_device("cpu", cfg.num_hidden_layers)
+        return plan_auto(sizes(), gpus)
+    except PlacementError as exc:
+        raise DeviceMapError(f"--device-map {spec}: {exc}") from exc
+
+
+def describe(placement: Placement) -> dict[str, object]:
+    """For logs and GET /admin/model: the compact map and where the hidden state crosses."""
+    return {"map": placement.to_json(), "devices": placement.devices(), "boundaries": placement.boundaries()}
