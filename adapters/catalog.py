@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.errors import AdapterNotFoundError, InvalidAdapterError
@@ -31,6 +32,11 @@ log = logging.getLogger("loraswap.catalog")
 def version_key(name: str, version: str) -> str:
     """Slot/cache key of one version ('@' cannot occur in a name)."""
     return f"{name}@{version[:16]}"
+
+
+def key_name(key: str) -> str:
+    """The adapter name of a version key (metrics and logs label by name, not by version)."""
+    return key.partition("@")[0]
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,10 @@ class AdapterCatalog:
         self._current: dict[str, AdapterVersion] = {}
         self._usage: dict[str, Usage] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()  # key -> weights, LRU order
+        # CPU-cache lookups by resolve() (for /metrics), and an optional hook timing disk loads.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.on_disk_load: Callable[[float], None] | None = None
         for name in store.names():
             try:
                 self._current[name] = _describe(store.current(name), None)
@@ -170,11 +180,17 @@ class AdapterCatalog:
             weights = self._cache.get(info.key)
             if weights is not None:
                 self._cache.move_to_end(info.key)
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
         if weights is None:
             stored = next(v for v in self.store.versions(name) if v.version == info.version)
             start = time.monotonic()
             weights = validate(read_adapter_dir(stored.path, name), self.spec, name)
-            log.info("adapter %s loaded from disk in %.0f ms", info.key, (time.monotonic() - start) * 1000)
+            elapsed = time.monotonic() - start
+            log.info("adapter %s loaded from disk in %.0f ms", info.key, elapsed * 1000)
+            if self.on_disk_load is not None:
+                self.on_disk_load(elapsed)
             with self._lock:
                 self._remember(info.key, weights)
         if count:

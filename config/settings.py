@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Requests queued beyond the running rows; more get HTTP 429."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text, or one JSON object per line (uvicorn's included)."
+    )
     data_dir: Path | None = Field(
         default=None, description="Adapter store; default $XDG_DATA_HOME/loraswap or ~/.local/share/loraswap."
     )

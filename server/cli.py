@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from config.settings import Settings, load_settings
+from server.logs import configure_logging
 
 log = logging.getLogger("loraswap")
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, help="seconds to finish running requests on SIGTERM (default 30)")
     serve.add_argument("--max-waiting", type=int, help="queued requests before HTTP 429 (default 256)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="text (default) or json: one JSON object per line, uvicorn's access log included")
     serve.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"],
                        help="quantize the decoder projections with bitsandbytes (default none)")
     serve.add_argument("--quantize-lm-head", action="store_true", default=None,
@@ -92,6 +95,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # json: uvicorn configures no handlers of its own, so its lines reach the root JSON handler.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]  # float works
     )
     server = uvicorn.Server(config)
@@ -109,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"loraswap: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         return serve(settings)
     return 2

@@ -105,6 +105,7 @@ class Engine:
         self._free_rows = list(range(self.max_rows))  # a heap: the lowest free row goes first
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.on_slot_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
 
     # ---- public, thread-safe -------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
@@ -168,6 +169,10 @@ class Engine:
                 "evictions": counters.evictions,
                 "hits": counters.hits,
                 "waits": counters.waits,
+                # tuple() copies the deque in one C call (atomic under the GIL) while the loop mutates it.
+                "waiting_adapters": sorted(
+                    {w.seq.request.adapter for w in tuple(self._waiting) if w.seq.request.adapter is not None}
+                ),
             }
             admitted = self.wait_stats.admitted
             out["adapter_wait_s"] = {
@@ -264,7 +269,7 @@ class Engine:
                 if self.adapter_weights is None:
                     raise LookupError("the request carries no adapter weights")
                 weights = self.adapter_weights(name)
-            self.runner.load_slot(placement.slot, weights)
+            self._write_slot(placement.slot, weights)
             return True
         except Exception as exc:  # the adapter vanished or is broken: fail this request only
             log.exception("loading adapter %s failed", name)
@@ -272,6 +277,12 @@ class Engine:
             self.slot_table.forget(placement.slot)
             item.sink(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}"))
             return False
+
+    def _write_slot(self, slot: int, weights: Any) -> None:
+        start = time.monotonic()
+        self.runner.load_slot(slot, weights)
+        if self.on_slot_load is not None:
+            self.on_slot_load(time.monotonic() - start)
 
     def _dequeue(self, item: _Waiting) -> None:
         self._waiting.remove(item)
@@ -343,7 +354,7 @@ class Engine:
             raise SlotsBusyError("every slot is in use by running requests; retry shortly")
         try:
             if placement.load:
-                self.runner.load_slot(placement.slot, weights)
+                self._write_slot(placement.slot, weights)
         except Exception:
             table.release(placement.slot)
             table.forget(placement.slot)

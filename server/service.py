@@ -23,6 +23,7 @@ from server.errors import (
     ModelNotFoundError,
     RequestTimeoutError,
 )
+from server.metrics import RequestTracker, ServerMetrics, finish_status
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
 
@@ -57,6 +58,7 @@ class CompletionService:
         self.tokenizer = tokenizer
         self.catalog = catalog
         self.admin: Any = None  # the AdminService (server/admin.py), set by bootstrap
+        self.metrics: ServerMetrics | None = None  # set by the app (ServerMetrics.attach); None: not measured
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -149,8 +151,11 @@ class CompletionService:
 
     def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
         events: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
+        tracker = None if self.metrics is None else self.metrics.track(request, self.model_name)
 
         def sink(event: RequestOutput) -> None:  # called on the engine thread
+            if tracker is not None:  # timestamps taken here, when the engine emits the token
+                tracker.on_event(event)
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is gone (shutdown)
@@ -159,24 +164,34 @@ class CompletionService:
         self.engine.submit(request, sink)
         # One timer per request (not one per token): it wakes the reader with None.
         timer = None if self.request_timeout is None else loop.call_later(self.request_timeout, events.put_nowait, None)
-        return self._events(request, events, timer)
+        return self._events(request, events, timer, tracker)
 
     async def _events(
-        self, request: GenerationRequest, events: asyncio.Queue[RequestOutput | None], timer: asyncio.TimerHandle | None
+        self,
+        request: GenerationRequest,
+        events: asyncio.Queue[RequestOutput | None],
+        timer: asyncio.TimerHandle | None,
+        tracker: RequestTracker | None = None,
     ) -> AsyncIterator[RequestOutput]:
         finished = False
+        timed_out = False
         try:
             while not finished:
                 event = await events.get()
                 if event is None:
+                    timed_out = True
                     raise RequestTimeoutError(
                         f"the request ran longer than the server's limit of {self.request_timeout:g} s "
                         "(--request-timeout); ask for fewer tokens"
                     )
                 finished = event.finished
+                if finished and tracker is not None:  # before the yield: counted before the response ends
+                    tracker.finish(finish_status(event.finish_reason))
                 yield event
         finally:
             if timer is not None:
                 timer.cancel()
             if not finished:  # the client went away, the task was cancelled or the timeout fired
                 self.engine.cancel(request.request_id)
+                if tracker is not None:
+                    tracker.finish("timeout" if timed_out else "cancelled")

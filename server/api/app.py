@@ -13,8 +13,11 @@ from fastapi.responses import JSONResponse
 from server.api.admin_routes import router as admin_router
 from server.api.auth import require_api_key
 from server.api.errors import install_error_handlers
+from server.api.metrics_route import HttpMetricsMiddleware
+from server.api.metrics_route import router as metrics_router
 from server.api.openai_routes import router as openai_router
 from server.errors import LoraswapError
+from server.metrics import ServerMetrics
 from server.service import CompletionService
 
 log = logging.getLogger("loraswap.api")
@@ -58,7 +61,9 @@ def create_app(
 ) -> FastAPI:
     """`admin_token`: bearer token of the admin routes (None: loopback clients only);
     `api_key`: bearer token the inference routes require (None: open)."""
-    holder = ServiceHolder(factory, on_load_failure)
+    metrics = ServerMetrics(lambda: holder.service)
+    # Hooked up before the holder publishes the service, so no request goes unmeasured.
+    holder = ServiceHolder(lambda: metrics.attach(factory()), on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +76,9 @@ def create_app(
     app.state.holder = holder
     app.state.admin_token = admin_token
     app.state.api_key = api_key
+    app.state.metrics = metrics
     install_error_handlers(app)
+    app.add_middleware(HttpMetricsMiddleware, counter=metrics.http_requests)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -88,4 +95,5 @@ def create_app(
 
     app.include_router(openai_router, dependencies=[Depends(require_api_key)])
     app.include_router(admin_router)
+    app.include_router(metrics_router)  # no API key: see server/api/metrics_route.py
     return app
