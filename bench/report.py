@@ -1,0 +1,179 @@
+"""Markdown tables and a PNG plot from a merged results file of bench/run_all.py.
+
+    .venv/bin/python bench/report.py bench/results/<date>-<host>.json [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+README_START = "<!-- bench:start (bench/run_all.py --readme rewrites this block) -->"
+README_END = "<!-- bench:end -->"
+
+SERVING_LABELS = {
+    "loraswap_base": "loraswap, base model (8 adapters registered)",
+    "loraswap_8": "**loraswap, 8 adapters mixed**",
+    "loraswap_32_on_8": "loraswap, 32 adapters on 8 slots",
+    "peft_switching": "transformers + PEFT server, `set_adapter` per request",
+    "peft_mixed_batch": "PEFT mixed-batch `generate(adapter_names=...)`",
+    "vllm_lora_off": "vLLM-CPU, LoRA disabled",
+    "vllm_lora_on_base": "vLLM-CPU, LoRA enabled, base model",
+    "vllm_lora_on_8": "vLLM-CPU, 8 adapters mixed",
+}
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def serving_rows(parts: dict[str, Any]) -> list[dict[str, Any]]:
+    """serving_compare's rows plus vLLM's, with ratios to loraswap's base model and to PEFT."""
+    rows = [dict(r) for r in parts.get("serving_compare", {}).get("rows", [])]
+    rows += [{**r, "point": f"vllm_{r['point']}"} for r in parts.get("vllm_baseline", {}).get("rows", [])]
+    tok = {r["point"]: r.get("tok_s") for r in rows}
+    for r in rows:
+        for key, ref in (("vs_loraswap_base", "loraswap_base"), ("vs_peft_switching", "peft_switching")):
+            r[key] = round(r["tok_s"] / tok[ref], 2) if tok.get(ref) and r.get("tok_s") else None
+    return rows
+
+
+def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [t for p in parts.values() for t in p.get("summary", {}).get("targets", [])]
+    serving = {r["point"]: r.get("tok_s") for r in serving_rows(parts)}
+    ours = serving.get("loraswap_8")
+    for theirs, label in (("vllm_lora_off", "base model"), ("vllm_lora_on_8", "8 adapters")):
+        mine = serving.get("loraswap_base" if label == "base model" else "loraswap_8")
+        if ours and serving.get(theirs) and mine:
+            value = round(mine / serving[theirs], 2)
+            found.append({"metric": f"loraswap / vLLM-CPU tok/s, {label}", "value": value, "target": "> 1", "met": value > 1})
+    return found
+
+
+def markdown(merged: dict[str, Any]) -> str:
+    parts = merged["parts"]
+    lines = [f"Run of {merged['date']} on `{merged['host']}` ({merged.get('cpus')} CPUs, torch {merged['torch']}"
+             f"{', quick mode' if merged.get('quick') else ''}), {merged['wall_s'] / 60:.1f} min in all."]
+    failed = [name for name, p in parts.items() if "error" in p]
+    if failed:
+        described = ", ".join(f"{n} ({parts[n]['error']})" for n in failed)
+        lines.append(f"Failed parts: {described}.")
+    limits = parts.get("machine_limits", {}).get("summary")
+    if limits:
+        lines += ["", "**The machine's limits**", "", "| measured | value | implies for SmolLM2-135M (float32) |",
+                  "|---|---:|---|",
+                  f"| memory read bandwidth | {limits['bandwidth_gb_s']} GB/s | batch 1 at most "
+                  f"{limits['bound_tokens_per_s_batch1']} tok/s (weights streamed once per token) |",
+                  f"| float32 matmul | {limits['matmul_gflops']} GFLOP/s | at most {limits['bound_tokens_per_s_compute']} "
+                  "tok/s at large batch (2 FLOP per parameter per token) |"]
+    engine = parts.get("engine_compare", {}).get("rows")
+    if engine:
+        speed = {(r["system"], r["mode"], r["batch"]): r for r in engine if "tokens_per_s" in r}
+        lines += ["", "**Engine: decode throughput against transformers' `generate`** (tok/s, same prompts and tokens)", "",
+                  "| batch | loraswap | transformers | ratio | loraswap `--compile` | transformers compiled | ratio |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for batch in sorted({b for _, _, b in speed}):
+            cells = []
+            for mode in ("eager", "compile"):
+                ours, theirs = speed.get(("loraswap", mode, batch)), speed.get(("transformers", mode, batch))
+                cells += [_fmt(ours and ours["tokens_per_s"]), _fmt(theirs and theirs["tokens_per_s"]),
+                          f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if ours and theirs else "-"]
+            lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        notes = [r["error"] for r in engine if r.get("error")]
+        lines += [f"\n{n}" for n in notes]
+    serving = serving_rows(parts)
+    if serving:
+        lines += ["", "**Serving many adapters: 32 concurrent chat requests** (HTTP, official `openai` client, "
+                  "greedy, EOS ignored)", "",
+                  "| system | tok/s | vs loraswap base | vs PEFT switching | TTFT p50 (s) |", "|---|---:|---:|---:|---:|"]
+        for r in serving:
+            lines.append(f"| {SERVING_LABELS.get(r['point'], r['point'])} | {_fmt(r.get('tok_s'))} | "
+                         f"{_fmt(r.get('vs_loraswap_base'), 2)} | {_fmt(r.get('vs_peft_switching'), 1)} | "
+                         f"{_fmt(r.get('ttft_p50_s'), 2)} |")
+    hot = parts.get("hotswap_compare", {}).get("summary")
+    if hot:
+        lines += ["", "**Hotswap: a rank-16 all-linear adapter**", "", "| operation | median ms |", "|---|---:|",
+                  f"| loraswap: write into a slot (weights in memory) | {hot['hotswap_ms_median']} |",
+                  f"| loraswap: read, validate and write | {hot['hotswap_end_to_end_ms_median']} |",
+                  f"| PEFT `hotswap_adapter_from_state_dict` (in memory) | {hot['peft_hotswap_from_state_dict_ms_median']} |",
+                  f"| PEFT `hotswap_adapter` (from files) | {hot['peft_hotswap_ms_median']} |",
+                  f"| PEFT `load_adapter` + `set_adapter` | {hot['peft_load_adapter_ms_median']} |"]
+    found = targets(parts)
+    if found:
+        lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
+        lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in found]
+    return "\n".join(lines) + "\n"
+
+
+def plot(merged: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = merged["parts"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.5]})
+    engine = [r for r in parts.get("engine_compare", {}).get("rows", []) if "tokens_per_s" in r]
+    for system, mode, style in (("loraswap", "eager", "o-"), ("transformers", "eager", "s--"),
+                                ("loraswap", "compile", "o:"), ("transformers", "compile", "s:")):
+        points = sorted((r["batch"], r["tokens_per_s"]) for r in engine if r["system"] == system and r["mode"] == mode)
+        if points:
+            left.plot(*zip(*points), style, label=f"{system} ({mode})")
+    bound = parts.get("machine_limits", {}).get("summary", {}).get("bound_tokens_per_s_compute")
+    if bound:
+        left.axhline(bound, color="grey", lw=0.8, ls="--", label="compute bound")
+    left.set(xscale="log", xlabel="batch (rows)", ylabel="tokens/s", title="Engine decode")
+    left.set_xticks([1, 8, 32], labels=["1", "8", "32"])
+    left.legend(fontsize=8)
+    serving = [r for r in serving_rows(parts) if r.get("tok_s")]
+    labels = [SERVING_LABELS.get(r["point"], r["point"]).replace("*", "").replace("`", "") for r in serving]
+    colors = ["tab:blue" if r["point"].startswith("loraswap") else "tab:grey" for r in serving]
+    right.barh(labels[::-1], [r["tok_s"] for r in serving][::-1], color=colors[::-1])
+    right.set(xlabel="tokens/s", title="32 concurrent chat requests over HTTP")
+    right.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"loraswap benchmarks, {merged['date']}, {merged.get('cpus')} CPUs, SmolLM2-135M float32", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: Path) -> str:
+    merged = json.loads(results.read_text())
+    text = markdown(merged)
+    results.with_suffix(".md").write_text(text)
+    plot(merged, results.with_suffix(".png"))
+    return text
+
+
+def update_readme(readme: Path, results: Path) -> None:
+    """Replace the README's benchmark block with this run's tables and plot."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no benchmark block ({README_START} ... {README_END})")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    png = results.with_suffix(".png").relative_to(readme.parent)
+    block = f"{README_START}\n![benchmarks]({png})\n\n{results.with_suffix('.md').read_text()}{README_END}"
+    readme.write_text(head + block + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args()
+    print(write_report(args.results))
+    if args.readme:
+        update_readme(Path(__file__).resolve().parent.parent / "README.md", args.results.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

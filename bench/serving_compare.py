@@ -1,0 +1,333 @@
+"""Serving many adapters: loraswap against what a user would otherwise build with transformers + PEFT.
+
+The shared workload (bench/common.py): the embedded SmolLM2-135M-Instruct in float32, 32 chat
+requests at once (request i: `messages(i)`), greedy, EOS ignored, NEW_TOKENS tokens each; random
+rank-16 adapters on all linear layers (.bench-cache/adapters). Every HTTP system is a subprocess on a
+free loopback port, driven by the same client (bench/openai_load.py: the official AsyncOpenAI
+client, streaming), warmed up first (one 4-token request to the base model and one to each of
+ad0..ad7), and stopped with SIGTERM (SIGKILL after a grace period), also on errors.
+
+  a. peft_switching:   bench/peft_server.py, the PEFT-guide server: 8 adapters loaded with
+                       `load_adapter`, one request at a time, `set_adapter(X)` + `generate`
+                       (requests ad{i % 8});
+  b. peft_mixed_batch: PEFT's mixed-adapter batch in this process: one `generate(**batch,
+                       adapter_names=[...])` over the 32 left-padded prompts (rows ad{i % 8});
+                       no server and no streaming, so no time to first token;
+  c. loraswap_base:    `loraswap serve --max-num-seqs 32 --max-model-len 256 --max-loras 8
+                       --max-lora-rank 16` with the 8 adapters registered, requests to the base model;
+  d. loraswap_8:       the same server, requests ad{i % 8} (the headline);
+  e. loraswap_32_on_8: 32 adapters registered on 8 slots, requests ad{i % 32} (swaps and waits).
+
+vLLM (CPU) is bench/vllm_baseline.py; its rows have the same fields (`point`, `models`, and
+run_load's fields) so the files can be merged. Ratios are of tokens/s within this one run:
+`vs_loraswap_base` (c) and `vs_peft_switching` (a). Targets: d >= 0.85x c, d >= 10x a.
+
+    .venv/bin/python bench/serving_compare.py --quick   # 16 tokens; (a) only 8 requests; ~3 min
+    .venv/bin/python bench/serving_compare.py           # 64 tokens, 32 requests everywhere; ~8 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+
+from common import (
+    NEW_TOKENS,
+    QUICK_NEW_TOKENS,
+    make_adapters,
+    messages,
+    model_dir,
+    write,
+)
+from openai_load import run_load
+
+CACHE = ROOT / ".bench-cache"
+LOGS = CACHE / "logs"
+BASE = "base"
+REQUESTS = 32
+ADAPTERS = 8
+THRASH_ADAPTERS = 32
+QUICK_PEFT_REQUESTS = 8
+SERVER_ENV = dict(os.environ)  # --threads adds OMP_NUM_THREADS
+READY_TIMEOUT_S = 300.0
+LORASWAP = ROOT / ".venv" / "bin" / "loraswap"
+LORASWAP_FLAGS = ["--max-num-seqs", str(REQUESTS), "--max-model-len", "256", "--max-loras", str(ADAPTERS),
+                  "--max-lora-rank", "16"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after `grace` (and to anything left of the group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _die_with_parent(command: list[str]) -> list[str]:
+    """`command` under `setpriv --pdeathsig TERM` where there is one (util-linux): the server gets SIGTERM
+    when this script dies, even by SIGKILL (e.g. a runner's timeout), so no server outlives the run."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
+
+
+@contextmanager
+def http_server(label: str, command: list[str]) -> Iterator[dict[str, Any]]:
+    """Starts `command` (which must listen on the port in it), waits for GET /ready = 200, yields
+    {"url": ".../v1", "startup_s"}; the server is always stopped on the way out."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"serving_compare_{label}.log"
+    port = command[command.index("--port") + 1]
+    print(f"starting {label} on :{port} (log {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        out.write(" ".join(command) + "\n")
+        out.flush()
+        # Its own session, so the stop signals reach the server and nothing else.
+        proc = subprocess.Popen(_die_with_parent(command), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                start_new_session=True, env=SERVER_ENV)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label} exited with {proc.returncode} during startup:\n{_tail(log)}")
+            if time.perf_counter() - start > READY_TIMEOUT_S:
+                raise RuntimeError(f"{label} not ready after {READY_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=2.0) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                pass
+            time.sleep(0.5)
+        startup = time.perf_counter() - start
+        print(f"  ready after {startup:.1f} s", flush=True)
+        yield {"url": url + "/v1", "startup_s": round(startup, 1)}
+    finally:
+        _stop(proc)
+
+
+def warm_up(url: str) -> None:
+    """One short request to the base model and one to each of ad0..ad7 (loads them where needed)."""
+    run_load(url, [BASE] + [f"ad{i}" for i in range(ADAPTERS)], 4)
+
+
+def measure(system: str, point: str, url: str, models: list[str], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    r = run_load(url, models, max_tokens)
+    row = {"system": system, "point": point, "models": sorted(set(models), key=lambda m: (len(m), m)),
+           **{k: v for k, v in r.items() if k != "tokens"}, **extra}
+    report(row)
+    if not r["exact"]:
+        raise RuntimeError(f"{point}: requests did not all return {max_tokens} tokens: {r['tokens']}")
+    return row
+
+
+def report(row: dict[str, Any]) -> None:
+    ttft = "" if row.get("ttft_p50_s") is None else f"  TTFT p50 {row['ttft_p50_s']:.2f} s max {row['ttft_max_s']:.2f} s"
+    print(f"  {row['point']:17s} {row['tok_s']:8.2f} tok/s  wall {row['wall_s']:.1f} s{ttft}  "
+          f"tokens {row['completion_tokens']} ({row['requests']} requests)", flush=True)
+
+
+def peft_mixed_batch(adapters: dict[str, Path], max_tokens: int) -> dict[str, Any]:
+    """(b): PEFT's mixed-adapter batch, one `generate` over all REQUESTS left-padded prompts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("loading transformers + PEFT in process for the mixed batch", flush=True)
+    start = time.perf_counter()
+    folder = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    items = list(adapters.items())
+    model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
+    for name, path in items[1:]:
+        model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    texts = [tokenizer.apply_chat_template(messages(i), tokenize=False, add_generation_prompt=True)
+             for i in range(REQUESTS)]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    names = [f"ad{i % ADAPTERS}" for i in range(REQUESTS)]
+    load_s = time.perf_counter() - start
+
+    def generate(tokens: int, model: Any = model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(**batch, adapter_names=names, max_new_tokens=tokens, min_new_tokens=tokens,
+                                  do_sample=False, pad_token_id=pad_id)
+
+    generate(2)  # warm-up: the first call pays one-time costs
+    start = time.perf_counter()
+    out = generate(max_tokens)
+    wall = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1]:]
+    tokens = [int(row.numel()) for row in new]
+    total = sum(tokens)
+    row = {
+        "system": "peft-generate", "point": "peft_mixed_batch", "models": sorted(set(names), key=lambda m: (len(m), m)),
+        "requests": REQUESTS, "max_tokens": max_tokens, "completion_tokens": total, "wall_s": round(wall, 3),
+        "tok_s": round(total / wall, 2), "ttft_p50_s": None, "ttft_max_s": None, "latency_max_s": round(wall, 3),
+        "exact": all(t == max_tokens for t in tokens), "usage": None,
+        "sample": tokenizer.decode(new[0], skip_special_tokens=True)[:200], "startup_s": round(load_s, 1),
+        "note": f"in process, one generate(adapter_names=...) over {REQUESTS} left-padded rows (batch padded to "
+                f"{batch['input_ids'].shape[1]} prompt tokens); no HTTP and no streaming, so no TTFT",
+    }
+    report(row)
+    del model, generate, out
+    gc.collect()
+    return row
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK_NEW_TOKENS} tokens per request; the PEFT-switching server gets "
+                         f"{QUICK_PEFT_REQUESTS} requests")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving_compare.json")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every system (OMP_NUM_THREADS of the servers, torch.set_num_threads "
+                         "here); default: torch's default (all cores). On a machine shared with other jobs, 1 "
+                         "avoids the stalls of oversubscribed OpenMP barriers")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        SERVER_ENV["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    # A SIGTERM (from run_all, make or a person) unwinds normally, so the servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    tokens = QUICK_NEW_TOKENS if args.quick else NEW_TOKENS
+    all_adapters = make_adapters(CACHE / "adapters", THRASH_ADAPTERS)
+    adapters = {f"ad{i}": all_adapters[f"ad{i}"] for i in range(ADAPTERS)}
+    spread8 = [f"ad{i % ADAPTERS}" for i in range(REQUESTS)]
+    spread32 = [f"ad{i % THRASH_ADAPTERS}" for i in range(REQUESTS)]
+    rows: list[dict[str, Any]] = []
+    startups: dict[str, float] = {}
+
+    def modules(chosen: dict[str, Path]) -> list[str]:
+        return ["--lora-modules", *(f"{name}={path}" for name, path in chosen.items())]
+
+    with tempfile.TemporaryDirectory(prefix="serving_compare_") as tmp:
+        # (c) and (d): one loraswap server, 8 adapters registered.
+        port = free_port()
+        cmd = [str(LORASWAP), "serve", "--port", str(port), "--served-model-name", BASE, *LORASWAP_FLAGS,
+               "--data-dir", str(Path(tmp) / "data8"), *modules(adapters)]
+        with http_server("loraswap_8", cmd) as srv:
+            startups["loraswap_8"] = srv["startup_s"]
+            warm_up(srv["url"])
+            rows.append(measure("loraswap", "loraswap_base", srv["url"], [BASE] * REQUESTS, tokens,
+                                startup_s=srv["startup_s"], note="8 adapters registered, requests to the base model"))
+            rows.append(measure("loraswap", "loraswap_8", srv["url"], spread8, tokens, startup_s=srv["startup_s"],
+                                note="requests spread over 8 adapters on 8 slots"))
+
+        # (e): 32 adapters registered on 8 slots.
+        port = free_port()
+        cmd = [str(LORASWAP), "serve", "--port", str(port), "--served-model-name", BASE, *LORASWAP_FLAGS,
+               "--data-dir", str(Path(tmp) / "data32"), *modules(all_adapters)]
+        with http_server("loraswap_32", cmd) as srv:
+            startups["loraswap_32"] = srv["startup_s"]
+            warm_up(srv["url"])
+            rows.append(measure("loraswap", "loraswap_32_on_8", srv["url"], spread32, tokens,
+                                startup_s=srv["startup_s"],
+                                note="32 adapters on 8 slots, every request a different adapter (swaps, waits)"))
+
+    # (a): the PEFT-switching server.
+    peft_requests = QUICK_PEFT_REQUESTS if args.quick else REQUESTS
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "bench" / "peft_server.py"), "--port", str(port), "--served-model-name", BASE,
+           *modules(adapters)]
+    with http_server("peft_server", cmd) as srv:
+        startups["peft_server"] = srv["startup_s"]
+        warm_up(srv["url"])
+        note = ("one request at a time (set_adapter + generate), token-by-token streaming: TTFT includes the wait "
+                "behind the requests ahead")
+        if peft_requests != REQUESTS:
+            note += f"; quick mode: only {peft_requests} requests (tok/s is per-request serial, TTFT not comparable)"
+        rows.append(measure("peft-server", "peft_switching", srv["url"], spread8[:peft_requests], tokens,
+                            startup_s=srv["startup_s"], note=note))
+
+    # (b): PEFT's mixed batch, in this process.
+    rows.append(peft_mixed_batch(adapters, tokens))
+
+    tok_s = {r["point"]: r["tok_s"] for r in rows}
+    base, peft = tok_s.get("loraswap_base"), tok_s.get("peft_switching")
+    for r in rows:
+        r["vs_loraswap_base"] = ratio(r["tok_s"], base)
+        r["vs_peft_switching"] = ratio(r["tok_s"], peft)
+    d_vs_c = ratio(tok_s["loraswap_8"], base)
+    d_vs_a = ratio(tok_s["loraswap_8"], peft)
+    summary = {
+        "tok_s": tok_s,
+        "ttft_p50_s": {r["point"]: r["ttft_p50_s"] for r in rows},
+        "ttft_max_s": {r["point"]: r["ttft_max_s"] for r in rows},
+        "wall_s": {r["point"]: r["wall_s"] for r in rows},
+        "vs_loraswap_base": {r["point"]: r["vs_loraswap_base"] for r in rows},
+        "vs_peft_switching": {r["point"]: r["vs_peft_switching"] for r in rows},
+        "targets": [
+            {"metric": "loraswap 8 mixed adapters tok/s / loraswap base-model tok/s", "value": d_vs_c,
+             "target": 0.85, "met": d_vs_c is not None and d_vs_c >= 0.85},
+            {"metric": "loraswap 8 mixed adapters tok/s / PEFT-switching server tok/s", "value": d_vs_a,
+             "target": 10.0, "met": d_vs_a is not None and d_vs_a >= 10.0},
+        ],
+        "startup_s": startups,
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+    write(args.out, "serving_compare", rows, summary, quick=args.quick, requests=REQUESTS, new_tokens=tokens,
+          adapters=ADAPTERS, thrash_adapters=THRASH_ADAPTERS, dtype="float32",
+          loraswap_flags=" ".join(LORASWAP_FLAGS), loadavg_start=load_start, loadavg_end=os.getloadavg(),
+          threads_flag=args.threads)
+    print(json.dumps({k: summary[k] for k in ("tok_s", "vs_loraswap_base", "vs_peft_switching", "targets",
+                                              "total_s")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
