@@ -19,7 +19,7 @@ per-row positions, and attends over the first `kv_len` cache positions of those 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -350,6 +350,6 @@ class _LayerInputs:
     lora: LoraBatch | None
 
     def to(self, device: torch.device) -> _LayerInputs:
-        lora = None if self.lora is None else self.lora.to(device)
+        lora = None if self.lora is None else replace(self.lora, onehot=self.lora.onehot.to(device))
         return _LayerInputs(self.cos.to(device), self.sin.to(device), self.mask.to(device),
                             self.rows.to(device), self.positions.to(device), lora)
