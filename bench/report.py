@@ -60,7 +60,9 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(merged: dict[str, Any]) -> str:
     parts = merged["parts"]
     lines = [f"Run of {merged['date']} on `{merged['host']}` ({merged.get('cpus')} CPUs, torch {merged['torch']}"
-             f"{', quick mode' if merged.get('quick') else ''}), {merged['wall_s'] / 60:.1f} min in all."]
+             f"{', quick mode' if merged.get('quick') else ''}), {merged['wall_s'] / 60:.1f} min in all"
+             + (f"; load average {merged['loadavg_start'][0]:.1f} at the start, {merged['loadavg_end'][0]:.1f} at the end."
+                if "loadavg_start" in merged else ".")]
     failed = [name for name, p in parts.items() if "error" in p]
     if failed:
         described = ", ".join(f"{n} ({parts[n]['error']})" for n in failed)

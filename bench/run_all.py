@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def parts(quick: bool, scratch: Path) -> list[tuple[str, list[str]]]:
     q = ["--quick"] if quick else []
     out = [
         ("machine_limits", [*q]),
-        ("engine_compare", [*q, "--limits", str(scratch / "machine_limits.json")]),
+        ("engine_compare", [*q, "--limits", str(scratch / "machine_limits.json"), "--hf-compile-limit", "120"]),
         ("hotswap_compare", [*q]),
         ("serving_compare", [*q]),
     ]
@@ -78,7 +79,8 @@ def main() -> int:
     args = parser.parse_args()
     started = time.perf_counter()
     meta = header()
-    merged: dict[str, Any] = {**meta, "quick": args.quick, "parts": {}}
+    # The load average says whether anything else competed for the cores during the run.
+    merged: dict[str, Any] = {**meta, "quick": args.quick, "loadavg_start": os.getloadavg(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="loraswap-bench-") as tmp:
         scratch = Path(tmp)
         for name, extra in parts(args.quick, scratch):
@@ -86,6 +88,7 @@ def main() -> int:
                 continue
             merged["parts"][name] = run_part(name, extra, scratch, args.part_timeout)
     merged["wall_s"] = round(time.perf_counter() - started, 1)
+    merged["loadavg_end"] = os.getloadavg()
     stem = f"{meta['date']}-{meta['host']}" + ("-quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
     results = RESULTS / f"{stem}.json"
