@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+# Every linear projection of a Llama-family block (make_adapters' targets).
+from tests.adapters.helpers import ALL_LINEAR
+
 RANK = 16
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NEW_TOKENS = 64
 QUICK_NEW_TOKENS = 16
 QUESTIONS = [

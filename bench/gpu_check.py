@@ -105,10 +105,12 @@ def device_map_check(folder: Path, adapter: Path) -> dict[str, Any]:
     split = Placement("cuda:0", ("cuda:0",) * half + ("cpu",) * (cfg.num_hidden_layers - half), "cpu", "cpu")
     ids = torch.randint(0, CONFIG["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
     logits = {}
+    null = -1  # bank.null_slot, recorded below (the same on both sides: same num_slots)
     for name, placement in (("gpu", None), ("split", split)):
         model = build_model(folder, dtype=torch.float32, device="cuda", max_rows=1, max_len=64, placement=placement)
         bank = SlotBank(model, num_slots=2, max_rank=16)
         bank.load(0, validate(read_adapter_dir(adapter, "a"), bank.spec(), "a"))
+        null = bank.null_slot
         with torch.inference_mode():
             for slot in (0, bank.null_slot):
                 lora = bank.batch(torch.tensor([slot], device="cuda"))
@@ -122,7 +124,7 @@ def device_map_check(folder: Path, adapter: Path) -> dict[str, Any]:
     auto = resolve_device_map("auto", cfg, lambda: sizes)
     out = {
         "split": split.to_json(), "split_boundaries": split.boundaries(), "split_slot_devices": devices,
-        "max_abs_diff_base": (logits[("split", 2)] - logits[("gpu", 2)]).abs().max().item(),
+        "max_abs_diff_base": (logits[("split", null)] - logits[("gpu", null)]).abs().max().item(),
         "max_abs_diff_adapter": (logits[("split", 0)] - logits[("gpu", 0)]).abs().max().item(),
         "auto": auto.to_json(),
     }

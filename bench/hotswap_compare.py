@@ -16,7 +16,7 @@ swaps each (10 with --quick), cycling through different adapters so every swap c
   `warm_up()`, then `SWAPS` requests through an Engine, each on a different adapter than the one
   before (so each is written into slot 0 on admission): a short prompt, one compiled decode step;
   `runner.recompilations` must stay 0;
-- memory: bench/adapter_churn.py's cycle (upload, load into a slot, unload, delete through the
+- memory: bench/adapter_churn.py's `churn` (upload, load into a slot, unload, delete through the
   admin API, in process) in a fresh child process; resident memory after all cycles vs after 10.
 
     .venv/bin/python bench/hotswap_compare.py [--quick] [--out FILE]
@@ -30,10 +30,10 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]  # adapter_churn imports `harness`
 
 from bench.common import make_adapters, messages, model_dir, write
+from bench.servers import die_with_parent, stop_group
 
 NAME = "hotswap_compare"
 ADAPTERS = 8
@@ -200,47 +201,25 @@ def recompile_check(folders: list[Path], swaps: int) -> dict[str, Any]:
 
 # ---- memory churn -------------------------------------------------------------------------------
 def churn_child(cycles: int) -> None:
-    """adapter_churn.py's cycle, `cycles` times, in this (fresh) process; prints RESULT json."""
-    from adapter_churn import adapter_files, rss_mb
-    from fastapi.testclient import TestClient
+    """adapter_churn.churn (`cycles` cycles) in this (fresh) process; prints RESULT json."""
+    from adapter_churn import churn
 
-    from config.settings import Settings
-    from server.api.app import create_app
-    from server.bootstrap import build_service
-
-    forms = [adapter_files(seed) for seed in range(8)]
-    with tempfile.TemporaryDirectory() as data:
-        settings = Settings(max_num_seqs=4, max_model_len=256, max_loras=4, max_lora_rank=8, data_dir=Path(data))
-        app = create_app(lambda: build_service(settings))
-        with TestClient(app, client=("127.0.0.1", 40000)) as client:
-            while client.get("/ready").status_code != 200:
-                time.sleep(0.2)
-            marks: dict[int, float] = {}
-            start = time.perf_counter()
-            for cycle in range(1, cycles + 1):
-                name = f"churn{cycle % 16}"
-                for method, path, kwargs in (
-                    ("PUT", f"/admin/adapters/{name}", {"files": forms[cycle % len(forms)]}),
-                    ("POST", f"/admin/adapters/{name}/load", {}),
-                    ("POST", f"/admin/adapters/{name}/unload", {}),
-                    ("DELETE", f"/admin/adapters/{name}", {}),
-                ):
-                    response = client.request(method, path, **kwargs)
-                    if response.status_code != 200:
-                        raise RuntimeError(f"cycle {cycle}: {method} {path}: {response.text}")
-                if cycle in (10, 100, cycles) or cycle % 250 == 0:
-                    gc.collect()
-                    marks[cycle] = rss_mb()
-            elapsed = time.perf_counter() - start
+    marks, elapsed = churn(cycles)
     print("RESULT " + json.dumps({"marks": marks, "seconds": elapsed}), flush=True)
 
 
 def memory_churn(cycles: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--churn-child", str(cycles)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=CHURN_LIMIT_S)
-    result = next((line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if done.returncode != 0 or result is None:
-        raise RuntimeError(f"churn child failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    # Its own session, and it dies with this process.
+    proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=CHURN_LIMIT_S)
+    finally:  # also on a timeout, errors and SIGTERM
+        stop_group(proc, grace=5.0)
+    result = next((line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"churn child failed (exit {proc.returncode}): {stderr[-2000:]}")
     data = json.loads(result)
     marks = {int(k): v for k, v in data["marks"].items()}
     growth = marks[cycles] / marks[10] - 1
@@ -261,6 +240,8 @@ def main() -> None:
     if args.churn_child:
         churn_child(args.churn_child)
         return
+    # A SIGTERM (from run_all, make or a person) unwinds normally, so the churn child is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = args.out or ROOT / "bench" / "results" / f"{NAME}{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()

@@ -5,7 +5,8 @@ requests at once (request i: `messages(i)`), greedy, EOS ignored, NEW_TOKENS tok
 rank-16 adapters on all linear layers (.bench-cache/adapters). Every HTTP system is a subprocess on a
 free loopback port, driven by the same client (bench/openai_load.py: the official AsyncOpenAI
 client, streaming), warmed up first (one 4-token request to the base model and one to each of
-ad0..ad7), and stopped with SIGTERM (SIGKILL after a grace period), also on errors.
+ad0..ad7), and stopped with SIGTERM (SIGKILL after a grace period), also on errors; it dies with
+this script (bench/servers.py).
 
   a. peft_switching:   bench/peft_server.py, the PEFT-guide server: 8 adapters loaded with
                        `load_adapter`, one request at a time, `set_adapter(X)` + `generate`
@@ -32,16 +33,11 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +54,7 @@ from common import (
     write,
 )
 from openai_load import run_load
+from servers import free_port, serve
 
 CACHE = ROOT / ".bench-cache"
 LOGS = CACHE / "logs"
@@ -73,78 +70,14 @@ LORASWAP_FLAGS = ["--max-num-seqs", str(REQUESTS), "--max-model-len", "256", "--
                   "--max-lora-rank", "16"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def loraswap_cmd(port: int, data_dir: Path, adapters: dict[str, Path]) -> list[str]:
+    """`loraswap serve` on `port` with LORASWAP_FLAGS and `adapters` registered."""
+    return [str(LORASWAP), "serve", "--port", str(port), "--served-model-name", BASE, *LORASWAP_FLAGS,
+            "--data-dir", str(data_dir), *modules(adapters)]
 
 
-def _tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL after `grace` (and to anything left of the group)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _die_with_parent(command: list[str]) -> list[str]:
-    """`command` under `setpriv --pdeathsig TERM` where there is one (util-linux): the server gets SIGTERM
-    when this script dies, even by SIGKILL (e.g. a runner's timeout), so no server outlives the run."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
-
-
-@contextmanager
-def http_server(label: str, command: list[str]) -> Iterator[dict[str, Any]]:
-    """Starts `command` (which must listen on the port in it), waits for GET /ready = 200, yields
-    {"url": ".../v1", "startup_s"}; the server is always stopped on the way out."""
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log = LOGS / f"serving_compare_{label}.log"
-    port = command[command.index("--port") + 1]
-    print(f"starting {label} on :{port} (log {log})", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        out.write(" ".join(command) + "\n")
-        out.flush()
-        # Its own session, so the stop signals reach the server and nothing else.
-        proc = subprocess.Popen(_die_with_parent(command), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                start_new_session=True, env=SERVER_ENV)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{label} exited with {proc.returncode} during startup:\n{_tail(log)}")
-            if time.perf_counter() - start > READY_TIMEOUT_S:
-                raise RuntimeError(f"{label} not ready after {READY_TIMEOUT_S:.0f} s:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2.0) as r:
-                    if r.status == 200:
-                        break
-            except (OSError, urllib.error.HTTPError):
-                pass
-            time.sleep(0.5)
-        startup = time.perf_counter() - start
-        print(f"  ready after {startup:.1f} s", flush=True)
-        yield {"url": url + "/v1", "startup_s": round(startup, 1)}
-    finally:
-        _stop(proc)
+def modules(chosen: dict[str, Path]) -> list[str]:
+    return ["--lora-modules", *(f"{name}={path}" for name, path in chosen.items())]
 
 
 def warm_up(url: str) -> None:
@@ -252,41 +185,38 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     startups: dict[str, float] = {}
 
-    def modules(chosen: dict[str, Path]) -> list[str]:
-        return ["--lora-modules", *(f"{name}={path}" for name, path in chosen.items())]
+    @contextmanager
+    def served(label: str, command_for_port: Callable[[int], list[str]]) -> Iterator[dict[str, Any]]:
+        """A server on a free port (command_for_port(port)), ready, its startup recorded, warmed up."""
+        port = free_port()
+        with serve(label, command_for_port(port), port, "/ready", LOGS / f"serving_compare_{label}.log",
+                   env=SERVER_ENV, timeout=READY_TIMEOUT_S) as srv:
+            startups[label] = srv["startup_s"]
+            warm_up(srv["url"])
+            yield srv
 
     with tempfile.TemporaryDirectory(prefix="serving_compare_") as tmp:
         # (c) and (d): one loraswap server, 8 adapters registered.
-        port = free_port()
-        cmd = [str(LORASWAP), "serve", "--port", str(port), "--served-model-name", BASE, *LORASWAP_FLAGS,
-               "--data-dir", str(Path(tmp) / "data8"), *modules(adapters)]
-        with http_server("loraswap_8", cmd) as srv:
-            startups["loraswap_8"] = srv["startup_s"]
-            warm_up(srv["url"])
+        with served("loraswap_8", lambda port: loraswap_cmd(port, Path(tmp) / "data8", adapters)) as srv:
             rows.append(measure("loraswap", "loraswap_base", srv["url"], [BASE] * REQUESTS, tokens,
                                 startup_s=srv["startup_s"], note="8 adapters registered, requests to the base model"))
             rows.append(measure("loraswap", "loraswap_8", srv["url"], spread8, tokens, startup_s=srv["startup_s"],
                                 note="requests spread over 8 adapters on 8 slots"))
 
         # (e): 32 adapters registered on 8 slots.
-        port = free_port()
-        cmd = [str(LORASWAP), "serve", "--port", str(port), "--served-model-name", BASE, *LORASWAP_FLAGS,
-               "--data-dir", str(Path(tmp) / "data32"), *modules(all_adapters)]
-        with http_server("loraswap_32", cmd) as srv:
-            startups["loraswap_32"] = srv["startup_s"]
-            warm_up(srv["url"])
+        with served("loraswap_32", lambda port: loraswap_cmd(port, Path(tmp) / "data32", all_adapters)) as srv:
             rows.append(measure("loraswap", "loraswap_32_on_8", srv["url"], spread32, tokens,
                                 startup_s=srv["startup_s"],
                                 note="32 adapters on 8 slots, every request a different adapter (swaps, waits)"))
 
     # (a): the PEFT-switching server.
     peft_requests = QUICK_PEFT_REQUESTS if args.quick else REQUESTS
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "bench" / "peft_server.py"), "--port", str(port), "--served-model-name", BASE,
-           *modules(adapters)]
-    with http_server("peft_server", cmd) as srv:
-        startups["peft_server"] = srv["startup_s"]
-        warm_up(srv["url"])
+
+    def peft_cmd(port: int) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "peft_server.py"), "--port", str(port), "--served-model-name", BASE,
+                *modules(adapters)]
+
+    with served("peft_server", peft_cmd) as srv:
         note = ("one request at a time (set_adapter + generate), token-by-token streaming: TTFT includes the wait "
                 "behind the requests ahead")
         if peft_requests != REQUESTS:

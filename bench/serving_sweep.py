@@ -21,13 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]
+
 import torch
+from common import QUESTIONS as COMMON_QUESTIONS
 from harness import write_results
 
 from adapters.peft_format import LoraConfig
@@ -47,11 +52,7 @@ SLOTS = 8
 RANK = 16
 NEW_TOKENS = 32
 ROUNDS = 2
-QUESTIONS = [
-    "What is the capital of France?", "Explain why the sky is blue.", "Write a haiku about autumn.",
-    "List three prime numbers.", "How do airplanes stay in the air?", "Give me a tip for learning Python.",
-    "What does a LoRA adapter change in a model?", "Describe a cat in one sentence.",
-]
+QUESTIONS = COMMON_QUESTIONS[:8]  # the shared workload's first eight chat questions
 
 
 def random_adapters(bank: SlotBank, count: int) -> dict[str, AdapterWeights]:

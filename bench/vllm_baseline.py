@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
 from common import NEW_TOKENS, QUICK_NEW_TOKENS, make_adapters, model_dir, write
 from openai_load import run_load
+from servers import free_port, serve
 
 VENV = ROOT / ".bench-venvs" / "vllm"
 PY = VENV / "bin" / "python"
@@ -57,7 +57,7 @@ ADAPTERS = 8
 REQUESTS = 32
 BASE = "base"
 KV_CACHE_BYTES = 1 << 30
-READY_TIMEOUT_S = 600  # first start compiles the model (torch.compile/inductor): minutes on 2 cores
+READY_TIMEOUT_S = 600  # eager: ~1.5 min per start on 2 cores; with --compile every start compiles (4-7 min)
 
 
 def server_command(port: int, lora: dict[str, Path] | None, eager: bool = False) -> list[str]:
@@ -80,87 +80,30 @@ def omp_bind() -> str:
     return os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _get(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read().decode())
 
 
 @contextmanager
-def vllm_server(port: int, lora: dict[str, Path] | None, log: Path, eager: bool = False) -> Iterator[dict[str, Any]]:
-    """Starts the server, waits for /v1/models, yields {"url", "startup_s", "version"}; always stops it."""
+def vllm_server(lora: dict[str, Path] | None, log: Path, eager: bool = False) -> Iterator[dict[str, Any]]:
+    """Starts the server on a free port, waits for /v1/models, yields {"url", "startup_s", "version"};
+    always stops it (and it dies with this process: bench/servers.py)."""
     env = dict(os.environ)
     # Without an explicit binding the CPU backend computes on a single core (auto-bind keeps one
     # logical CPU per core and reserves one): bind to every CPU this process may use.
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_bind())
     env.pop("VIRTUAL_ENV", None)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if _port_busy(port):  # another server there would answer the readiness probe
-        raise RuntimeError(f"port {port} is already in use")
-    cmd = server_command(port, lora, eager)
-    print(f"starting vLLM ({f'LoRA x{len(lora)}' if lora else 'no LoRA'}) on :{port}, log {log}", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        out.write(" ".join(cmd) + "\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode} during startup:\n{_tail(log)}")
-            if time.perf_counter() - start > READY_TIMEOUT_S:
-                raise RuntimeError(f"vLLM server not ready after {READY_TIMEOUT_S}s:\n{_tail(log)}")
-            try:
-                _get(url + "/v1/models", timeout=2.0)
-                break
-            except (OSError, ValueError):
-                time.sleep(1.0)
-        startup = time.perf_counter() - start
+    port = free_port()
+    label = f"vLLM ({f'LoRA x{len(lora)}' if lora else 'no LoRA'})"
+    with serve(label, server_command(port, lora, eager), port, "/v1/models", log, env=env,
+               timeout=READY_TIMEOUT_S) as srv:
         try:
-            version = _get(url + "/version").get("version")
+            version = _get(f"http://127.0.0.1:{port}/version").get("version")
         except (OSError, ValueError, AttributeError):
             version = None
-        print(f"  ready after {startup:.1f}s (vLLM {version})", flush=True)
-        yield {"url": url + "/v1", "startup_s": round(startup, 1), "version": version}
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM to the server's process group (API server + engine core), SIGKILL after `grace`."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # whatever is left of the group (children that outlived the parent)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+        print(f"  vLLM {version}", flush=True)
+        yield {**srv, "version": version}
 
 
 def measure(name: str, url: str, models: list[str], max_tokens: int) -> dict[str, Any]:
@@ -178,7 +121,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_NEW_TOKENS} tokens per request")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vllm_baseline.json")
-    ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument("--compile", action="store_true",
                     help="vLLM's default torch.compile mode instead of --enforce-eager (minutes per start)")
     ap.add_argument("--build-env", action="store_true", help="run bench/vllm_env.sh first when the env is missing")
@@ -202,14 +144,13 @@ def main() -> int:
     version = None
 
     eager = not args.compile
-    port = args.port or free_port()
-    with vllm_server(port, None, logs / "vllm_lora_off.log", eager) as srv:
+    with vllm_server(None, logs / "vllm_lora_off.log", eager) as srv:
         startups["lora_off"] = srv["startup_s"]
         version = srv["version"]
         run_load(srv["url"], [BASE], 4)
         rows.append(measure("lora_off", srv["url"], [BASE] * REQUESTS, tokens))
 
-    with vllm_server(port, adapters, logs / "vllm_lora_on.log", eager) as srv:
+    with vllm_server(adapters, logs / "vllm_lora_on.log", eager) as srv:
         startups["lora_on"] = srv["startup_s"]
         run_load(srv["url"], [BASE] + list(adapters), 4)  # also loads the 8 adapters
         rows.append(measure("lora_on_base", srv["url"], [BASE] * REQUESTS, tokens))

@@ -16,9 +16,10 @@ from adapters.slot_table import SlotTable
 from adapters.store import AdapterStore
 from config.settings import Settings
 from server.admin import AdminService
+from server.device_map import describe, estimate_part_sizes, resolve_device_map
 from server.engine import Engine
 from server.errors import UnsupportedModelError
-from server.device_map import describe, estimate_part_sizes, resolve_device_map, visible_devices
+from server.linear import tensor_bytes
 from server.model_config import ModelConfig, eos_ids, load_model_config
 from server.model_source import EMBEDDED_NAME, resolve_model
 from server.placement import PartSizes, Placement
@@ -77,7 +78,8 @@ def build_service(settings: Settings) -> CompletionService:
             f"--max-model-len {settings.max_model_len} exceeds the model's max_position_embeddings "
             f"({cfg.max_position_embeddings})"
         )
-    placement = None if settings.device_map is None else place(settings, cfg)
+    quantization = None if settings.quantization == "none" else settings.quantization
+    placement = None if settings.device_map is None else place(settings, cfg, settings.device_map, quantization)
     # Under a device map, any GPU part decides the dtype (bfloat16 by default), as --device cuda does.
     device = pick_device(settings.device) if placement is None else main_device(placement)
     dtype = pick_dtype(settings.dtype, device)
@@ -92,7 +94,7 @@ def build_service(settings: Settings) -> CompletionService:
         max_len=settings.max_model_len,
         cfg=cfg,
         pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
-        quantization=None if settings.quantization == "none" else settings.quantization,
+        quantization=quantization,
         quantize_lm_head=settings.quantize_lm_head,
         placement=placement,
     )
@@ -137,7 +139,7 @@ def build_service(settings: Settings) -> CompletionService:
             "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "quantization": settings.quantization, "compile": settings.compile,
             "device_map": None if placement is None else describe(placement),
-            "memory": {**footprint, "lora_slot_bytes": sum(t.numel() * t.element_size() for t in bank.buffers())},
+            "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers())},
         },
     )
     return service
@@ -148,11 +150,9 @@ def main_device(placement: Placement) -> torch.device:
     return torch.device(gpus[0] if gpus else "cpu")
 
 
-def place(settings: Settings, cfg: ModelConfig) -> Placement:
-    """The placement --device-map asks for; `auto` sizes each part as it will be loaded."""
-    gpu = any(d.startswith("cuda") for d in visible_devices()[1:])
-    dtype_bytes = pick_dtype(settings.dtype, torch.device("cuda" if gpu else "cpu")).itemsize
-    quantization = None if settings.quantization == "none" else settings.quantization
+def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | None) -> Placement:
+    """The placement `spec` (--device-map) asks for; `auto` sizes each part as it will be loaded."""
+    dtype_bytes = pick_dtype(settings.dtype, pick_device("auto")).itemsize
 
     def sizes() -> PartSizes:
         return estimate_part_sizes(
@@ -161,7 +161,7 @@ def place(settings: Settings, cfg: ModelConfig) -> Placement:
             num_slots=settings.max_loras, max_rank=settings.max_lora_rank,
         )
 
-    return resolve_device_map(settings.device_map or "auto", cfg, sizes)
+    return resolve_device_map(spec, cfg, sizes)
 
 
 def data_dir(settings: Settings) -> Path:

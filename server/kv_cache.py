@@ -22,19 +22,17 @@ class KVCache(torch.nn.Module):
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        layer_devices: list[torch.device] | None = None,
+        layer_devices: list[torch.device],
     ) -> None:
-        """`layer_devices`: one device per layer (a device map); default `device` for all."""
+        """`layer_devices`: where each layer's buffers go (its weights' device)."""
         super().__init__()
-        if layer_devices is not None and len(layer_devices) != num_layers:
+        if len(layer_devices) != num_layers:
             raise ValueError(f"{len(layer_devices)} layer devices for {num_layers} layers")
         self.max_rows = max_rows
         self.max_len = max_len
         shape = (max_rows, kv_heads, max_len, head_dim)
-        devices = layer_devices or [torch.device(device)] * num_layers
         # Buffers (not a list of tensors) so .to(device) moves them and compile sees fixed addresses.
-        for i, dev in enumerate(devices):
+        for i, dev in enumerate(layer_devices):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
 

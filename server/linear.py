@@ -39,11 +39,12 @@ class Linear(nn.Linear):
         self.quantized = None
         self.lora = None
 
-    def quantize(self, method: str) -> None:
+    def quantize(self, method: str, device: torch.device | None = None) -> None:
         """Replace the weight by a bitsandbytes copy quantized on its device: `int8` (LLM.int8(),
         per-row scales, outlier threshold 6.0 as transformers uses) or `nf4` / `fp4` (blocks of 64,
         no double quantization, so a fused projection quantizes exactly like its separate parts).
-        The LoRA delta stays in the compute dtype on top. The dense weight is dropped."""
+        The LoRA delta stays in the compute dtype on top. The dense weight is dropped. `device`:
+        where the quantized copy goes (default: where the weight is)."""
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
@@ -52,7 +53,7 @@ class Linear(nn.Linear):
             ) from exc
 
         weight = self.weight.detach()
-        device, dtype = weight.device, weight.dtype
+        device, dtype = device or weight.device, weight.dtype
         has_bias = self.bias is not None
         module: nn.Module
         if method == "int8":

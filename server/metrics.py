@@ -115,6 +115,9 @@ class RequestTracker:
         self.generated = 0
         self.done = False
         self._lock = threading.Lock()
+        # Label children looked up once: on_event runs per token on the engine thread.
+        self._prompt_tokens = metrics.prompt_tokens.labels(model)
+        self._generation_tokens = metrics.generation_tokens.labels(model)
 
     def on_event(self, event: RequestOutput) -> None:
         count = len(event.token_ids)
@@ -128,12 +131,12 @@ class RequestTracker:
             if self.first_token is None:
                 self.first_token = now
                 m.ttft.observe(now - self.start)
-                m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)  # the prefill is complete
+                self._prompt_tokens.inc(self.prompt_tokens)  # the prefill is complete
             else:
                 m.itl.observe((now - self.last_token) / count)
             self.last_token = now
             self.generated += count
-            m.generation_tokens.labels(self.model).inc(count)
+            self._generation_tokens.inc(count)
 
     def finish(self, status: RequestStatus) -> None:
         """Count the request and write its log line (idempotent)."""

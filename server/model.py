@@ -8,7 +8,7 @@ projection name to its fused module and output slice.
 
 Under a device map (`place`) each part lives on its own device, with its KV cache and LoRA slots;
 only the hidden state crosses devices, where consecutive layers differ (the forward's per-row
-inputs are copied once per device, not once per layer).
+inputs follow it there, once per boundary, not once per layer).
 
 A forward pass takes B contiguous cache rows starting at `row_start`, S tokens per row at explicit
 per-row positions, and attends over the first `kv_len` cache positions of those rows. Decode is
@@ -177,6 +177,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache: KVCache | None = None
         self.layer_devices: list[torch.device] = []  # set by allocate(), from where the weights are
+        self._crossings: dict[int, torch.device] = {}  # boundary layer -> its device (allocate())
 
     def place(self, placement: Placement) -> None:
         """Materialise a meta-device model part by part on the devices `placement` names."""
@@ -217,9 +218,10 @@ class Transformer(nn.Module):
         """The projections of the decoder layers (what quantization applies to; not lm_head)."""
         return [m for layer in self.model.layers for m in layer.modules() if isinstance(m, Linear)]
 
-    def quantize_linears(self, method: str) -> None:
+    def quantize_linears(self, method: str, devices: dict[Linear, torch.device] | None = None) -> None:
+        """`devices`: where each projection's quantized copy goes (default: where its weight is)."""
         for module in self.decoder_linears():
-            module.quantize(method)
+            module.quantize(method, (devices or {}).get(module))
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes by kind: decoder projections (quantized or not), everything else of the weights
@@ -245,6 +247,7 @@ class Transformer(nn.Module):
         param = self.model.embed_tokens.weight
         # A layer's norm weight is never packed or quantized, so it says where the layer lives.
         self.layer_devices = [layer.input_layernorm.weight.device for layer in self.model.layers]
+        self._crossings = {i: self.layer_devices[i] for i in self.boundaries()}
         self.cache = KVCache(
             num_layers=cfg.num_hidden_layers,
             max_rows=max_rows,
@@ -322,34 +325,17 @@ class Transformer(nn.Module):
         # Cache rows of the batch, shared by every layer's key and value writes.
         rows = torch.arange(row_start, row_start + tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
         run = layer_fn or run_layer
-        inputs = {x.device: _LayerInputs(cos, sin, mask, rows, positions, lora)}
+        inputs = (cos, sin, mask, rows, positions)
         for i, layer in enumerate(self.model.layers):
-            device = self.layer_devices[i]
-            if x.device != device:  # a device-map boundary: only the hidden state crosses
+            device = self._crossings.get(i)
+            if device is not None:  # a device-map boundary: the hidden state and the step's inputs move
                 x = x.to(device)
-            here = inputs.get(device) or inputs.setdefault(device, inputs[self.home_device].to(device))
+                inputs = tuple(t.to(device) for t in inputs)  # type: ignore[assignment]
+                lora = None if lora is None else replace(lora, onehot=lora.onehot.to(device))
             k_cache, v_cache = self.cache.layer(i)
-            x = run(layer, x, here.cos, here.sin, here.mask, here.rows, here.positions, k_cache, v_cache,
-                    row_start, kv_len, here.lora)
+            x = run(layer, x, *inputs, k_cache, v_cache, row_start, kv_len, lora)
         return self.model.norm(x.to(self.model.norm.weight.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states to float32 vocabulary logits, on the home device. # [..., vocab]"""
         return self.lm_head(hidden.to(self.lm_head.device)).float().to(self.home_device)
-
-
-@dataclass(frozen=True)
-class _LayerInputs:
-    """What every decoder layer reads besides the hidden state; one copy per device."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    mask: torch.Tensor
-    rows: torch.Tensor
-    positions: torch.Tensor
-    lora: LoraBatch | None
-
-    def to(self, device: torch.device) -> _LayerInputs:
-        lora = None if self.lora is None else replace(self.lora, onehot=self.lora.onehot.to(device))
-        return _LayerInputs(self.cos.to(device), self.sin.to(device), self.mask.to(device),
-                            self.rows.to(device), self.positions.to(device), lora)

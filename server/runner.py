@@ -80,7 +80,7 @@ class ModelRunner:
         self.null_slot = bank.null_slot if bank is not None else 0
         self.max_rows = model.cache.max_rows
         self.max_len = model.cache.max_len
-        device = model.model.embed_tokens.weight.device
+        device = model.home_device
         self.device = device
         rows = self.max_rows
         # Per-row state, indexed by cache row.

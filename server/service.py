@@ -134,64 +134,82 @@ class CompletionService:
         )
 
     # ---- running -------------------------------------------------------------------------
-    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[RequestEvents]:
         """Submit every request now, so that a full queue (429) or a shutdown (503) is raised
         before any response is sent; if one fails, those already submitted are cancelled. Returns
-        each request's events; abandoning an iterator cancels its request."""
+        each request's events; closing them (the routes do, in a `finally`) cancels what has not
+        finished, whether or not it was ever read."""
         loop = asyncio.get_running_loop()
-        streams = []
+        streams: list[RequestEvents] = []
         try:
             for request in requests:
                 streams.append(self._submit(request, loop))
         except BaseException:
-            for request in requests[: len(streams)]:
-                self.engine.cancel(request.request_id)
+            for stream in streams:
+                stream.close()
             raise
         return streams
 
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
-        events: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestEvents:
         tracker = None if self.metrics is None else self.metrics.track(request, self.model_name)
+        stream = RequestEvents(self.engine, request, tracker, self.request_timeout)
 
         def sink(event: RequestOutput) -> None:  # called on the engine thread
             if tracker is not None:  # timestamps taken here, when the engine emits the token
                 tracker.on_event(event)
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(stream.queue.put_nowait, event)
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
         self.engine.submit(request, sink)
         # One timer per request (not one per token): it wakes the reader with None.
-        timer = None if self.request_timeout is None else loop.call_later(self.request_timeout, events.put_nowait, None)
-        return self._events(request, events, timer, tracker)
+        if self.request_timeout is not None:
+            stream.timer = loop.call_later(self.request_timeout, stream.queue.put_nowait, None)
+        return stream
 
-    async def _events(
-        self,
-        request: GenerationRequest,
-        events: asyncio.Queue[RequestOutput | None],
-        timer: asyncio.TimerHandle | None,
-        tracker: RequestTracker | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        timed_out = False
+
+class RequestEvents:
+    """The events of one submitted request, read once with `async for`. `close()` is idempotent
+    and cancels the engine request unless it finished: a generator's `finally` alone would not
+    run for a stream that was never started (a client gone before the body was sent)."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, tracker: RequestTracker | None,
+                 timeout: float | None) -> None:
+        self.engine = engine
+        self.request = request
+        self.tracker = tracker
+        self.timeout = timeout
+        self.queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
+        self.timer: asyncio.TimerHandle | None = None
+        self._finished = False
+        self._timed_out = False
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
-            while not finished:
-                event = await events.get()
+            while not self._finished:
+                event = await self.queue.get()
                 if event is None:
-                    timed_out = True
+                    self._timed_out = True
                     raise RequestTimeoutError(
-                        f"the request ran longer than the server's limit of {self.request_timeout:g} s "
+                        f"the request ran longer than the server's limit of {self.timeout:g} s "
                         "(--request-timeout); ask for fewer tokens"
                     )
-                finished = event.finished
-                if finished and tracker is not None:  # before the yield: counted before the response ends
-                    tracker.finish(finish_status(event.finish_reason))
+                self._finished = event.finished
+                if self._finished and self.tracker is not None:  # counted before the response ends
+                    self.tracker.finish(finish_status(event.finish_reason))
                 yield event
         finally:
-            if timer is not None:
-                timer.cancel()
-            if not finished:  # the client went away, the task was cancelled or the timeout fired
-                self.engine.cancel(request.request_id)
-                if tracker is not None:
-                    tracker.finish("timeout" if timed_out else "cancelled")
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self._finished:  # the client went away, the task was cancelled or the timeout fired
+            self.engine.cancel(self.request.request_id)
+            if self.tracker is not None:
+                self.tracker.finish("timeout" if self._timed_out else "cancelled")

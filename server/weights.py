@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from server.errors import UnsupportedModelError
+from server.linear import Linear
 from server.model import Transformer
 from server.model_config import ModelConfig, load_model_config
 
@@ -130,12 +131,24 @@ def build_model(
         model.place(placement)
     model = model.to(dtype)
     model.tie_weights()
+    targets = _stage_on_cpu(model, quantize_lm_head) if quantization is not None else {}
     load_weights(model, folder)
     if quantization is not None:
-        model.quantize_linears(quantization)
+        model.quantize_linears(quantization, targets)
     if quantize_lm_head:
-        model.lm_head.quantize(quantization)
+        model.lm_head.quantize(quantization, targets[model.lm_head])
     if pack:
         model.pack_linears(batch_hint=max_rows)
     model.allocate(max_rows=max_rows, max_len=max_len)
     return model.eval().requires_grad_(False)
+
+
+def _stage_on_cpu(model: Transformer, with_head: bool) -> dict[Linear, torch.device]:
+    """Give the projections about to be quantized CPU weights to load into, and return where each
+    belongs: only the quantized copy goes to the device, so a GPU never holds a layer's full
+    precision weights (what `--device-map auto` plans for)."""
+    modules = model.decoder_linears() + ([model.lm_head] if with_head else [])
+    targets = {m: m.weight.device for m in modules}
+    for m in modules:
+        m.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="cpu"), requires_grad=False)
+    return targets

@@ -94,7 +94,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _loraswap(_: Request, exc: LoraswapError) -> JSONResponse:
         return error_response(exc)
 
-
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from adapters.catalog import AdapterRef
 from server.api.errors import error_body
@@ -39,7 +40,7 @@ from server.errors import (
 )
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
-from server.service import CompletionService, GenerationOptions
+from server.service import CompletionService, GenerationOptions, RequestEvents
 
 router = APIRouter()
 
@@ -89,7 +90,7 @@ def _usage(finals: list[RequestOutput], n: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def _collect(stream: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:
+async def _collect(stream: RequestEvents) -> tuple[str, RequestOutput]:
     parts: list[str] = []
     last: RequestOutput | None = None
     async for event in stream:
@@ -101,7 +102,7 @@ async def _collect(stream: AsyncIterator[RequestOutput]) -> tuple[str, RequestOu
     return "".join(parts), last
 
 
-async def _collect_all(http_request: Request, streams: list[AsyncIterator[RequestOutput]]) -> list[tuple[str, RequestOutput]]:
+async def _collect_all(http_request: Request, streams: list[RequestEvents]) -> list[tuple[str, RequestOutput]]:
     """Run submitted requests to completion. If one fails or the client disconnects, the others
     are cancelled (which frees their rows) rather than left generating for nobody."""
     tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
@@ -125,13 +126,15 @@ async def _collect_all(http_request: Request, streams: list[AsyncIterator[Reques
         watcher.cancel()
         for task in tasks:
             task.cancel()
+        for stream in streams:  # a task cancelled before it ran never started its stream
+            stream.close()
 
 
-async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(streams: list[RequestEvents]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Events of several requests as (choice index, event), in arrival order."""
     queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: RequestEvents) -> None:
         try:
             async for event in stream:
                 await queue.put((index, event))
@@ -157,7 +160,7 @@ def _sse(payload: BaseModel | dict) -> str:
 
 
 def _event_stream(
-    streams: list[AsyncIterator[RequestOutput]],
+    streams: list[RequestEvents],
     body: _SamplingFields,
     make_chunk: Callable[[int, RequestOutput | None], BaseModel | None],
     make_usage_chunk: Callable[[Usage], BaseModel],
@@ -185,7 +188,23 @@ def _event_stream(
                 yield _sse(make_usage_chunk(_usage(finals, body.n)))
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _ClosingStream(streams, events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes the requests' streams when the response ends in any way, including a client gone
+    before the body generator ever started (its own `finally` would then never run)."""
+
+    def __init__(self, streams: list[RequestEvents], content: AsyncIterator[str], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.streams:
+                stream.close()
 
 
 @router.post("/v1/completions", response_model=None)

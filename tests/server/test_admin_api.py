@@ -348,6 +348,7 @@ def test_delete_lets_running_requests_finish(client: TestClient, adapters: dict[
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert '"text"' in first  # the request is running on the adapter
+        assert client.get("/ready").json()["running"] == 1  # ... and still is when the DELETE lands
         assert client.delete("/admin/adapters/doomed", headers=AUTH).status_code == 200
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"

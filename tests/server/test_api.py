@@ -54,6 +54,19 @@ def wait_ready(client: TestClient, timeout_s: float = READY_TIMEOUT_S) -> Json:
     pytest.fail(f"GET /ready not 200 after {timeout_s} s; last answer: {last}")
 
 
+def wait_idle(client: TestClient, timeout_s: float = 10.0) -> Json:
+    """Poll GET /ready until no request runs or waits (e.g. after a timeout or a cancel, which
+    the engine handles between steps); returns that answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = client.get("/ready").json()
+        if ready["running"] == 0 and ready["waiting"] == 0:
+            return ready
+        if time.monotonic() > deadline:
+            raise AssertionError(f"requests still running: {ready}")
+        time.sleep(0.05)
+
+
 def assert_error(response: Response, status: int, *, param: str | None = None, code: str | int | None = None) -> Json:
     """The response has `status` and exactly OpenAI's error body; returns the inner error object."""
     assert response.status_code == status, response.text

@@ -35,8 +35,6 @@ def test_buckets_cover_every_window() -> None:
 
 @pytest.mark.parametrize("quantization", [None, "nf4"])
 def test_warm_up_compiles_every_shape_then_nothing_recompiles(tiny_dir: Path, quantization: str | None) -> None:
-    if quantization is not None:
-        pytest.importorskip("bitsandbytes")
     torch._dynamo.reset()
     engine = make_engine(tiny_dir, compile=True, quantization=quantization)
     engine.runner.warm_up()

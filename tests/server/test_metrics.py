@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from server.metrics import EngineCollector, ServerMetrics
 from server.sequence import GenerationRequest, RequestOutput
 from server.service import CompletionService
 from tests.adapters.helpers import write_random_adapter
-from tests.server.test_api import SERVED_NAME, wait_ready
+from tests.server.test_api import SERVED_NAME, wait_idle, wait_ready
 
 Json = dict[str, Any]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -53,19 +54,31 @@ def series(samples: Samples, name: str) -> list[dict[str, str]]:
     return [dict(labels) for (n, labels) in samples if n == name]
 
 
-@pytest.fixture(scope="module")
-def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    root = tmp_path_factory.mktemp("adapters")
+@contextmanager
+def serving(tiny_llama_dir: Path, root: Path) -> Iterator[TestClient]:
     adapters = {
         name: str(write_random_adapter(root / name, tiny_llama_dir, rank=4, targets=["q_proj", "v_proj"], seed=seed))
         for name, seed in (("A", 1), ("B", 2))
     }
     # One slot and one CPU-cache entry: every switch between A and B is a load (and an eviction).
     settings = Settings(model=str(tiny_llama_dir), max_num_seqs=4, max_model_len=128, max_loras=1,
-                        max_lora_rank=8, max_cpu_loras=1, lora_modules=adapters)
+                        max_lora_rank=8, max_cpu_loras=1, lora_modules=adapters, data_dir=root / "data")
     app = create_app(lambda: build_service(settings))
     with TestClient(app) as test_client:
         wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with serving(tiny_llama_dir, tmp_path_factory.mktemp("adapters")) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def fresh_client(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    """A server of its own: exact counts must not depend on which tests ran before."""
+    with serving(tiny_llama_dir, tmp_path) as test_client:
         yield test_client
 
 
@@ -75,18 +88,10 @@ def post(client: TestClient, path: str, status: int = 200, **body: Any) -> Json:
     return response.json()
 
 
-def wait_idle(client: TestClient) -> None:
-    for _ in range(200):
-        ready = client.get("/ready").json()
-        if ready["running"] == 0 and ready["waiting"] == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"requests still running: {ready}")
-
-
 def test_metrics_count_a_known_mix_of_traffic(
-    client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    fresh_client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    client = fresh_client
     service: CompletionService = client.app.state.holder.service  # type: ignore[attr-defined]
     caplog.set_level(logging.INFO, logger="loraswap.requests")
     usage: dict[str, list[Json]] = {BASE: [], "A": [], "B": []}

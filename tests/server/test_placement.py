@@ -97,7 +97,7 @@ def test_norm_and_lm_head_move_the_last_layer_rather_than_add_a_boundary() -> No
     s = PartSizes(embed=GIB, layers=[GIB, GIB], norm=0, lm_head=GIB, tied=False)
     placement = plan_auto(s, [DeviceBudget("cuda:0", 3 * GIB), DeviceBudget("cuda:1", 3 * GIB)], headroom=0.0)
     assert placement.layers == ("cuda:0", "cuda:1")
-    assert placement.lm_head == "cuda:1"
+    assert placement.lm_head == placement.norm == "cuda:1" and placement.boundaries() == [1]
 
 
 def test_not_enough_memory_says_needed_usable_and_missing() -> None:

@@ -17,6 +17,7 @@ from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
 from tests.e2e.server_process import running_server
+from tests.server.test_api import wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,6 @@ def slow_client(tiny_llama_dir: Path) -> Iterator[TestClient]:
         app.state.holder.join(120)
         yield client
 
-
-def wait_idle(client: TestClient) -> dict:  # type: ignore[type-arg]
-    for _ in range(100):
-        ready = client.get("/ready").json()
-        if ready["running"] == 0 and ready["waiting"] == 0:
-            return ready
-        time.sleep(0.05)
-    raise AssertionError(f"requests still running: {ready}")
 
 
 def test_timeout_non_streaming_is_408_and_frees_the_row(slow_client: TestClient) -> None:

@@ -1,0 +1,58 @@
+"""A submitted request's event stream: closing it cancels the engine request whether or not it
+was ever read (a client can leave before the response body starts), exactly once, and never
+after the request finished."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest, RequestOutput
+from server.service import RequestEvents
+
+
+class RecordingEngine:
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+
+def stream(engine: RecordingEngine) -> RequestEvents:
+    request = GenerationRequest("r1", [1, 2, 3], max_tokens=4, sampling=SamplingParams(temperature=0))
+    return RequestEvents(engine, request, None, None)  # type: ignore[arg-type]
+
+
+def test_closing_an_unread_stream_cancels_its_request_once() -> None:
+    engine = RecordingEngine()
+    events = stream(engine)
+    events.close()
+    events.close()
+    assert engine.cancelled == ["r1"]
+
+
+def test_a_finished_stream_cancels_nothing() -> None:
+    async def read() -> list[RequestOutput]:
+        events = stream(engine)
+        events.queue.put_nowait(RequestOutput("r1", "hi", [5], finished=True, finish_reason="length"))
+        got = [event async for event in events]
+        events.close()
+        return got
+
+    engine = RecordingEngine()
+    assert [e.finish_reason for e in asyncio.run(read())] == ["length"]
+    assert engine.cancelled == []
+
+
+def test_leaving_mid_stream_cancels_the_request() -> None:
+    async def read_one() -> None:
+        events = stream(engine)
+        events.queue.put_nowait(RequestOutput("r1", "h", [5], finished=False))
+        iterator = aiter(events)
+        await anext(iterator)
+        await iterator.aclose()  # what a client that disconnects leaves behind
+
+    engine = RecordingEngine()
+    asyncio.run(read_one())
+    assert engine.cancelled == ["r1"]
