@@ -2,53 +2,131 @@
 
 For each row n of a batch, on slot k = slot[n]:  y[n] += B_k @ (A_k @ x[n])  (scaling folded in B_k)
 
-Formulation (chosen by `bench/lora_formulations.py`): dense over all slots with a one-hot mask.
-One matmul shrinks x against every slot's A at once, the one-hot zeroes the columns of the slots a
-row does not use, one matmul per output part expands against every slot's B. Tensors are
-rank-major so the first `window` ranks of all slots form a contiguous block: when every loaded
-adapter has rank <= window, only that corner is computed. Rows never mix: a row's delta depends on
-its own x and slot only (the masked slots contribute exact zeros), and both products are batched
-matmuls with one independent product per row, so a row's bits do not depend on how many rows
-share the step (a single matmul over all rows picks its kernel by row count and does).
+Slot tensors are slot-major (`a` # [K+1, R, P, in], `b` # [K+1, R, out_p]), so the first `window`
+ranks of one slot are a plain view and the first `window` ranks of all slots are one strided view.
+Three formulations, picked by `SlotBank.batch`:
+
+* chunked (eager decode): rows are grouped by slot into chunks of exactly CHUNK rows (a short
+  group is padded by repeating one of its rows; padding results are dropped). Each chunk gathers
+  its slot's A and B once, then two batched matmuls compute all chunks. Only a row's own adapter
+  is computed, with a handful of ops per projection whatever the number of adapters.
+  (`bench/lora_formulations.py` measured the alternatives.)
+* single (prefill, one row): the slot's A and B are views; plain matmuls over the prompt tokens.
+* dense (compiled decode): every row against every slot, masked by a one-hot: fixed shapes, so
+  the compiled graph never changes with what is loaded or who uses it.
+
+Batch invariance: a row's delta is bit-identical whichever rows share its step. Chunked: every
+product is a CHUNK-row matmul (the kernel a matmul picks depends on its row count, so it is held
+fixed) and rows of a chunk never mix. Dense: batched matmuls with one product per row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+CHUNK = 4  # rows per chunked product; >= 4 keeps the matmul on one kernel family on CPUs
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where each row of a decode batch goes in the chunked product (built once per step)."""
+
+    gather: torch.Tensor  # [chunks * CHUNK] batch row feeding each chunk position
+    slots: torch.Tensor  # [chunks] slot of each chunk
+    keep: torch.Tensor  # [n] chunk positions holding real rows (not padding)
+    rows: torch.Tensor  # [n] the batch row of each of those positions
+
+    def to(self, device: torch.device) -> ChunkPlan:
+        return ChunkPlan(self.gather.to(device), self.slots.to(device), self.keep.to(device), self.rows.to(device))
+
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Per-forward LoRA routing: which slot each row uses and how many ranks to compute."""
+    """Per-forward LoRA routing: which slot each row uses and how many ranks to compute.
+    Exactly one of `onehot` (dense), `chunks` (chunked) is set; `single` is the slot when every
+    row uses the same one (prefill takes the single path then)."""
 
-    onehot: torch.Tensor  # [B, slots + 1] in the model dtype; the last column is the null slot
     window: int  # ranks computed per slot (a power of two <= the slot rank)
+    onehot: torch.Tensor | None = None  # [B, K+1] in the model dtype; the last column is the null slot
+    chunks: ChunkPlan | None = None
+    single: int | None = None
+
+    def to(self, device: torch.device) -> LoraBatch:
+        onehot = None if self.onehot is None else self.onehot.to(device)
+        chunks = None if self.chunks is None else self.chunks.to(device)
+        return replace(self, onehot=onehot, chunks=chunks)
+
+
+def plan_chunks(slots: list[int], null_slot: int, device: torch.device) -> ChunkPlan:
+    """Group the rows that use an adapter by slot, in CHUNK-row chunks (slot order, row order)."""
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot != null_slot:
+            by_slot.setdefault(slot, []).append(row)
+    gather: list[int] = []
+    chunk_slots: list[int] = []
+    keep: list[int] = []
+    rows: list[int] = []
+    for slot in sorted(by_slot):
+        members = by_slot[slot]
+        for i in range(0, len(members), CHUNK):
+            chunk = members[i : i + CHUNK]
+            keep.extend(range(len(gather), len(gather) + len(chunk)))
+            rows.extend(chunk)
+            gather.extend(chunk + [chunk[0]] * (CHUNK - len(chunk)))
+            chunk_slots.append(slot)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return ChunkPlan(tensor(gather), tensor(chunk_slots), tensor(keep), tensor(rows))
+
+
+def lora_chunked(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], plan: ChunkPlan, window: int) -> torch.Tensor:
+    """x # [B, in] -> deltas of the planned rows # [n, out] (parts concatenated)."""
+    slots, _, parts, d_in = a.shape
+    xs = x.index_select(0, plan.gather).view(-1, CHUNK, d_in)  # [chunks, C, in]
+    a_sel = a[:, :window].reshape(slots, window * parts, d_in).index_select(0, plan.slots)  # [chunks, w*P, in]
+    h = torch.bmm(xs, a_sel.transpose(1, 2)).view(xs.shape[0], CHUNK, window, parts)  # [chunks, C, w, P]
+    deltas = [torch.bmm(h[..., p], b[:, :window].index_select(0, plan.slots)) for p, b in enumerate(bs)]
+    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)  # [chunks, C, out]
+    return delta.view(-1, delta.shape[-1]).index_select(0, plan.keep)  # [n, out]
+
+
+def lora_single(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slot: int, window: int) -> torch.Tensor:
+    """x # [B, S, in], every row on `slot` -> delta # [B, S, out]."""
+    _, _, parts, d_in = a.shape
+    a_slot = a[slot, :window].reshape(window * parts, d_in)  # [w*P, in], a view
+    h = torch.matmul(x, a_slot.t()).unflatten(-1, (window, parts))  # [B, S, w, P]
+    deltas = [torch.matmul(h[..., p], b[slot, :window]) for p, b in enumerate(bs)]
+    return deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, onehot: torch.Tensor, window: int) -> torch.Tensor:
-    """x # [B, S, in]; a # [R, K+1, P, in]; onehot # [B, K+1] -> masked h # [B, S, window, K+1, P]"""
+    """Dense: x # [B, S, in]; a # [K+1, R, P, in]; onehot # [B, K+1] -> masked h # [B, S, K+1, window, P]"""
     batch, seq, d_in = x.shape
-    a_view = a[:window].reshape(-1, d_in)  # [window*(K+1)*P, in], contiguous corner
-    h = torch.bmm(x, a_view.t().expand(batch, -1, -1))  # [B, S, window*(K+1)*P]
-    h = h.view(batch, seq, window, a.shape[1], a.shape[2])
-    return h * onehot[:, None, None, :, None]
+    slots, _, parts, _ = a.shape
+    a_view = a[:, :window].reshape(-1, d_in)  # [(K+1)*window*P, in]; a view when window == R
+    h = torch.bmm(x, a_view.t().expand(batch, -1, -1))  # [B, S, (K+1)*window*P]
+    h = h.view(batch, seq, slots, window, parts)
+    return h * onehot[:, None, :, None, None]
 
 
 def lora_expand(h: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
-    """h # [B, S, window, K+1, P]; b # [R, K+1, out_p] -> delta of part `part` # [B, S, out_p]"""
-    batch, seq, window, slots, _ = h.shape
-    rows = h[..., part].reshape(batch, seq, window * slots)  # [B, S, window*(K+1)]
-    b_view = b[:window].reshape(window * slots, -1)  # [window*(K+1), out_p]
+    """Dense: h # [B, S, K+1, window, P]; b # [K+1, R, out_p] -> delta of part `part` # [B, S, out_p]"""
+    batch, seq, slots, window, _ = h.shape
+    rows = h[..., part].reshape(batch, seq, slots * window)  # [B, S, (K+1)*window]
+    b_view = b[:, :window].reshape(slots * window, -1)  # [(K+1)*window, out_p]
     return torch.bmm(rows, b_view.expand(batch, -1, -1))  # [B, S, out_p]
 
 
 class LoraSlots(nn.Module):
     """Read-only view of one fused projection's slot tensors (the SlotBank writes them).
 
-    `a` # [R, K+1, P, in]; `bs[p]` # [R, K+1, out_p] for each of the P projections fused in the
+    `a` # [K+1, R, P, in]; `bs[p]` # [K+1, R, out_p] for each of the P projections fused in the
     module, in the order their outputs tile the module's output features.
     """
 
@@ -59,9 +137,15 @@ class LoraSlots(nn.Module):
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """y # [B, S, out] + every part's delta for x # [B, S, in]."""
-        h = lora_shrink(x, self.a, lora.onehot, lora.window)
-        deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
-        if len(deltas) == 1:
-            return y + deltas[0]
-        # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
-        return y + torch.cat(deltas, dim=-1)
+        batch, seq, d_in = x.shape
+        if lora.onehot is not None:
+            h = lora_shrink(x, self.a, lora.onehot, lora.window)
+            deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
+            # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
+            return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))
+        if seq > 1 and lora.single is not None:  # prefill: one row, one slot
+            return y + lora_single(x, self.a, self.bs, lora.single, lora.window)
+        if lora.chunks is None or seq != 1:
+            raise ValueError("chunked LoRA runs one token per row; prefill needs a single slot")
+        delta = lora_chunked(x.view(batch, d_in), self.a, self.bs, lora.chunks, lora.window)
+        return y.view(batch, -1).index_add(0, lora.chunks.rows, delta).view(batch, 1, -1)

@@ -8,8 +8,8 @@ ever reallocated: a compiled model keeps its graphs and sees the new weights at 
 extra multiply. Slot index K (one past the last real slot) is the null slot, always zero: a row on
 it computes exactly the base model.
 
-Layout (see adapters/lora_layer.py): per fused module, a # [R, K+1, P, in] and one
-b # [R, K+1, out_p] per fused projection, rank-major so that a rank window is contiguous.
+Layout (see adapters/lora_layer.py): per fused module, a # [K+1, R, P, in] and one
+b # [K+1, R, out_p] per fused projection, slot-major so that one slot's rank window is a view.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from adapters.lora_layer import LoraBatch, LoraSlots
+from adapters.lora_layer import LoraBatch, LoraSlots, plan_chunks
 from adapters.validation import AdapterWeights, SlotSpec
 from server.linear import Linear
 from server.model import Transformer
@@ -46,16 +46,17 @@ class SlotBank(nn.Module):
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._views: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
         for index, (module, parts) in enumerate(by_module.items()):
             parts.sort(key=lambda p: p[1])
             d_in = module.in_features
             device = module.device  # a module's slots live with its weights (device maps)
-            a = torch.zeros(max_rank, num_slots + 1, len(parts), d_in, dtype=self.dtype, device=device)
+            a = torch.zeros(num_slots + 1, max_rank, len(parts), d_in, dtype=self.dtype, device=device)
             self.register_buffer(f"a{index}", a, persistent=False)
             bs = []
             for p, (name, start, end) in enumerate(parts):
-                b = torch.zeros(max_rank, num_slots + 1, end - start, dtype=self.dtype, device=device)
+                b = torch.zeros(num_slots + 1, max_rank, end - start, dtype=self.dtype, device=device)
                 self.register_buffer(f"b{index}_{p}", b, persistent=False)
                 bs.append(b)
                 self._where[name] = (a, p, b)
@@ -77,8 +78,8 @@ class SlotBank(nn.Module):
 
     def _zero(self, name: str, slot: int, start: int, stop: int) -> None:
         a, part, b = self._where[name]
-        a[start:stop, slot, part].zero_()
-        b[start:stop, slot].zero_()
+        a[slot, start:stop, part].zero_()
+        b[slot, start:stop].zero_()
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
@@ -100,16 +101,29 @@ class SlotBank(nn.Module):
         for name, old in previous.items():
             if name not in weights.modules:
                 self._zero(name, slot, 0, old)
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         for name, lora in weights.modules.items():
-            a, part, b = self._where[name]
             r = lora.rank
-            a[:r, slot, part].copy_(lora.a)  # lora.a: [r, in]
-            b[:r, slot].copy_((lora.b * lora.scaling).t())  # lora.b: [out, r] -> [r, out]
+            targets += self._corner(name, slot, r)
+            sources += [lora.a, lora.slot_b]  # [r, in], [r, out]
             old = previous.get(name, 0)
             if old > r:  # the previous adapter wrote deeper here
                 self._zero(name, slot, r, old)
+        # One call for every copy: per-op dispatch, not bytes, dominates a hotswap on a CPU.
+        torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
         self._window = self._compute_window()
+
+    def _corner(self, name: str, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a slot's first `rank` ranks of module `name` (A part [r, in], B [r, out]),
+        cached: making a view costs about as much as copying a small adapter's tensor."""
+        key = (name, slot, rank)
+        views = self._views.get(key)
+        if views is None:
+            a, part, b = self._where[name]
+            views = self._views[key] = (a[slot, :rank, part], b[slot, :rank])
+        return views
 
     def window(self) -> int:
         """Ranks to compute: covers the largest loaded rank (a power of two >= 8, <= R)."""
@@ -121,6 +135,11 @@ class SlotBank(nn.Module):
         return power_of_two_bucket(max(self.ranks), floor=MIN_RANK_WINDOW, cap=self.max_rank)
 
     def batch(self, slots: torch.Tensor) -> LoraBatch:
-        """Routing for rows whose slot indices are `slots` # [B] (null_slot = no adapter)."""
-        onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(self.dtype)  # [B, K+1]
-        return LoraBatch(onehot=onehot, window=self.window())
+        """Routing for rows whose slot indices are `slots` # [B] (null_slot = no adapter): dense
+        over all slots under torch.compile (fixed shapes), else chunked by slot."""
+        if self.fixed_window:
+            onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(self.dtype)  # [B, K+1]
+            return LoraBatch(window=self.window(), onehot=onehot)
+        ids = slots.tolist()
+        single = ids[0] if len(set(ids)) == 1 else None
+        return LoraBatch(window=self.window(), chunks=plan_chunks(ids, self.null_slot, slots.device), single=single)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,6 +36,12 @@ class ModuleLora:
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    @cached_property
+    def slot_b(self) -> torch.Tensor:
+        """s * B transposed, as a slot stores it # [r, out]; computed once (at validation), so a
+        hotswap is plain copies."""
+        return (self.b * self.scaling).t().contiguous()
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{module}: {label} contains NaN or infinite values")
         if len(problems) == found:
-            out[module] = ModuleLora(a=a.float(), b=b.float(), scaling=config.scaling(module))
+            out[module] = ModuleLora(a=a.float().contiguous(), b=b.float(), scaling=config.scaling(module))
+            out[module].slot_b  # noqa: B018  (computed here, off the engine thread)
     stray = sorted(set(raw.tensors) - set(modules) - set(unsupported))
     for module in stray:
         where = "is not in the base model" if module not in spec.targets and module not in spec.other_modules else (

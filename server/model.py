@@ -19,7 +19,7 @@ per-row positions, and attends over the first `kv_len` cache positions of those 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -331,7 +331,7 @@ class Transformer(nn.Module):
             if device is not None:  # a device-map boundary: the hidden state and the step's inputs move
                 x = x.to(device)
                 inputs = tuple(t.to(device) for t in inputs)  # type: ignore[assignment]
-                lora = None if lora is None else replace(lora, onehot=lora.onehot.to(device))
+                lora = None if lora is None else lora.to(device)
             k_cache, v_cache = self.cache.layer(i)
             x = run(layer, x, *inputs, k_cache, v_cache, row_start, kv_len, lora)
         return self.model.norm(x.to(self.model.norm.weight.device))
