@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 # The CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# The demo adapters (examples/adapters, see examples/README.md) are served next to the embedded
+# model unless DEMO=0 or ARGS picks another model, other adapters or a config file.
+DEMO_ADAPTERS := french=examples/adapters/french json=examples/adapters/json pirate=examples/adapters/pirate
+DEMO ?= $(if $(or $(findstring --model,$(ARGS)),$(findstring --lora-modules,$(ARGS)),$(findstring --config,$(ARGS))),0,1)
+SERVE_DEMO := $(if $(filter 1,$(DEMO)),--lora-modules $(DEMO_ADAPTERS))
 
 .PHONY: serve test bench bench-quick install install-dev install-bench clean
 
@@ -33,7 +38,7 @@ install-dev: $(VENV)/.installed-dev
 install-bench: $(VENV)/.installed-bench
 
 serve: install
-	$(BIN)/loraswap serve $(ARGS)
+	$(BIN)/loraswap serve $(SERVE_DEMO) $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(ARGS)
