@@ -64,14 +64,31 @@ def vllm_note(parts: dict[str, Any]) -> str | None:
             + (f"; within its run, against vLLM with LoRA disabled: {', '.join(own)}." if own else "."))
 
 
+def missed_by(value: float, target: float | str) -> str | None:
+    """How far a value is from its target, e.g. "12% below 0.85"; None when the target is met.
+    A bare number is a lower bound; strings are ">= x", "> x", "<= x", "< x" or "== x"."""
+    op, _, bound_text = (">=", "", str(target)) if isinstance(target, (int, float)) else str(target).partition(" ")
+    bound = float(bound_text)
+    met = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound, "==": value == bound}[op]
+    if met:
+        return None
+    if op == "==" or bound == 0:
+        return f"off by {abs(value - bound):g}"
+    gap = abs(value - bound) / abs(bound) * 100
+    return f"{gap:.0f}% {'below' if op in ('>=', '>') else 'above'} {bound:g}"
+
+
 def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [t for p in parts.values() for t in p.get("summary", {}).get("targets", [])]
+    """Every part's targets plus the cross-run vLLM ones, each with `missed_by` (None when met)."""
+    found = [dict(t) for p in parts.values() for t in p.get("summary", {}).get("targets", [])]
     serving = {r["point"]: r.get("tok_s") for r in serving_rows(parts)}
     for mine, theirs, label in CROSS_RUN_PAIRS:
         if serving.get(mine) and serving.get(theirs):
             value = round(serving[mine] / serving[theirs], 2)
             found.append({"metric": f"loraswap / vLLM-CPU tok/s, {label} (cross-run: same `make bench` invocation, "
                                     "different processes)", "value": value, "target": "> 1", "met": value > 1})
+    for t in found:
+        t["missed_by"] = missed_by(t["value"], t["target"])
     return found
 
 
@@ -131,8 +148,8 @@ def markdown(merged: dict[str, Any]) -> str:
     found = targets(parts)
     if found:
         lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
-        lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
-                  for t in found]
+        lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | "
+                  f"{'yes' if t['met'] else '**no**: ' + str(t['missed_by'])} |" for t in found]
     return "\n".join(lines) + "\n"
 
 

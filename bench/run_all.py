@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import header  # noqa: E402
-from bench.report import update_readme, write_report  # noqa: E402
+from bench.report import targets, update_readme, write_report  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -89,6 +89,7 @@ def main() -> int:
             merged["parts"][name] = run_part(name, extra, scratch, args.part_timeout)
     merged["wall_s"] = round(time.perf_counter() - started, 1)
     merged["loadavg_end"] = os.getloadavg()
+    merged["targets"] = targets(merged["parts"])  # with how far each missed one is from its target
     stem = f"{meta['date']}-{meta['host']}" + ("-quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
     results = RESULTS / f"{stem}.json"
