@@ -7,9 +7,10 @@ ranks of one slot are a plain view and the first `window` ranks of all slots are
 Three formulations, picked by `SlotBank.batch`:
 
 * chunked (eager decode): rows are grouped by slot into chunks of exactly CHUNK rows (a short
-  group is padded by repeating one of its rows; padding results are dropped). Each chunk gathers
-  its slot's A and B once, then two batched matmuls compute all chunks. Only a row's own adapter
-  is computed, with a handful of ops per projection whatever the number of adapters.
+  group is padded by repeating one of its rows; padding results are dropped). Each chunk gets a
+  contiguous copy of its slot's A and B (kept across steps while the chunks' slots, the window
+  and the bank are unchanged), then two batched matmuls compute all chunks. Only a row's own
+  adapter is computed, with a handful of ops per projection whatever the number of adapters.
   (`bench/lora_formulations.py` measured the alternatives.)
 * single (prefill, one row): the slot's A and B are views; plain matmuls over the prompt tokens.
 * dense (compiled decode): every row against every slot, masked by a one-hot: fixed shapes, so
@@ -38,9 +39,11 @@ class ChunkPlan:
     slots: torch.Tensor  # [chunks] slot of each chunk
     keep: torch.Tensor  # [n] chunk positions holding real rows (not padding)
     rows: torch.Tensor  # [n] the batch row of each of those positions
+    slot_key: tuple[int, ...] = ()  # `slots` as Python ints: what the gathered weights depend on
 
     def to(self, device: torch.device) -> ChunkPlan:
-        return ChunkPlan(self.gather.to(device), self.slots.to(device), self.keep.to(device), self.rows.to(device))
+        return ChunkPlan(self.gather.to(device), self.slots.to(device), self.keep.to(device), self.rows.to(device),
+                         self.slot_key)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class LoraBatch:
     row uses the same one (prefill takes the single path then)."""
 
     window: int  # ranks computed per slot (a power of two <= the slot rank)
+    version: int = 0  # the slot bank's write counter: gathered slot weights older than it are stale
     onehot: torch.Tensor | None = None  # [B, K+1] in the model dtype; the last column is the null slot
     chunks: ChunkPlan | None = None
     single: int | None = None
@@ -82,16 +86,29 @@ def plan_chunks(slots: list[int], null_slot: int, device: torch.device) -> Chunk
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    return ChunkPlan(tensor(gather), tensor(chunk_slots), tensor(keep), tensor(rows))
+    return ChunkPlan(tensor(gather), tensor(chunk_slots), tensor(keep), tensor(rows), tuple(chunk_slots))
 
 
-def lora_chunked(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], plan: ChunkPlan, window: int) -> torch.Tensor:
-    """x # [B, in] -> deltas of the planned rows # [n, out] (parts concatenated)."""
-    slots, _, parts, d_in = a.shape
-    xs = x.index_select(0, plan.gather).view(-1, CHUNK, d_in)  # [chunks, C, in]
-    a_sel = a[:, :window].reshape(slots, window * parts, d_in).index_select(0, plan.slots)  # [chunks, w*P, in]
-    h = torch.bmm(xs, a_sel.transpose(1, 2)).view(xs.shape[0], CHUNK, window, parts)  # [chunks, C, w, P]
-    deltas = [torch.bmm(h[..., p], b[:, :window].index_select(0, plan.slots)) for p, b in enumerate(bs)]
+def gather_chunk_weights(
+    a: torch.Tensor, bs: list[torch.Tensor], slots: torch.Tensor, window: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each chunk's slot weights, laid out for the two products: A as # [chunks, in, P*w] (part-major,
+    so that each part's slice of the shrink result has unit stride: a strided slice made CPU bmm
+    copy it row by row, 4x slower) and every part's B # [chunks, w, out_p], all contiguous."""
+    chunks = slots.shape[0]
+    d_in = a.shape[-1]
+    a_sel = a[:, :window].index_select(0, slots)  # [chunks, w, P, in]
+    a_t = a_sel.permute(0, 3, 2, 1).reshape(chunks, d_in, -1)  # [chunks, in, P*w], a copy
+    return a_t, [b[:, :window].index_select(0, slots) for b in bs]
+
+
+def lora_chunked(x: torch.Tensor, a_t: torch.Tensor, b_sel: list[torch.Tensor], plan: ChunkPlan) -> torch.Tensor:
+    """x # [B, in], the chunks' gathered weights -> deltas of the planned rows # [n, out] (parts concatenated)."""
+    chunks, d_in, _ = a_t.shape
+    window = b_sel[0].shape[1]
+    xs = x.index_select(0, plan.gather).view(chunks, CHUNK, d_in)  # [chunks, C, in]
+    h = torch.bmm(xs, a_t).view(chunks, CHUNK, len(b_sel), window)  # [chunks, C, P, w]
+    deltas = [torch.bmm(h[:, :, p], b) for p, b in enumerate(b_sel)]
     delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)  # [chunks, C, out]
     return delta.view(-1, delta.shape[-1]).index_select(0, plan.keep)  # [n, out]
 
@@ -134,6 +151,19 @@ class LoraSlots(nn.Module):
         super().__init__()
         self.a = a
         self.bs = bs
+        # The last chunks' gathered weights, keyed by (chunk slots, window, bank version): decode
+        # steps keep the same plan while no request joins or leaves, and the gather (a copy of
+        # every chunk's A and B) was a third of the LoRA cost per step. At most K chunks are kept,
+        # so this holds no more than the slots themselves.
+        self._gathered: tuple[tuple[object, ...], torch.Tensor, list[torch.Tensor]] | None = None
+
+    def chunk_weights(self, plan: ChunkPlan, window: int, version: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        key = (plan.slot_key, window, version)
+        if self._gathered is not None and self._gathered[0] == key:
+            return self._gathered[1], self._gathered[2]
+        a_sel, b_sel = gather_chunk_weights(self.a, self.bs, plan.slots, window)
+        self._gathered = (key, a_sel, b_sel) if len(plan.slot_key) < self.a.shape[0] else None
+        return a_sel, b_sel
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """y # [B, S, out] + every part's delta for x # [B, S, in]."""
@@ -147,5 +177,6 @@ class LoraSlots(nn.Module):
             return y + lora_single(x, self.a, self.bs, lora.single, lora.window)
         if lora.chunks is None or seq != 1:
             raise ValueError("chunked LoRA runs one token per row; prefill needs a single slot")
-        delta = lora_chunked(x.view(batch, d_in), self.a, self.bs, lora.chunks, lora.window)
+        a_sel, b_sel = self.chunk_weights(lora.chunks, lora.window, lora.version)
+        delta = lora_chunked(x.view(batch, d_in), a_sel, b_sel, lora.chunks)
         return y.view(batch, -1).index_add(0, lora.chunks.rows, delta).view(batch, 1, -1)

@@ -41,6 +41,7 @@ class SlotBank(nn.Module):
         # Rank written for each module in each slot; beyond it a slot's tensors are all zero.
         self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
         self._window = self._compute_window()  # read every step; recomputed only on writes
+        self.version = 0  # bumped by every write: copies of slot weights made before it are stale
         self.dtype = model.model.embed_tokens.weight.dtype
         by_module: dict[Linear, list[tuple[str, int, int]]] = defaultdict(list)
         for name, part in model.linear_parts().items():
@@ -88,6 +89,7 @@ class SlotBank(nn.Module):
             self._zero(name, slot, 0, rank)
         self._module_ranks[slot] = {}
         self._window = self._compute_window()
+        self.version += 1
 
     @torch.no_grad()
     def load(self, slot: int, weights: AdapterWeights) -> None:
@@ -114,6 +116,7 @@ class SlotBank(nn.Module):
         torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
         self._window = self._compute_window()
+        self.version += 1
 
     def _corner(self, name: str, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of a slot's first `rank` ranks of module `name` (A part [r, in], B [r, out]),
@@ -142,4 +145,5 @@ class SlotBank(nn.Module):
             return LoraBatch(window=self.window(), onehot=onehot)
         ids = slots.tolist()
         single = ids[0] if len(set(ids)) == 1 else None
-        return LoraBatch(window=self.window(), chunks=plan_chunks(ids, self.null_slot, slots.device), single=single)
+        return LoraBatch(window=self.window(), chunks=plan_chunks(ids, self.null_slot, slots.device), single=single,
+                         version=self.version)

@@ -144,3 +144,28 @@ def test_hotswap_slot_contents_equal_a_fresh_load(four_adapters: tuple[Path, lis
             assert torch.equal(got, want), f"{name} differs after loading {order}"
     swapped.clear(1)
     assert all(buffer.abs().sum() == 0 for buffer in swapped.buffers())
+
+
+def test_decode_after_a_hotswap_uses_the_new_weights(four_adapters: tuple[Path, list[Path]]) -> None:
+    """Eager decode keeps each module's gathered slot weights while the rows' slots stay the same;
+    a hotswap into one of those slots must still reach the very next step."""
+    base_dir, folders = four_adapters
+    # Slot 0 keeps the rank-16 adapter, so the rank window (part of the key) stays 16 across the swap.
+    model, bank = loaded_bank(base_dir, folders[:2], rows=4, slots=2)
+    tokens = torch.tensor([[50], [51], [52], [53]])
+    positions = torch.zeros(4, 1, dtype=torch.int64)
+
+    def step(model: Transformer, bank: SlotBank) -> torch.Tensor:
+        lora = bank.batch(torch.tensor([1, 1, 1, bank.null_slot]))
+        return model.logits(model(tokens, positions, row_start=0, kv_len=32, lora=lora))
+
+    before = step(model, bank)
+    assert torch.equal(step(model, bank), before)  # the second step reuses the gathered weights
+    window = bank.window()
+    bank.load(1, load_weights(folders[2], bank, "a2"))
+    assert bank.window() == window
+    after = step(model, bank)
+    fresh_model, fresh_bank = loaded_bank(base_dir, [folders[0], folders[2]], rows=4, slots=2)
+    assert torch.equal(after, step(fresh_model, fresh_bank))
+    assert not torch.equal(after[:3], before[:3])
+    assert torch.equal(after[3], before[3])  # the base-model row is untouched
