@@ -73,8 +73,10 @@ def test_adapter_files_load_and_are_small(name: str, script: ModuleType) -> None
 
 def _serve_command(*make_args: str) -> list[str]:
     """The command `make serve` would run (make -n prints it without running anything)."""
+    # Not the caller's make variables: `make test ARGS=...` exports ARGS to this process.
+    env = {k: v for k, v in os.environ.items() if k not in ("ARGS", "DEMO", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(["make", "-n", "-s", "serve", *make_args], cwd=REPO_ROOT, check=True,
-                          capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+                          capture_output=True, text=True, env=env)
     return shlex.split(done.stdout.strip().splitlines()[-1])
 
 
