@@ -27,7 +27,7 @@ run, next to the batch-32 runs, for the "fraction of the compute bound" target; 
 (bench/machine_limits.py's results) adds the fraction against that file's bound when the file exists.
 
     .venv/bin/python bench/engine_compare.py [--quick] [--out FILE] [--limits FILE]
-    (full: about 4-5 minutes on 2 cores; --quick: eager only, 16 tokens, about 1 minute)
+    (full: about 4-5 minutes on 2 cores; --quick: eager only, batch 1 and 32, 16 tokens, under 1 minute)
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ NAME = "engine_compare"
 MAX_LEN = 128  # prompts <= 40 tokens + 64 new; two attention windows (64, 128) to compile
 EAGER_ROWS = 32  # the eager engine's max_num_seqs (the largest batch)
 BATCHES = [1, 8, 32]
+QUICK_BATCHES = [1, 32]
 COMPILE_BATCHES = [32]
 HF_COMPILE_LIMIT_S = 150  # compile + first generate in the child; beyond it: reported as a timeout
 HF_TIMED_CALL_LIMIT_S = 300
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--limits", type=Path, default=None, help="bench/machine_limits.py results, for the fraction of its compute bound")
     parser.add_argument("--hf-compile-limit", type=int, default=HF_COMPILE_LIMIT_S, help="seconds for transformers' compile + first call")
     parser.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=BATCHES,
-                        help="comma-separated batch sizes (default 1,8,32; the targets use the largest)")
+                        help="comma-separated batch sizes (default 1,8,32, or 1,32 with --quick; the targets use the largest)")
     parser.add_argument("--compile-batches", type=lambda v: [int(b) for b in v.split(",") if b], default=None,
                         help="batch sizes to also run compiled (default 32; none with --quick)")
     parser.add_argument("--new-tokens", type=int, default=None, help=f"per request (default {NEW_TOKENS}; {QUICK_NEW_TOKENS} with --quick)")
@@ -309,7 +310,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else NEW_TOKENS)
-    batches = sorted(args.batches)
+    # --quick keeps the ends (batch 1, and 32 for the targets) unless --batches says otherwise.
+    batches = sorted(args.batches if args.batches is not BATCHES or not args.quick else QUICK_BATCHES)
     compile_batches = args.compile_batches if args.compile_batches is not None else ([] if args.quick else COMPILE_BATCHES)
     started = time.perf_counter()
     tok = tokenizer()

@@ -49,7 +49,7 @@ from bench.servers import die_with_parent, stop_group
 
 NAME = "hotswap_compare"
 ADAPTERS = 8
-REPS, QUICK_REPS = 20, 10
+REPS, QUICK_REPS = 20, 5
 SWAPS, QUICK_SWAPS = 100, 10
 CYCLES, QUICK_CYCLES = 1000, 100
 CHURN_LIMIT_S = 600

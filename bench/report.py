@@ -13,6 +13,7 @@ from typing import Any
 
 README_START = "<!-- bench:start (bench/run_all.py --readme rewrites this block) -->"
 README_END = "<!-- bench:end -->"
+REQUESTS = 32  # the serving burst (bench/serving_compare.py)
 
 SERVING_LABELS = {
     "loraswap_base": "loraswap, base model (8 adapters registered)",
@@ -131,7 +132,10 @@ def markdown(merged: dict[str, Any]) -> str:
                   "greedy, EOS ignored)", "",
                   "| system | tok/s | vs loraswap base | vs PEFT switching | TTFT p50 (s) |", "|---|---:|---:|---:|---:|"]
         for r in serving:
-            lines.append(f"| {SERVING_LABELS.get(r['point'], r['point'])} | {_fmt(r.get('tok_s'))} | "
+            label = SERVING_LABELS.get(r["point"], r["point"])
+            if r.get("requests") and r["requests"] != REQUESTS:  # the serial PEFT server gets fewer
+                label += f" (first {r['requests']} of the {REQUESTS} requests, served one at a time)"
+            lines.append(f"| {label} | {_fmt(r.get('tok_s'))} | "
                          f"{_fmt(r.get('vs_loraswap_base'), 2)} | {_fmt(r.get('vs_peft_switching'), 1)} | "
                          f"{_fmt(r.get('ttft_p50_s'), 2)} |")
         note = vllm_note(parts)
