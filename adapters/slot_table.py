@@ -129,6 +129,15 @@ class SlotTable:
         """`name` is current again (its content was published anew): keep it resident as usual."""
         self._retired.discard(name)
 
+    def prune_retired(self, needed: set[str]) -> None:
+        """Forget the unloaded versions that no queued request needs: the set only marks future
+        loads, and every replace or delete adds a name to it."""
+        if self._retired:
+            self._retired &= needed
+
+    def retired(self) -> frozenset[str]:
+        return frozenset(self._retired)
+
     def is_pinned(self, name: str) -> bool:
         slot = self._where.get(name)
         return slot is not None and self.slots[slot].pinned

@@ -88,3 +88,16 @@ def test_an_unloaded_version_comes_back_only_for_its_queued_rows() -> None:
     table.revive("v1")  # published again: resident as usual
     again = table.acquire("v1")
     assert again is not None and table.release(again.slot) is False and table.resident() == {"v1": again.slot}
+
+
+def test_unloaded_versions_are_forgotten_once_no_queued_request_needs_them() -> None:
+    table = SlotTable(2)
+    for version in ("v1", "v2", "v3"):
+        table.release(table.acquire(version).slot)  # type: ignore[union-attr]
+        table.unload(version)
+    table.prune_retired({"v2"})  # a queued request still asks for v2
+    assert table.retired() == {"v2"}
+    late = table.acquire("v2")
+    assert late is not None and table.release(late.slot) is True  # still emptied after its rows
+    table.prune_retired(set())
+    assert table.retired() == frozenset()

@@ -146,6 +146,10 @@ def test_upload_then_replace_with_a_new_version(client: TestClient, adapters: di
     assert [v["version"] for v in status["versions"]] == [body["version"], again["version"]]
     assert status["version"] == again["version"] and status["requests"] == 2 and status["last_used"] is not None
     assert "ad" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    # The replaced version is not kept marked once no queued request needs it (greedy() ran one
+    # engine step after the replace at least).
+    engine = client.app.state.holder.service.engine  # type: ignore[attr-defined]
+    assert engine.call(engine.slot_table.retired).result(10) == frozenset()
 
 
 def test_load_pin_unload_delete(client: TestClient, adapters: dict[str, Path]) -> None:
