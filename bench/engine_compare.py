@@ -27,7 +27,7 @@ run, next to the batch-32 runs, for the "fraction of the compute bound" target; 
 (bench/machine_limits.py's results) adds the fraction against that file's bound when the file exists.
 
     .venv/bin/python bench/engine_compare.py [--quick] [--out FILE] [--limits FILE]
-    (full: about 4-5 minutes on 2 cores; --quick: eager only, batch 1 and 32, 16 tokens, under 1 minute)
+    (full: about 4-5 minutes on 2 cores; --quick: eager only, batch 1 and 16, 16 tokens, under 1 minute)
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ NAME = "engine_compare"
 MAX_LEN = 128  # prompts <= 40 tokens + 64 new; two attention windows (64, 128) to compile
 EAGER_ROWS = 32  # the eager engine's max_num_seqs (the largest batch)
 BATCHES = [1, 8, 32]
-QUICK_BATCHES = [1, 32]
+QUICK_BATCHES = [1, 16]  # --quick: the targets are then reported at batch 16
 COMPILE_BATCHES = [32]
 HF_COMPILE_LIMIT_S = 150  # compile + first generate in the child; beyond it: reported as a timeout
 HF_TIMED_CALL_LIMIT_S = 300
@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--limits", type=Path, default=None, help="bench/machine_limits.py results, for the fraction of its compute bound")
     parser.add_argument("--hf-compile-limit", type=int, default=HF_COMPILE_LIMIT_S, help="seconds for transformers' compile + first call")
     parser.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=BATCHES,
-                        help="comma-separated batch sizes (default 1,8,32, or 1,32 with --quick; the targets use the largest)")
+                        help="comma-separated batch sizes (default 1,8,32, or 1,16 with --quick; the targets use the largest)")
     parser.add_argument("--compile-batches", type=lambda v: [int(b) for b in v.split(",") if b], default=None,
                         help="batch sizes to also run compiled (default 32; none with --quick)")
     parser.add_argument("--new-tokens", type=int, default=None, help=f"per request (default {NEW_TOKENS}; {QUICK_NEW_TOKENS} with --quick)")

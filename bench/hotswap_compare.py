@@ -3,7 +3,7 @@ recompilation under --compile; resident memory over load/unload churn.
 
 The same adapter files for everyone: random rank-16 adapters on all linear layers of the embedded
 SmolLM2-135M (float32, CPU), as PEFT saves them (bench.common.make_adapters). Median over 20
-swaps each (10 with --quick), cycling through different adapters so every swap changes weights:
+swaps each (5 with --quick), cycling through different adapters so every swap changes weights:
 
 - loraswap `SlotBank.load(slot, weights)`: weights already read and validated in memory (what the
   engine does when a request's adapter is not resident); and end to end: read the files,
@@ -20,7 +20,7 @@ swaps each (10 with --quick), cycling through different adapters so every swap c
   admin API, in process) in a fresh child process; resident memory after all cycles vs after 10.
 
     .venv/bin/python bench/hotswap_compare.py [--quick] [--out FILE]
-    (full: about 2-3 minutes on 2 cores; --quick: 10 swaps under compile, 100 churn cycles,
+    (full: about 2-3 minutes on 2 cores; --quick: 5 swaps under compile, 50 churn cycles,
     under a minute)
 """
 
@@ -50,8 +50,8 @@ from bench.servers import die_with_parent, stop_group
 NAME = "hotswap_compare"
 ADAPTERS = 8
 REPS, QUICK_REPS = 20, 5
-SWAPS, QUICK_SWAPS = 100, 10
-CYCLES, QUICK_CYCLES = 1000, 100
+SWAPS, QUICK_SWAPS = 100, 5
+CYCLES, QUICK_CYCLES = 1000, 50
 CHURN_LIMIT_S = 600
 COMPILE_ROWS, COMPILE_LEN = 4, 64  # one attention window: warm-up compiles 2 graphs
 DECODE_TOKENS = 2  # per request in the compile check: 1 from prefill, 1 compiled decode step

@@ -13,7 +13,6 @@ from typing import Any
 
 README_START = "<!-- bench:start (bench/run_all.py --readme rewrites this block) -->"
 README_END = "<!-- bench:end -->"
-REQUESTS = 32  # the serving burst (bench/serving_compare.py)
 
 SERVING_LABELS = {
     "loraswap_base": "loraswap, base model (8 adapters registered)",
@@ -127,14 +126,15 @@ def markdown(merged: dict[str, Any]) -> str:
         notes = [r["error"] for r in engine if r.get("error")]
         lines += [f"\n{n}" for n in notes]
     serving = serving_rows(parts)
+    burst = parts.get("serving_compare", {}).get("requests", 32)
     if serving:
-        lines += ["", "**Serving many adapters: 32 concurrent chat requests** (HTTP, official `openai` client, "
+        lines += ["", f"**Serving many adapters: {burst} concurrent chat requests** (HTTP, official `openai` client, "
                   "greedy, EOS ignored)", "",
                   "| system | tok/s | vs loraswap base | vs PEFT switching | TTFT p50 (s) |", "|---|---:|---:|---:|---:|"]
         for r in serving:
             label = SERVING_LABELS.get(r["point"], r["point"])
-            if r.get("requests") and r["requests"] != REQUESTS:  # the serial PEFT server gets fewer
-                label += f" (first {r['requests']} of the {REQUESTS} requests, served one at a time)"
+            if r.get("requests") and r["requests"] != burst:  # the serial PEFT server gets fewer
+                label += f" (first {r['requests']} of the {burst} requests, served one at a time)"
             lines.append(f"| {label} | {_fmt(r.get('tok_s'))} | "
                          f"{_fmt(r.get('vs_loraswap_base'), 2)} | {_fmt(r.get('vs_peft_switching'), 1)} | "
                          f"{_fmt(r.get('ttft_p50_s'), 2)} |")

@@ -10,7 +10,7 @@ this script (bench/servers.py).
 
   a. peft_switching:   bench/peft_server.py, the PEFT-guide server: 8 adapters loaded with
                        `load_adapter`, one request at a time, `set_adapter(X)` + `generate`
-                       (requests ad{i % 8}; the first 16 of the 32, 8 in --quick: it serves
+                       (requests ad{i % 8}; the first 16 of the 32, 4 in --quick: it serves
                        one at a time, so its tok/s does not depend on how many wait);
   b. peft_mixed_batch: PEFT's mixed-adapter batch in this process: one `generate(**batch,
                        adapter_names=[...])` over the 32 left-padded prompts (rows ad{i % 8});
@@ -25,7 +25,7 @@ vLLM (CPU) is bench/vllm_baseline.py; its rows have the same fields (`point`, `m
 run_load's fields) so the files can be merged. Ratios are of tokens/s within this one run:
 `vs_loraswap_base` (c) and `vs_peft_switching` (a). Targets: d >= 0.85x c, d >= 10x a.
 
-    .venv/bin/python bench/serving_compare.py --quick   # 16 tokens; (a) only 8 requests, no (e); ~2 min
+    .venv/bin/python bench/serving_compare.py --quick   # 16 requests of 16 tokens; (a) 4 of them; no (e); ~1.5 min
     .venv/bin/python bench/serving_compare.py           # 64 tokens, 32 requests (16 for (a)); ~7 min
 """
 
@@ -64,7 +64,8 @@ BASE = "base"
 REQUESTS = 32
 ADAPTERS = 8
 THRASH_ADAPTERS = 32
-QUICK_PEFT_REQUESTS = 8
+QUICK_REQUESTS = 16  # --quick: a burst of 16 (the server keeps 32 rows)
+QUICK_PEFT_REQUESTS = 4
 # It serves one request at a time, so its tok/s does not depend on how many wait; half the burst keeps
 # `make bench` under 20 minutes (all 32 took 274 s of a 21-minute run).
 FULL_PEFT_REQUESTS = 16
@@ -106,8 +107,8 @@ def report(row: dict[str, Any]) -> None:
           f"tokens {row['completion_tokens']} ({row['requests']} requests)", flush=True)
 
 
-def peft_mixed_batch(adapters: dict[str, Path], max_tokens: int) -> dict[str, Any]:
-    """(b): PEFT's mixed-adapter batch, one `generate` over all REQUESTS left-padded prompts."""
+def peft_mixed_batch(adapters: dict[str, Path], max_tokens: int, requests: int) -> dict[str, Any]:
+    """(b): PEFT's mixed-adapter batch, one `generate` over all `requests` left-padded prompts."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,9 +126,9 @@ def peft_mixed_batch(adapters: dict[str, Path], max_tokens: int) -> dict[str, An
         model.load_adapter(str(path), adapter_name=name)
     model.eval()
     texts = [tokenizer.apply_chat_template(messages(i), tokenize=False, add_generation_prompt=True)
-             for i in range(REQUESTS)]
+             for i in range(requests)]
     batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    names = [f"ad{i % ADAPTERS}" for i in range(REQUESTS)]
+    names = [f"ad{i % ADAPTERS}" for i in range(requests)]
     load_s = time.perf_counter() - start
 
     def generate(tokens: int, model: Any = model) -> torch.Tensor:
@@ -144,11 +145,11 @@ def peft_mixed_batch(adapters: dict[str, Path], max_tokens: int) -> dict[str, An
     total = sum(tokens)
     row = {
         "system": "peft-generate", "point": "peft_mixed_batch", "models": sorted(set(names), key=lambda m: (len(m), m)),
-        "requests": REQUESTS, "max_tokens": max_tokens, "completion_tokens": total, "wall_s": round(wall, 3),
+        "requests": requests, "max_tokens": max_tokens, "completion_tokens": total, "wall_s": round(wall, 3),
         "tok_s": round(total / wall, 2), "ttft_p50_s": None, "ttft_max_s": None, "latency_max_s": round(wall, 3),
         "exact": all(t == max_tokens for t in tokens), "usage": None,
         "sample": tokenizer.decode(new[0], skip_special_tokens=True)[:200], "startup_s": round(load_s, 1),
-        "note": f"in process, one generate(adapter_names=...) over {REQUESTS} left-padded rows (batch padded to "
+        "note": f"in process, one generate(adapter_names=...) over {requests} left-padded rows (batch padded to "
                 f"{batch['input_ids'].shape[1]} prompt tokens); no HTTP and no streaming, so no TTFT",
     }
     report(row)
@@ -164,8 +165,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_NEW_TOKENS} tokens per request; the PEFT-switching server gets "
-                         f"{QUICK_PEFT_REQUESTS} requests")
+                    help=f"{QUICK_REQUESTS} requests of {QUICK_NEW_TOKENS} tokens; the PEFT-switching server gets "
+                         f"{QUICK_PEFT_REQUESTS} of them; no 32-adapter server")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving_compare.json")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of every system (OMP_NUM_THREADS of the servers, torch.set_num_threads "
@@ -185,8 +186,9 @@ def main() -> int:
     tokens = QUICK_NEW_TOKENS if args.quick else NEW_TOKENS
     all_adapters = make_adapters(CACHE / "adapters", THRASH_ADAPTERS)
     adapters = {f"ad{i}": all_adapters[f"ad{i}"] for i in range(ADAPTERS)}
-    spread8 = [f"ad{i % ADAPTERS}" for i in range(REQUESTS)]
-    spread32 = [f"ad{i % THRASH_ADAPTERS}" for i in range(REQUESTS)]
+    requests = QUICK_REQUESTS if args.quick else REQUESTS
+    spread8 = [f"ad{i % ADAPTERS}" for i in range(requests)]
+    spread32 = [f"ad{i % THRASH_ADAPTERS}" for i in range(requests)]
     rows: list[dict[str, Any]] = []
     startups: dict[str, float] = {}
 
@@ -203,7 +205,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serving_compare_") as tmp:
         # (c) and (d): one loraswap server, 8 adapters registered.
         with served("loraswap_8", lambda port: loraswap_cmd(port, Path(tmp) / "data8", adapters)) as srv:
-            rows.append(measure("loraswap", "loraswap_base", srv["url"], [BASE] * REQUESTS, tokens,
+            rows.append(measure("loraswap", "loraswap_base", srv["url"], [BASE] * requests, tokens,
                                 startup_s=srv["startup_s"], note="8 adapters registered, requests to the base model"))
             rows.append(measure("loraswap", "loraswap_8", srv["url"], spread8, tokens, startup_s=srv["startup_s"],
                                 note="requests spread over 8 adapters on 8 slots"))
@@ -225,14 +227,14 @@ def main() -> int:
     with served("peft_server", peft_cmd) as srv:
         note = ("one request at a time (set_adapter + generate), token-by-token streaming: TTFT includes the wait "
                 "behind the requests ahead")
-        if peft_requests != REQUESTS:
-            note += (f"; the first {peft_requests} of the {REQUESTS} requests (tok/s is per-request serial, "
+        if peft_requests != requests:
+            note += (f"; the first {peft_requests} of the {requests} requests (tok/s is per-request serial, "
                      "TTFT not comparable)")
         rows.append(measure("peft-server", "peft_switching", srv["url"], spread8[:peft_requests], tokens,
                             startup_s=srv["startup_s"], note=note))
 
     # (b): PEFT's mixed batch, in this process.
-    rows.append(peft_mixed_batch(adapters, tokens))
+    rows.append(peft_mixed_batch(adapters, tokens, requests))
 
     tok_s = {r["point"]: r["tok_s"] for r in rows}
     base, peft = tok_s.get("loraswap_base"), tok_s.get("peft_switching")
@@ -257,7 +259,7 @@ def main() -> int:
         "startup_s": startups,
         "total_s": round(time.perf_counter() - t0, 1),
     }
-    write(args.out, "serving_compare", rows, summary, quick=args.quick, requests=REQUESTS, new_tokens=tokens,
+    write(args.out, "serving_compare", rows, summary, quick=args.quick, requests=requests, new_tokens=tokens,
           adapters=ADAPTERS, thrash_adapters=THRASH_ADAPTERS, dtype="float32",
           loraswap_flags=" ".join(LORASWAP_FLAGS), loadavg_start=load_start, loadavg_end=os.getloadavg(),
           threads_flag=args.threads)
