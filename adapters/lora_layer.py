@@ -39,7 +39,7 @@ class ChunkPlan:
     slots: torch.Tensor  # [chunks] slot of each chunk
     keep: torch.Tensor  # [n] chunk positions holding real rows (not padding)
     rows: torch.Tensor  # [n] the batch row of each of those positions
-    slot_key: tuple[int, ...] = ()  # `slots` as Python ints: what the gathered weights depend on
+    slot_key: tuple[int, ...]  # `slots` as Python ints: what the gathered weights depend on
 
     def to(self, device: torch.device) -> ChunkPlan:
         return ChunkPlan(self.gather.to(device), self.slots.to(device), self.keep.to(device), self.rows.to(device),

@@ -8,6 +8,7 @@ referenced by a running row is never chosen.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -129,11 +130,12 @@ class SlotTable:
         """`name` is current again (its content was published anew): keep it resident as usual."""
         self._retired.discard(name)
 
-    def prune_retired(self, needed: set[str]) -> None:
+    def prune_retired(self, needed: Iterable[str]) -> None:
         """Forget the unloaded versions that no queued request needs: the set only marks future
-        loads, and every replace or delete adds a name to it."""
+        loads, and every replace or delete adds a name to it. `needed` is read only when there is
+        something to forget (the engine calls this every step)."""
         if self._retired:
-            self._retired &= needed
+            self._retired &= set(needed)
 
     def retired(self) -> frozenset[str]:
         return frozenset(self._retired)

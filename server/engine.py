@@ -259,7 +259,7 @@ class Engine:
                 continue  # its adapter failed to load; the request is already answered
             self._start(item, None if placement is None else placement.slot, now)
         if self.slot_table is not None:  # unloaded versions stay marked only while queued rows need them
-            self.slot_table.prune_retired({w.seq.request.adapter for w in self._waiting if w.seq.request.adapter})
+            self.slot_table.prune_retired(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter)
 
     def _load(self, item: _Waiting, placement: Placement) -> bool:
         """Write the request's adapter into its slot; on failure answer the request, return False."""
