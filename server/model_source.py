@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -76,19 +77,34 @@ def embedded_model_dir() -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into a Hugging Face folder, atomically (temp dir + rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from server.gguf_convert import read_tensors
 
     start = time.monotonic()
     log.info("converting %s to safetensors in %s (one time, about a minute)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        log.info("[1/3] reading tokenizer and chat template")
+        log.info("[1/3] reading config, tokenizer and chat template")
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         log.info("[2/3] dequantizing weights")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tensors = read_tensors(
+            gguf, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+            num_layers=config.num_hidden_layers,
+        )
         log.info("[3/3] writing safetensors")
-        _write_plain_checkpoint(model, tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # What a model loaded from the GGUF would save: its class, float32 weights, no
+        # quantization entry (the tensors are dequantized).
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict["architectures"] = ["LlamaForCausalLM"]
+        config_dict["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for path in tmp.iterdir():
             _fsync(path)
@@ -97,26 +113,6 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("converted in %.1f s", time.monotonic() - start)
-
-
-def _write_plain_checkpoint(model: object, folder: Path) -> None:
-    # save_pretrained refuses GGUF-loaded models, but the tensors are already dequantized floats:
-    # write them and a config without the quantization entry ourselves.
-    import json
-
-    from safetensors.torch import save_file
-
-    config = model.config.to_dict()  # type: ignore[attr-defined]
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
-    if config.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(folder)
 
 
 def _fsync(path: Path) -> None:
