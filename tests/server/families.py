@@ -78,3 +78,33 @@ def make_tiny_chat_llama(folder: Path, *, seed: int = 0) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(embedded / name, folder / name)
     return folder
+
+
+def make_cycle_llama(folder: Path, cycle: list[int]) -> Path:
+    """A tiny chat llama (the embedded tokenizer) whose greedy next token after cycle[i] is
+    cycle[i + 1] (wrapping): attention and MLP add nothing, so the last hidden state is the
+    token's own embedding, a one-hot in a dimension of its own, and the untied head maps that
+    dimension to the next token of the cycle. Exact text tests (a character cut by max_tokens)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from server.model_source import resolve_model
+
+    make_family("llama-mha-untied", folder, vocab_size=CHAT_VOCAB, max_position_embeddings=256)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in tensors:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = torch.zeros_like(tensors[name])
+    embed, head = tensors["model.embed_tokens.weight"], torch.zeros_like(tensors["lm_head.weight"])
+    for i, token in enumerate(cycle):
+        embed[token] = 0.0
+        embed[token, i] = 1.0
+        head[cycle[(i + 1) % len(cycle)], i] = 100.0
+    tensors["lm_head.weight"] = head
+    save_file(tensors, path, metadata={"format": "pt"})
+    embedded = resolve_model(None)
+    for name in TOKENIZER_FILES:
+        shutil.copy(embedded / name, folder / name)
+    return folder
