@@ -8,6 +8,13 @@ and the old slot empties once its last row ends.
 
 Nothing becomes visible before it is completely validated: `add` checks a staged copy against the
 slot spec (every problem at once), then commits it to the store, then publishes it.
+
+Two stores: the persistent one (`--data-dir`: what the admin API uploads, served again after a
+restart) and, for the adapters named at start (`--lora-modules`), one that lives as long as this
+process. A start serves what that start was told to serve: start-up adapters do not come back at
+the next start unless the operator asks for it (`--persist-lora-modules`). A start-up adapter
+shadows a stored one of the same name for that run; an upload under its name makes it
+persistent; a delete removes the name from both.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class AdapterVersion:
     size: int  # bytes on disk
     source: str
     created: float
+    persistent: bool = True  # False: a start-up adapter, kept for this run only
 
     @property
     def key(self) -> str:
@@ -70,7 +78,7 @@ class AdapterRef:
     weights: AdapterWeights = field(repr=False)
 
 
-def _describe(stored: StoredVersion, weights: AdapterWeights | None) -> AdapterVersion:
+def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persistent: bool) -> AdapterVersion:
     if weights is not None:
         rank, alpha, targets = weights.rank, weights.config.lora_alpha, tuple(weights.target_suffixes)
     else:  # the config alone (cheap): rank, alpha, targets as declared
@@ -83,13 +91,17 @@ def _describe(stored: StoredVersion, weights: AdapterWeights | None) -> AdapterV
         targets = (targets_raw,) if isinstance(targets_raw, str) else tuple(sorted(targets_raw))
     return AdapterVersion(
         name=stored.name, version=stored.version, rank=rank, alpha=alpha, target_modules=targets,
-        size=stored.size, source=stored.source, created=stored.created,
+        size=stored.size, source=stored.source, created=stored.created, persistent=persistent,
     )
 
 
 class AdapterCatalog:
-    def __init__(self, store: AdapterStore, spec: SlotSpec, *, base_name: str, max_cpu: int) -> None:
-        self.store = store
+    def __init__(
+        self, store: AdapterStore, spec: SlotSpec, *, base_name: str, max_cpu: int,
+        run_store: AdapterStore | None = None,
+    ) -> None:
+        self.store = store  # persistent: --data-dir
+        self.run_store = run_store  # this process's start-up adapters, or None
         self.spec = spec
         self.base_name = base_name
         self.max_cpu = max(1, max_cpu)
@@ -97,6 +109,7 @@ class AdapterCatalog:
         # Store change + publish as one step: concurrent adds/deletes of a name cannot interleave.
         self._mutate = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}
+        self._stores: dict[str, AdapterStore] = {}  # name -> the store holding its versions
         self._usage: dict[str, Usage] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()  # key -> weights, LRU order
         # CPU-cache lookups by resolve() (for /metrics), and an optional hook timing disk loads.
@@ -105,15 +118,27 @@ class AdapterCatalog:
         self.on_disk_load: Callable[[float], None] | None = None
         for name in store.names():
             try:
-                self._current[name] = _describe(store.current(name), None)
+                self._current[name] = _describe(store.current(name), None, persistent=True)
+                self._stores[name] = store
                 self._usage[name] = Usage()
             except Exception as exc:  # one unreadable entry must not stop the server
                 log.warning("skipping stored adapter %s: %s", name, exc)
 
     # ---- publishing ----------------------------------------------------------------------
-    def add(self, name: str, staged: Staged, *, source: str) -> tuple[AdapterVersion, AdapterVersion | None]:
-        """Validate the staged copy completely, commit it and make it `name`'s current version.
-        Returns (new, previous or None). The staged copy is discarded on any failure."""
+    def store_for(self, *, persist: bool) -> AdapterStore:
+        """Where a new version goes: the persistent store, or this run's (stage into it first)."""
+        if persist:
+            return self.store
+        if self.run_store is None:
+            raise RuntimeError("this catalog has no store for start-up adapters")
+        return self.run_store
+
+    def add(
+        self, name: str, staged: Staged, *, source: str, persist: bool = True
+    ) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Validate the staged copy completely, commit it to the persistent store (or, with
+        persist=False, to this run's) and make it `name`'s current version. Returns (new,
+        previous or None). The staged copy is discarded on any failure."""
         try:
             check_name(name)
             if name == self.base_name:
@@ -122,14 +147,19 @@ class AdapterCatalog:
         except BaseException:
             staged.discard()
             raise
+        target = self.store_for(persist=persist)
         with self._mutate:
-            stored = self.store.commit(name, staged, source=source)
-            info = _describe(stored, weights)
+            stored = target.commit(name, staged, source=source)
+            info = _describe(stored, weights, persistent=persist)
+            moved_from = self._stores.get(name)
             with self._lock:
                 previous = self._current.get(name)
                 self._current[name] = info
+                self._stores[name] = target
                 self._usage.setdefault(name, Usage())
                 self._remember(info.key, weights)
+            if moved_from is not None and moved_from is not target and moved_from is self.run_store:
+                moved_from.delete(name)  # uploaded under a start-up adapter's name: now persistent
         log.info("adapter %s version %s (rank %d, %s) from %s", name, info.version[:16], info.rank,
                  ",".join(info.target_modules), source)
         return info, previous if previous is not None and previous.version != info.version else None
@@ -140,12 +170,16 @@ class AdapterCatalog:
             with self._lock:
                 if name not in self._current:
                     raise AdapterNotFoundError(f"adapter {name!r} does not exist")
-                keys = [version_key(name, v.version) for v in self.store.versions(name)]
+                # A start-up adapter may shadow a stored one of the same name: both go.
+                holding = [s for s in (self.run_store, self.store) if s is not None and name in s.names()]
+                keys = [version_key(name, v.version) for s in holding for v in s.versions(name)]
                 del self._current[name]
+                del self._stores[name]
                 self._usage.pop(name, None)
                 for key in keys:
                     self._cache.pop(key, None)
-            self.store.delete(name)
+            for store in holding:
+                store.delete(name)
         return keys
 
     # ---- reading -------------------------------------------------------------------------
@@ -164,7 +198,13 @@ class AdapterCatalog:
 
     def versions(self, name: str) -> list[StoredVersion]:
         self.get(name)
-        return self.store.versions(name)
+        return self._store_of(name).versions(name)
+
+    def _store_of(self, name: str) -> AdapterStore:
+        store = self._stores.get(name)
+        if store is None:  # deleted meanwhile
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+        return store
 
     def usage(self, name: str) -> Usage:
         return self._usage.get(name, Usage())
@@ -184,7 +224,7 @@ class AdapterCatalog:
             else:
                 self.cache_misses += 1
         if weights is None:
-            stored = next(v for v in self.store.versions(name) if v.version == info.version)
+            stored = next(v for v in self._store_of(name).versions(name) if v.version == info.version)
             start = time.monotonic()
             weights = validate(read_adapter_dir(stored.path, name), self.spec, name)
             elapsed = time.monotonic() - start

@@ -28,9 +28,11 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -140,6 +142,15 @@ class AdapterStore:
         self._catalog, dropped = self._load()
         if dropped:  # persist the repair so the warning is logged once
             self._write_catalog(self._catalog)
+
+    @classmethod
+    def temporary(cls, prefix: str = "loraswap-run-") -> AdapterStore:
+        """A store in a new folder under the system's temp dir ($TMPDIR), removed with the store
+        or at the latest when the process exits: what a run holds without persisting it."""
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        store = cls(root)
+        weakref.finalize(store, shutil.rmtree, root, True)
+        return store
 
     def stage_files(self, config: bytes, weights: BinaryIO | Path, *, max_bytes: int | None = None) -> Staged:
         # No lock: long I/O into a private temp folder; only commit touches shared state.

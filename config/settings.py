@@ -45,7 +45,13 @@ class Settings(BaseSettings):
     max_loras: int = Field(default=8, ge=1, le=256, description="LoRA slots in every targeted layer.")
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Rank of every LoRA slot.")
     lora_modules: dict[str, str] = Field(
-        default_factory=dict, description="Adapters loaded at start: name -> PEFT adapter folder."
+        default_factory=dict,
+        description="Adapters served by this run: name -> PEFT adapter folder (not kept for the next start).",
+    )
+    persist_lora_modules: bool = Field(
+        default=False,
+        description="Publish the lora_modules adapters into the adapter store, as an upload would: "
+        "they are then served after a restart too.",
     )
     compile: bool = Field(default=False, description="torch.compile the model step.")
     quantization: Literal["none", "int8", "nf4", "fp4"] = Field(

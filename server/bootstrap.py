@@ -106,11 +106,15 @@ def build_service(settings: Settings) -> CompletionService:
         model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
     )
     name = served_name(settings, folder)
+    # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
+    # in a temp folder that goes with the process.
+    run_store = None if settings.persist_lora_modules or not settings.lora_modules else AdapterStore.temporary()
     catalog = AdapterCatalog(
-        AdapterStore(data_dir(settings)), bank.spec(), base_name=name, max_cpu=settings.max_cpu_loras
+        AdapterStore(data_dir(settings)), bank.spec(), base_name=name, max_cpu=settings.max_cpu_loras,
+        run_store=run_store,
     )
     for adapter_name, path in settings.lora_modules.items():
-        load_adapter(catalog, adapter_name, Path(path).expanduser())
+        load_adapter(catalog, adapter_name, Path(path).expanduser(), persist=settings.persist_lora_modules)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
         ModelRunner(model, bank, compile=settings.compile),
@@ -171,13 +175,18 @@ def data_dir(settings: Settings) -> Path:
     return Path(base) / "loraswap"
 
 
-def load_adapter(catalog: AdapterCatalog, name: str, path: Path) -> AdapterVersion:
+def load_adapter(catalog: AdapterCatalog, name: str, path: Path, *, persist: bool) -> AdapterVersion:
     """Validate (every problem at once) and publish a PEFT adapter folder given at start (the
-    operator's own path: no --adapter-roots check). The store keeps it; slots load on demand."""
+    operator's own path: no --adapter-roots check). A copy is kept for this run, or in the
+    persistent store with `persist`; slots load on demand."""
     start = time.monotonic()
-    info, _ = catalog.add(name, catalog.store.stage_dir(path), source=f"path:{path}")
-    log.info("adapter %s (rank %d, %s) ready in %.0f ms", name, info.rank,
-             ",".join(info.target_modules), (time.monotonic() - start) * 1000)
+    store = catalog.store_for(persist=persist)
+    info, _ = catalog.add(name, store.stage_dir(path), source=f"path:{path}", persist=persist)
+    if not persist and name in catalog.store.names():
+        log.warning("adapter %s: the start-up adapter is served instead of the stored one of that name "
+                    "for this run", name)
+    log.info("adapter %s (rank %d, %s, %s) ready in %.0f ms", name, info.rank, ",".join(info.target_modules),
+             "persistent" if persist else "this run only", (time.monotonic() - start) * 1000)
     return info
 
 

@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, help="LoRA slots per targeted layer (default 8)")
     serve.add_argument("--max-lora-rank", type=int, help="rank of every LoRA slot (default 64)")
     serve.add_argument(
-        "--lora-modules", nargs="+", metavar="NAME=PATH", help="PEFT adapters to load at start"
+        "--lora-modules", nargs="+", metavar="NAME=PATH",
+        help="PEFT adapters served by this run (not kept for the next start, unless --persist-lora-modules)",
+    )
+    serve.add_argument(
+        "--persist-lora-modules", action="store_true", default=None,
+        help="publish the --lora-modules adapters into the adapter store (--data-dir), as an upload would",
     )
     serve.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model step"

@@ -420,3 +420,31 @@ def test_concurrent_commits(tmp_path: Path) -> None:
     reopened = AdapterStore(tmp_path)
     assert reopened.names() == [f"n{i}" for i in range(6)]
     assert all(len(reopened.versions(f"n{i}")) == 5 for i in range(6))
+
+
+def test_temporary_store_goes_with_its_owner_and_with_the_process(tmp_path: Path) -> None:
+    """The store of start-up adapters (--lora-modules) is removed once nothing holds it, and at
+    the latest when the process exits."""
+    import gc
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path)
+    try:
+        store = AdapterStore.temporary()
+        root = store.root
+        assert root.parent == tmp_path and root.is_dir()
+        del store
+        gc.collect()
+        assert not root.exists()
+    finally:
+        tempfile.tempdir = previous
+    script = (
+        "import sys; from adapters.store import AdapterStore\n"
+        "store = AdapterStore.temporary(); print(store.root); sys.stdout.flush()\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    left = Path(out.stdout.strip())
+    assert left.parent == tmp_path and not left.exists()
