@@ -65,6 +65,7 @@ class Linear(nn.Linear):
                                        compress_statistics=False, quant_type=method)
             module.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=False,
                                               quant_type=method, module=module)
+            keep_compute_dtype(module)
         else:
             raise ValueError(f"unknown quantization {method!r}")
         if has_bias:
@@ -108,6 +109,18 @@ class Linear(nn.Linear):
         if lora is not None and self.lora is not None:
             y = self.lora.add_to(y, x, lora)
         return y
+
+
+def keep_compute_dtype(module: nn.Module) -> None:
+    """Make a bitsandbytes Linear4bit compute in its compute_dtype on every CPU.
+
+    bitsandbytes 0.50 repacks a 4-bit weight at its first forward on a CPU with AVX512-BF16 and
+    then computes in bfloat16 whatever compute_dtype says; the repacking reshapes the block
+    scales to [out, in // 64], so a projection whose input size is not a multiple of 64 crashes
+    there, eager or compiled. With the repacking off, such a host dequantizes and multiplies in
+    the compute dtype as an AVX2 host does: the same numbers everywhere, any shape."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

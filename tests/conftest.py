@@ -12,6 +12,31 @@ import pytest
 from tests.server.families import make_tiny_chat_llama
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which CPU the suite ran on: kernels (oneDNN, bitsandbytes) differ between AVX2 and AVX-512
+    hosts, and every test must hold on both."""
+    import torch
+
+    try:
+        words = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        words = set()
+    flags = [flag for flag in CPU_FLAGS if flag in words] or ["unknown"]
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        bnb = "yes (loraswap keeps float32 compute)" if has_avx512bf16() else "no"
+    except ImportError:
+        bnb = "not installed"
+    return [
+        f"cpu: {' '.join(flags)}; torch capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}; bitsandbytes AVX512-BF16 path: {bnb}"
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama folder (config.json, safetensors, SmolLM2 tokenizer and chat template)."""

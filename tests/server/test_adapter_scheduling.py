@@ -20,12 +20,13 @@ from server.weights import build_model
 from tests.server.fakes import Collector, NoText
 
 
-def random_adapters(bank: SlotBank, count: int) -> dict[str, AdapterWeights]:
+def random_adapters(bank: SlotBank, count: int, ranks: list[int] | None = None) -> dict[str, AdapterWeights]:
+    """`count` random adapters, each on its own subset of the targets; ranks 2..8 unless given."""
     spec = bank.spec()
     adapters = {}
     for i in range(count):
         g = torch.Generator().manual_seed(1000 + i)
-        rank = 2 + i % 7
+        rank = ranks[i % len(ranks)] if ranks else 2 + i % 7
         modules = {
             name: ModuleLora(a=torch.randn(rank, d_in, generator=g) * 0.3, b=torch.randn(d_out, rank, generator=g) * 0.3, scaling=1.0)
             for j, (name, (d_in, d_out)) in enumerate(spec.targets.items())
