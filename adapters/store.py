@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,22 @@ _CATALOG_TMP_PREFIX = ".catalog-"
 _FORMAT = 1
 
 log = logging.getLogger(__name__)
+
+# Every point between two durable steps of a change, in the order a commit reaches them (stage,
+# place, catalog) and then those of a removal. Tests kill a process at each one in turn
+# (tests/adapters/test_store.py) through CRASH_POINT; in production it stays None.
+STEPS = (
+    "stage:config-partial", "stage:config", "stage:weights-partial", "stage:weights", "stage:synced",
+    "place:renamed", "place:synced",
+    "catalog:written-partial", "catalog:written", "catalog:replaced", "catalog:synced",
+    "remove:moved",
+)
+CRASH_POINT: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if CRASH_POINT is not None:
+        CRASH_POINT(name)
 
 
 class StoreError(LoraswapError):
@@ -118,11 +135,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes, step: str) -> None:
     with open(path, "wb") as out:
-        out.write(data)
+        half = len(data) // 2
+        out.write(data[:half])
+        out.flush()
+        _step(f"{step}-partial")  # a crash here leaves a half-written file behind
+        out.write(data[half:])
         out.flush()
         os.fsync(out.fileno())
+    _step(step)
+
+
+def _folder_version(folder: Path) -> str:
+    """sha256(config bytes + weights bytes) of a version folder, read in bounded blocks."""
+    digest = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
+    with open(folder / WEIGHTS_FILE, "rb") as weights:
+        while block := weights.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _complete(folder: Path) -> bool:
@@ -158,11 +189,12 @@ class AdapterStore:
         folder.mkdir()
         try:
             digest = hashlib.sha256(config)
-            _write_synced(folder / CONFIG_FILE, config)
+            _write_synced(folder / CONFIG_FILE, config, "stage:config")
             with contextlib.ExitStack() as stack:
                 src = stack.enter_context(open(weights, "rb")) if isinstance(weights, os.PathLike) else weights
                 written = self._copy(src, folder / WEIGHTS_FILE, digest, max_bytes)
             _fsync_dir(folder)
+            _step("stage:synced")
         except BaseException:  # including KeyboardInterrupt: never leave a partial copy behind
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -184,8 +216,12 @@ class AdapterStore:
                     raise AdapterTooLargeError(f"adapter weights exceed the limit of {max_bytes / 1e6:g} MB")
                 digest.update(block)
                 out.write(block)
+                if written == len(block):  # after the first block: a crash leaves a partial copy
+                    out.flush()
+                    _step("stage:weights-partial")
             out.flush()
             os.fsync(out.fileno())
+        _step("stage:weights")
         return written
 
     def commit(self, name: str, staged: Staged, *, source: str) -> StoredVersion:
@@ -203,22 +239,27 @@ class AdapterStore:
             return stored
 
     def _place(self, name: str, staged: Staged) -> Path:
-        """Move the staged folder to adapters/<name>/<version>/, or reuse an identical complete one."""
+        """Move the staged folder to adapters/<name>/<version>/, or reuse an identical one: a folder
+        already there is reused only if its files hash to the version (one left unlisted by a
+        crash, or damaged by hand, is replaced)."""
         parent = self._adapters / name
         dest = parent / staged.version
-        if _complete(dest):
+        if _complete(dest) and _folder_version(dest) == staged.version:
             staged.discard()  # same hash, same content: idempotent
             return dest
         if not staged.path.is_dir():
             raise StoreError("the staged copy no longer exists (already committed or discarded)")
-        if dest.exists():  # incomplete only if a file was removed by hand; replace it
+        if dest.exists():  # incomplete or not what its name says: replace it
+            log.warning("adapter store: replacing %s/%s: its files do not hash to its name", name, staged.version)
             self._remove(dest)
         if not parent.is_dir():
             parent.mkdir()
             _fsync_dir(self._adapters)
         os.rename(staged.path, dest)
+        _step("place:renamed")
         _fsync_dir(parent)
         _fsync_dir(self._tmp)
+        _step("place:synced")
         return dest
 
     def delete(self, name: str) -> None:
@@ -269,6 +310,7 @@ class AdapterStore:
         except FileNotFoundError:
             return
         _fsync_dir(path.parent)
+        _step("remove:moved")
         shutil.rmtree(trash, ignore_errors=True)
 
     def _replace_catalog(self, catalog: dict[str, _Entry]) -> None:
@@ -284,12 +326,14 @@ class AdapterStore:
         }
         tmp = self.root / f"{_CATALOG_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
         try:
-            _write_synced(tmp, json.dumps({"format": _FORMAT, "adapters": adapters}, indent=1).encode())
+            _write_synced(tmp, json.dumps({"format": _FORMAT, "adapters": adapters}, indent=1).encode(), "catalog:written")
             os.replace(tmp, self._catalog_path)  # atomic: readers see the old or the new file
+            _step("catalog:replaced")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.root)  # make the replace itself durable
+        _step("catalog:synced")
 
     def _clean_leftovers(self) -> None:
         for child in self._tmp.iterdir():

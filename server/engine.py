@@ -106,6 +106,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.on_slot_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
+        # How requests ended in the engine ("abort": cancelled; counted where it happens, so a
+        # cancel that never reaches the engine shows), and the tokens it sampled. Fixed keys: read
+        # from other threads while the engine thread counts.
+        self.finished: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0}
+        self.generated_tokens = 0
 
     # ---- public, thread-safe -------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
@@ -155,6 +160,8 @@ class Engine:
     def stats(self) -> dict[str, object]:
         """Scheduler counters for /ready (read from another thread: plain ints and copies)."""
         out: dict[str, object] = {"running": len(self._running), "waiting": self._pending}
+        out["finished"] = dict(self.finished)
+        out["generated_tokens"] = self.generated_tokens
         out["compile"] = {
             "enabled": self.runner.compiled,
             "graphs": self.runner.compile_counter.graphs,
@@ -277,7 +284,7 @@ class Engine:
             log.exception("loading adapter %s failed", name)
             self.slot_table.release(placement.slot)
             self.slot_table.forget(placement.slot)
-            item.sink(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}"))
+            item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}")))
             return False
 
     def _write_slot(self, slot: int, weights: Any) -> None:
@@ -332,9 +339,17 @@ class Engine:
 
     def _emit(self, seq: Sequence, event: RequestOutput) -> None:
         sink = self._running[seq.request_id][1]
+        self.generated_tokens += len(event.token_ids)
         if seq.finished:
             self._release(seq)
+            self._count(event)
         sink(event)
+
+    def _count(self, event: RequestOutput) -> RequestOutput:
+        """Record how a request ended; returns the event (for `sink(self._count(...))`)."""
+        if event.finish_reason is not None:
+            self.finished[event.finish_reason] += 1
+        return event
 
     def _release(self, seq: Sequence) -> None:
         self._running.pop(seq.request_id, None)
@@ -378,17 +393,17 @@ class Engine:
         for item in list(self._waiting):
             if item.seq.request_id == request_id:
                 self._dequeue(item)
-                item.sink(item.seq.abort())
+                item.sink(self._count(item.seq.abort()))
                 return
         if request_id in self._running:
             seq, sink = self._running[request_id]
             self._release(seq)
-            sink(seq.abort())
+            sink(self._count(seq.abort()))
 
     def _fail_all(self, message: str) -> None:
         for seq, sink in list(self._running.values()):
             self._release(seq)
-            sink(seq.abort("error", error=message))
+            sink(self._count(seq.abort("error", error=message)))
         for item in list(self._waiting):
             self._dequeue(item)
-            item.sink(item.seq.abort("error", error=message))
+            item.sink(self._count(item.seq.abort("error", error=message)))

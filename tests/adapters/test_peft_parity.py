@@ -124,8 +124,15 @@ def test_hotswap_leaves_no_residue(four_adapters: tuple[Path, list[Path]]) -> No
     assert torch.equal(native_logits(model, bank, ids, 0), fresh)
     assert torch.equal(native_logits(model, bank, ids, 1), base)  # cleared slot = base model
     assert bank.ranks == [4, 0]
-    for name, buffer in bank.named_buffers():  # A and B past rank 4 are zero in slot 0
-        assert buffer[4:, 0].abs().sum() == 0, name
+    # Slot 0 (slot-major: a # [K+1, R, P, in], b # [K+1, R, out]): nothing past rank 4 anywhere,
+    # and nothing at all in the modules the rank-4 adapter does not target.
+    for name, (a, part, b) in bank._where.items():
+        past_a, past_b = a[0, 4:, part], b[0, 4:]
+        assert past_a.numel() > 0 and past_b.numel() > 0, name
+        assert past_a.abs().sum() == 0 and past_b.abs().sum() == 0, name
+        if name not in rank4.modules:
+            assert a[0, :, part].abs().sum() == 0 and b[0].abs().sum() == 0, name
+    assert set(rank16.modules) - set(rank4.modules), "the first adapter must reach modules the second does not"
 
 
 def test_hotswap_slot_contents_equal_a_fresh_load(four_adapters: tuple[Path, list[Path]]) -> None:

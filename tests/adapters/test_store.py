@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.store import (
+    STEPS,
     AdapterNameError,
     AdapterStore,
     StoreError,
@@ -222,95 +223,77 @@ def test_malformed_catalog_refuses_to_start(tmp_path: Path) -> None:
 
 # The child commits version 1, then stages version 2 from a slow endless stream; it prints a marker
 # once staging has written some blocks, and the test kills it there.
-_CHILD = r"""
-import io, sys, time
-from collections.abc import Iterator
+# A child commits "a" and "b", then arms the crash hook for one step and makes one more change:
+# a new version of "a" (commit) or the removal of "b" (delete). It is SIGKILLed at that step.
+_CRASH_CHILD = r"""
+import io, os, signal, sys
 from pathlib import Path
-from typing import IO
-from adapters.store import AdapterStore
+import adapters.store as st
 
-class Slow(io.RawIOBase):
-    reads = 0
-    def readable(self): return True
-    def read(self, size=-1):
-        self.reads += 1
-        if self.reads == 3:
-            print("STAGING", flush=True)
-        if self.reads >= 3:
-            time.sleep(0.05)
-        return b"" if self.reads > 2000 else b"\x02" * size
-
-store = AdapterStore(Path(sys.argv[1]))
-store.commit("a", store.stage_files(b'{"v": 1}', io.BytesIO(b"\x01" * 5000)), source="upload")
-print("COMMITTED", flush=True)
-store.commit("a", store.stage_files(b'{"v": 2}', Slow()), source="upload")
-print("UNREACHED", flush=True)
+root, step, action = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+store = st.AdapterStore(root)
+store.commit("a", store.stage_files(b'{"v": 1}', io.BytesIO(b"\x01" * 3_000_000)), source="upload")
+store.commit("b", store.stage_files(b'{"v": 9}', io.BytesIO(b"\x09" * 10)), source="upload")
+st.CRASH_POINT = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
+if action == "commit":  # 3 MB: the weights take several blocks, so the partial copy is partial
+    store.commit("a", store.stage_files(b'{"v": 2}', io.BytesIO(b"\x02" * 3_000_000)), source="upload")
+else:
+    store.delete("b")
+print("NOT KILLED", flush=True)
 """
+V1 = sha(b'{"v": 1}', b"\x01" * 3_000_000)
+V2 = sha(b'{"v": 2}', b"\x02" * 3_000_000)
+VB = sha(b'{"v": 9}', b"\x09" * 10)
+# The steps each change passes through (adapters/store.py STEPS lists them all).
+COMMIT_STEPS = [s for s in STEPS if not s.startswith("remove:")]
+DELETE_STEPS = [s for s in STEPS if s.startswith(("catalog:", "remove:"))]
+# Once the new catalog has replaced the old one, the change is what a restart sees.
+DONE_AFTER = ("catalog:replaced", "catalog:synced", "remove:moved")
 
 
-@contextlib.contextmanager
-def child_process(script: str, root: Path) -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
-    """Run `script` with the store root as argv[1]; always killed and reaped on exit."""
-    child = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+def test_every_step_is_a_crash_point(tmp_path: Path) -> None:
+    """The hook sits where STEPS says: a commit and a removal pass every listed step."""
+    import adapters.store as store_module
+
+    seen: list[str] = []
+    store = AdapterStore(tmp_path)
+    add(store, "a", b"\x01" * 3_000_000)
+    store_module.CRASH_POINT = seen.append
     try:
-        assert child.stdout is not None
-        yield child, child.stdout
+        add(store, "a", b"\x02" * 3_000_000)
+        assert seen == COMMIT_STEPS
+        seen.clear()
+        store.delete("a")
+        assert seen == DELETE_STEPS
     finally:
-        child.kill()
-        child.wait()
+        store_module.CRASH_POINT = None
 
 
-def test_sigkill_while_staging_keeps_the_previous_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("action", "step"), [("commit", s) for s in COMMIT_STEPS] + [("delete", s) for s in DELETE_STEPS])
+def test_sigkill_at_every_step_leaves_a_consistent_store(tmp_path: Path, action: str, step: str) -> None:
+    """Killed at any step of a commit or a removal, the store reopens as it was before the change
+    or as it is after it, never between: every listed version whole, nothing staged left, the
+    catalog readable. A non-atomic step (say the catalog written in place) fails this."""
     root = tmp_path / "data"
-    with child_process(_CHILD, root) as (child, stdout):
-        assert stdout.readline().strip() == "COMMITTED"
-        assert stdout.readline().strip() == "STAGING"
-        partial = [p / "adapter_model.safetensors" for p in tmp_entries(root)]
-        assert len(partial) == 1 and partial[0].stat().st_size >= 2 << 20  # killed mid-copy
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
+    child = subprocess.run([sys.executable, "-c", _CRASH_CHILD, str(root), step, action], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == -signal.SIGKILL, (child.returncode, child.stdout, child.stderr[-2000:])
 
-    store = AdapterStore(root)
-    expected = sha(b'{"v": 1}', b"\x01" * 5000)
-    assert store.names() == ["a"]
-    assert [v.version for v in store.versions("a")] == [expected]
-    assert store.current("a").version == expected
-    assert files_hash(store.current("a")) == expected
+    store = AdapterStore(root)  # must open: a half-written catalog would make it refuse
+    done = step in DONE_AFTER
+    if action == "commit":
+        assert store.names() == ["a", "b"]
+        assert store.current("a").version == (V2 if done else V1)
+        assert [v.version for v in store.versions("a")] == ([V1, V2] if done else [V1])
+    else:
+        assert store.names() == (["a"] if done else ["a", "b"])
+    for name in store.names():
+        for stored in store.versions(name):
+            assert files_hash(stored) == stored.version, (name, stored.version)
+    if "b" in store.names():
+        assert store.current("b").version == VB
     assert tmp_entries(root) == []
-    assert [p.name for p in (root / "adapters" / "a").iterdir()] == [expected]
-
-
-# The child commits new versions as fast as it can; the test kills it at an arbitrary moment.
-_LOOP_CHILD = r"""
-import io, sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO
-from adapters.store import AdapterStore
-
-store = AdapterStore(Path(sys.argv[1]))
-for i in range(100000):
-    store.commit("a", store.stage_files(b"{}", io.BytesIO(b"w%d" % i * 1000)), source="upload")
-    if i == 2:
-        print("READY", flush=True)
-"""
-
-
-def test_sigkill_at_any_moment_of_commits_leaves_a_consistent_store(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    with child_process(_LOOP_CHILD, root) as (child, stdout):
-        assert stdout.readline().strip() == "READY"
-        threading.Event().wait(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-
-    store = AdapterStore(root)
-    versions = store.versions("a")
-    assert len(versions) >= 3
-    assert store.current("a") == versions[-1]
-    for stored in versions:
-        assert files_hash(stored) == stored.version
-    assert tmp_entries(root) == []
+    assert not list(root.glob(".catalog-*"))
 
 
 def test_max_bytes_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
@@ -448,3 +431,14 @@ def test_temporary_store_goes_with_its_owner_and_with_the_process(tmp_path: Path
                          cwd=Path(__file__).resolve().parents[2])
     left = Path(out.stdout.strip())
     assert left.parent == tmp_path and not left.exists()
+
+
+def test_a_damaged_version_folder_is_not_reused(tmp_path: Path) -> None:
+    """Committing content whose version folder exists reuses the folder only if its files hash
+    to the version; a damaged or half-copied one is replaced by the new copy."""
+    store = AdapterStore(tmp_path)
+    first = add(store, "a", b"\x01" * 5000)
+    (first.path / "adapter_model.safetensors").write_bytes(b"\x01" * 100)  # damaged behind our back
+    again = add(store, "a", b"\x01" * 5000)
+    assert again.path == first.path and files_hash(again) == again.version
+    assert tmp_entries(tmp_path) == []

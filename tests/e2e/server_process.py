@@ -70,13 +70,19 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> N
 
 
 @contextmanager
-def running_server(args: list[str], log_dir: Path, http: httpx.Client) -> Iterator[Server]:
-    """`python -m server serve --port <free> *args`, ready, stopped at exit."""
+def running_server(
+    args: list[str], log_dir: Path, http: httpx.Client, *, python_prelude: str | None = None
+) -> Iterator[Server]:
+    """`python -m server serve --port <free> *args`, ready, stopped at exit. `python_prelude`:
+    Python run in the server process before the CLI starts (test hooks, e.g. a crash point)."""
     port = free_port()
     log_path = log_dir / "server.log"
     if "--data-dir" not in args:  # each server its own adapter store
         args = [*args, "--data-dir", str(log_dir / "data")]
     command = [sys.executable, "-m", "server", "serve", "--port", str(port), *args]
+    if python_prelude is not None:
+        entry = f"{python_prelude}\nimport sys\nfrom server.cli import main\nsys.exit(main(sys.argv[1:]))"
+        command = [sys.executable, "-c", entry, *command[3:]]
     with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     server = Server(base_url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)

@@ -332,12 +332,18 @@ def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, ad
     try:
         for i in range(20):
             assert upload(client, "swap", versions[i % 2]).status_code == 200
-            time.sleep(0.05)
+            # Each swap waits for one more answer, not for a while: requests and swaps interleave
+            # however fast or slow the host is.
+            wanted = len(answers) + 1
+            deadline = time.monotonic() + 120
+            while len(answers) < wanted and not failures:
+                assert time.monotonic() < deadline, "no answer came after a swap"
+                time.sleep(0.01)
     finally:
         stop.set()
         for thread in callers:
             thread.join(60)
-    assert not failures and len(answers) >= 10
+    assert not failures and len(answers) >= 20
     assert set(answers) <= set(expected), set(answers) - set(expected)  # each entirely one version
     stats = client.get("/ready").json()["slots"]
     assert stats["references"] == [0, 0]
@@ -345,20 +351,59 @@ def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, ad
     assert all(key == current for key in stats["resident"] if key.startswith("swap@"))  # old versions left
 
 
+class PausedEngine:
+    """Blocks the engine thread at the start of its next decode step until `resume()`: the
+    request in flight then stays in flight, however fast the host generates."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.real = engine, engine.runner.decode
+        self.paused, self._resume = threading.Event(), threading.Event()
+        engine.runner.decode = self._decode
+
+    def _decode(self, rows: list[int]) -> Any:
+        if not self._resume.is_set():
+            self.paused.set()
+            self._resume.wait(120)
+        return self.real(rows)
+
+    def resume(self) -> None:
+        self._resume.set()
+        self.engine.runner.decode = self.real
+
+
 def test_delete_lets_running_requests_finish(client: TestClient, adapters: dict[str, Path]) -> None:
     assert upload(client, "doomed", adapters["one"]).status_code == 200
-    body = {"model": "doomed", "prompt": "hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        assert '"text"' in first  # the request is running on the adapter
-        assert client.get("/ready").json()["running"] == 1  # ... and still is when the DELETE lands
-        assert client.delete("/admin/adapters/doomed", headers=AUTH).status_code == 200
-        rest = [line for line in lines if line.startswith("data: ")]
+    body = {"model": "doomed", "prompt": "hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    expected = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    engine = client.app.state.holder.service.engine  # type: ignore[attr-defined]
+    unloading = threading.Event()
+    real_unload = engine.unload_adapter
+    engine.unload_adapter = lambda *a, **k: (unloading.set(), real_unload(*a, **k))[1]
+    deleted: list[Any] = []
+    pause = PausedEngine(engine)
+    try:
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert pause.paused.wait(60), "the request never reached its second token"
+            first = next(line for line in lines if line.startswith("data: "))
+            assert '"text"' in first  # the request is running on the adapter ...
+            assert client.get("/ready").json()["running"] == 1  # ... and still is when the DELETE lands
+            deleter = threading.Thread(target=lambda: deleted.append(client.delete("/admin/adapters/doomed", headers=AUTH)))
+            deleter.start()
+            assert unloading.wait(60), "the DELETE never asked the engine to unload"
+            pause.resume()
+            rest = [line for line in lines if line.startswith("data: ")]
+        deleter.join(60)
+    finally:
+        pause.resume()
+        engine.unload_adapter = real_unload
+    assert deleted and deleted[0].status_code == 200, deleted
     assert rest[-1] == "data: [DONE]"
-    finals = [json.loads(line[6:]) for line in rest[:-1]]
-    assert all("error" not in chunk for chunk in finals)
-    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in finals)
+    chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert all("error" not in chunk for chunk in chunks)
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in chunks)
+    # It finished on the deleted adapter's weights, all 60 tokens of them.
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected
     error(client.post("/v1/completions", json={"model": "doomed", "prompt": "x", "max_tokens": 1}), 404)
     assert not [k for k in client.get("/ready").json()["slots"]["resident"] if k.startswith("doomed@")]
 
