@@ -19,7 +19,6 @@ persistent; a delete removes the name from both.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.errors import AdapterNotFoundError, InvalidAdapterError
-from adapters.peft_format import parse_config, read_adapter_dir
+from adapters.peft_format import parse_config_file, read_adapter_dir
 from adapters.registry import check_name
 from adapters.store import CONFIG_FILE, AdapterStore, Staged, StoredVersion
 from adapters.validation import AdapterWeights, SlotSpec, validate
@@ -83,7 +82,7 @@ def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persiste
         rank, alpha, targets = weights.rank, weights.config.lora_alpha, tuple(weights.target_suffixes)
     else:  # the config alone (cheap): rank, alpha, targets as declared
         problems: list[str] = []
-        config = parse_config(json.loads((stored.path / CONFIG_FILE).read_text()), problems)
+        config = parse_config_file(stored.path / CONFIG_FILE, problems)
         if config is None:
             raise InvalidAdapterError(stored.name, problems)
         targets_raw = config.target_modules

@@ -5,6 +5,9 @@ from __future__ import annotations
 from server.errors import LoraswapError
 
 
+MAX_LISTED = 50
+
+
 class AdapterError(LoraswapError):
     """Base class of adapter problems."""
 
@@ -15,7 +18,11 @@ class InvalidAdapterError(AdapterError):
     def __init__(self, name: str, problems: list[str]) -> None:
         self.name = name
         self.problems = problems
-        listing = "\n".join(f"- {p}" for p in problems)
+        # A hostile file can produce thousands of problems: the message lists the first ones.
+        shown = problems[:MAX_LISTED]
+        listing = "\n".join(f"- {p}" for p in shown)
+        if len(problems) > len(shown):
+            listing += f"\n- ... and {len(problems) - len(shown)} more"
         super().__init__(f"adapter {name!r} is invalid ({len(problems)} problem(s)):\n{listing}")
 
 

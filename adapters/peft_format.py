@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from adapters import patterns
 from adapters.errors import InvalidAdapterError
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -29,9 +30,17 @@ _OTHER_LORA_KEY = re.compile(
 )
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_RANK = 1 << 16
+MAX_LIST = 1024  # entries of target_modules, rank_pattern, alpha_pattern, layers_*
+MAX_NAME_CHARS = 256  # one entry of a target_modules list
+MAX_CONFIG_BYTES = 1 << 20
+MAX_KEY_CHARS = 1024  # a tensor name; the name patterns below stay linear below this  # adapter_config.json is a few hundred bytes in practice
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    """The inference-relevant part of a PEFT LoraConfig."""
+    """The inference-relevant part of a PEFT LoraConfig, every field checked (parse_config)."""
 
     r: int
     lora_alpha: float
@@ -45,16 +54,17 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
-        """Rank and alpha of one module after rank_pattern / alpha_pattern (PEFT's matching)."""
+        """Rank and alpha of one module after rank_pattern / alpha_pattern (PEFT's matching).
+        Patterns match at a bounded cost (PatternError when one is too expensive)."""
         rank = self.r
-        for pattern, value in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                rank = int(value)
+        for key, value in self.rank_pattern.items():
+            if patterns.match(rf"(.*\.)?({key})$", module, "rank_pattern"):
+                rank = value
                 break
         alpha = self.lora_alpha
-        for pattern, value in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = float(value)
+        for key, number in self.alpha_pattern.items():
+            if patterns.match(rf"(.*\.)?({key})$", module, "alpha_pattern"):
+                alpha = number
                 break
         return rank, alpha
 
@@ -63,53 +73,164 @@ class LoraConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_rank(value: object) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_RANK  # type: ignore[operator]
+
+
+def _finite(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _show(value: object) -> str:
+    """A value for an error message, cut short (a hostile config can be large)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _flag(raw: dict[str, Any], key: str, problems: list[str]) -> bool:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        problems.append(f"{key} must be true or false, got {_show(value)}")
+        return False
+    return bool(value)
+
+
+def _string_list(value: object, key: str, problems: list[str], *, regexes: bool) -> tuple[str, ...] | None:
+    """A string or a list of strings (PEFT accepts both for these fields)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        problems.append(f"{key} must be a string or a list of non-empty strings, got {_show(value)}")
+        return None
+    if len(items) > MAX_LIST:
+        problems.append(f"{key} has {len(items)} entries (at most {MAX_LIST})")
+        return None
+    for item in items:
+        if regexes:
+            try:
+                patterns.compile_pattern(item, key)
+            except patterns.PatternError as exc:
+                problems.append(str(exc))
+                return None
+        elif len(item) > MAX_NAME_CHARS:
+            problems.append(f"{key}: an entry is {len(item)} characters long (at most {MAX_NAME_CHARS})")
+            return None
+    return tuple(items)
+
+
+def _pattern_map(raw: dict[str, Any], key: str, problems: list[str], valid: Any, what: str) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: {regex: value}; every key compiles, every value is `what`."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{key} must be an object mapping module patterns to values, got {_show(value)}")
+        return {}
+    if len(value) > MAX_LIST:
+        problems.append(f"{key} has {len(value)} entries (at most {MAX_LIST})")
+        return {}
+    checked: dict[str, Any] = {}
+    for pattern, number in value.items():
+        try:
+            patterns.compile_pattern(pattern, key)
+        except patterns.PatternError as exc:
+            problems.append(str(exc))
+            continue
+        if not valid(number):
+            problems.append(f"{key}[{pattern[:80]!r}] must be {what}, got {_show(number)}")
+            continue
+        checked[pattern] = number
+    return checked
+
+
 def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
-    """Check a PEFT adapter_config dict; append every problem found; None if unusable."""
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        problems.append(f"peft_type is {peft_type!r}; only LORA adapters are supported")
-    if raw.get("use_dora"):
+    """Check a PEFT adapter_config dict field by field (types, ranges, finiteness, regex syntax);
+    append every problem found, each naming its field; None if unusable."""
+    peft_type = raw.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        problems.append(f"peft_type is {_show(peft_type)}; only LORA adapters are supported")
+    if _flag(raw, "use_dora", problems):
         problems.append("use_dora is true; DoRA adapters are not supported yet")
-    if raw.get("modules_to_save"):
+    to_save = raw.get("modules_to_save")
+    if to_save is not None and not isinstance(to_save, list):
+        problems.append(f"modules_to_save must be a list of module names or null, got {_show(to_save)}")
+    elif to_save:
         problems.append(
-            f"modules_to_save={raw['modules_to_save']!r}: fully fine-tuned modules cannot live in LoRA slots; "
+            f"modules_to_save={_show(to_save)}: fully fine-tuned modules cannot live in LoRA slots; "
             "retrain without modules_to_save"
         )
     bias = raw.get("bias", "none")
     if bias != "none":
-        problems.append(f"bias is {bias!r}; only bias='none' is supported")
+        problems.append(f"bias is {_show(bias)}; only bias='none' is supported")
     for key in ("target_parameters", "trainable_token_indices"):
         if raw.get(key):
             problems.append(f"{key} is not supported")
+    # The problems above are features loraswap refuses; those below make the config unusable
+    # (validation then stops here instead of also checking the weights).
+    structural = len(problems)
     r, alpha = raw.get("r"), raw.get("lora_alpha", 8)  # 8: PEFT's default lora_alpha
-    if not isinstance(r, int) or r < 1:
-        problems.append(f"r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        problems.append(f"lora_alpha must be a number, got {alpha!r}")
-    targets = raw.get("target_modules")
-    if not targets:
-        problems.append("target_modules is empty")
-    if problems and not (isinstance(r, int) and isinstance(alpha, (int, float)) and targets):
-        return None
-    layers = raw.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
+    if not _positive_rank(r):
+        problems.append(f"r must be an integer from 1 to {MAX_RANK}, got {_show(r)}")
+    if not _finite(alpha):
+        problems.append(f"lora_alpha must be a finite number, got {_show(alpha)}")
+    targets = _parse_targets(raw.get("target_modules"), problems)
+    use_rslora = _flag(raw, "use_rslora", problems)
+    rank_pattern = _pattern_map(raw, "rank_pattern", problems, _positive_rank, f"an integer from 1 to {MAX_RANK}")
+    alpha_pattern = _pattern_map(raw, "alpha_pattern", problems, _finite, "a finite number")
+    layers = _parse_layers(raw.get("layers_to_transform"), problems)
     pattern = raw.get("layers_pattern")
-    if isinstance(pattern, str):
-        pattern = [pattern]
+    layers_pattern = None if pattern is None else _string_list(pattern, "layers_pattern", problems, regexes=True)
+    fan_in_fan_out = _flag(raw, "fan_in_fan_out", problems)
+    base = raw.get("base_model_name_or_path")
+    if len(problems) > structural or targets is None:
+        return None
     return LoraConfig(
         r=int(r),  # type: ignore[arg-type]
         lora_alpha=float(alpha),  # type: ignore[arg-type]
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
-        alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-        layers_to_transform=tuple(layers) if layers else None,
-        layers_pattern=tuple(pattern) if pattern else None,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern or None,
         # PEFT itself ignores fan_in_fan_out for torch.nn.Linear targets (it warns and resets it).
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=base if isinstance(base, str) else None,
     )
+
+
+def _parse_targets(value: object, problems: list[str]) -> tuple[str, ...] | str | None:
+    """A regex string (or "all-linear"), or a list of module names / suffixes."""
+    if value is None or value == [] or value == "":
+        problems.append("target_modules is empty")
+        return None
+    if isinstance(value, str):
+        if value != "all-linear":
+            try:
+                patterns.compile_pattern(value, "target_modules")
+            except patterns.PatternError as exc:
+                problems.append(str(exc))
+                return None
+        return value
+    return _string_list(value, "target_modules", problems, regexes=False)
+
+
+def _parse_layers(value: object, problems: list[str]) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = [value] if _is_int(value) else value
+    valid = isinstance(items, list) and len(items) <= MAX_LIST and all(_is_int(i) and 0 <= i < MAX_RANK for i in items)
+    if not valid:
+        problems.append(f"layers_to_transform must be a layer index or a list of layer indices, got {_show(value)}")
+        return None
+    return tuple(items) or None  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -132,13 +253,7 @@ def read_adapter_dir(folder: Path, name: str) -> RawAdapter:
     if not config_path.is_file():
         problems.append(f"{CONFIG_FILE} is missing")
     else:
-        try:
-            raw = json.loads(config_path.read_text())
-            if not isinstance(raw, dict):
-                raise ValueError("not a JSON object")
-            config = parse_config(raw, problems)
-        except (ValueError, UnicodeDecodeError) as exc:
-            problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
+        config = parse_config_file(config_path, problems)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     weights_readable = False
     if not weights_path.is_file():
@@ -159,22 +274,49 @@ def read_adapter_dir(folder: Path, name: str) -> RawAdapter:
     return RawAdapter(config=config, tensors=tensors, problems=tuple(problems))
 
 
+def parse_config_file(path: Path, problems: list[str]) -> LoraConfig | None:
+    """adapter_config.json, size- and depth-checked, then parse_config."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        problems.append(f"{CONFIG_FILE} is {size} bytes (at most {MAX_CONFIG_BYTES})")
+        return None
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        problems.append(f"{CONFIG_FILE} is nested too deeply")
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"{CONFIG_FILE} is not valid JSON: {str(exc)[:200]}")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{CONFIG_FILE} must hold a JSON object, got {type(raw).__name__}")
+        return None
+    return parse_config(raw, problems)
+
+
 def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], problems: list[str]) -> bool:
     """Fill `tensors` from a safetensors file; False if the file itself cannot be read."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
+                if len(key) > MAX_KEY_CHARS:
+                    problems.append(f"a tensor name is {len(key)} characters long (at most {MAX_KEY_CHARS})")
+                    continue
                 match = _KEY.match(key)
                 other = _OTHER_LORA_KEY.match(key) if match is None else None
                 if other is not None:
                     tensors.setdefault(other["module"], {})
                     continue
                 if match is None:
-                    problems.append(f"unexpected tensor {key!r} (not a lora_A/lora_B weight)")
+                    problems.append(f"unexpected tensor {key[:200]!r} (not a lora_A/lora_B weight)")
                     continue
                 tensor = handle.get_tensor(key)
-                if not tensor.is_floating_point():
-                    problems.append(f"tensor {key!r} has dtype {tensor.dtype}; expected a float type")
+                if tensor.dtype not in WEIGHT_DTYPES:
+                    problems.append(f"tensor {key[:200]!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                    "expected float16, bfloat16, float32 or float64")
+                    continue
+                if tensor.dim() != 2:
+                    problems.append(f"tensor {key[:200]!r} has {tensor.dim()} dimensions; LoRA A and B are matrices")
                     continue
                 tensors.setdefault(match["module"], {})[match["ab"]] = tensor
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -66,7 +66,7 @@ class SlotBank(nn.Module):
         self._others = frozenset(model.hf_module_names() - set(self._targets))
 
     def spec(self) -> SlotSpec:
-        return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank)
+        return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank, dtype=self.dtype)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -57,7 +57,11 @@ class SlotTable:
         """Reserve a slot holding `name` for one row; None if every slot is busy with others."""
         self._clock += 1
         slot = self._where.get(name)
-        if slot is not None and not self.slots[slot].retiring:
+        # A retiring slot takes more rows only for a retired (replaced or deleted) version: its
+        # queued requests run side by side while the old version stays in its slot, and no new
+        # request can ask for it. An operator's unload of the current version instead drains
+        # first; later requests reload it.
+        if slot is not None and (not self.slots[slot].retiring or name in self._retired):
             state = self.slots[slot]
             state.refs += 1
             state.last_used = self._clock

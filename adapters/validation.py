@@ -8,14 +8,21 @@ output layer, layers_to_transform / layers_pattern filtering).
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from adapters import patterns
 from adapters.errors import InvalidAdapterError
 from adapters.peft_format import LoraConfig, RawAdapter
+
+# |alpha / r| (or alpha / sqrt(r)) above this is no adapter anyone trained: refused.
+MAX_SCALING = 1e4
+# A slot value (A, or B with the scaling folded in) may use at most this fraction of its dtype's
+# range, so that sums over ranks and features stay finite (float16: 65.5; float32: 3.4e35).
+WEIGHT_HEADROOM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class SlotSpec:
     targets: dict[str, tuple[int, int]]  # HF module name -> (in_features, out_features)
     other_modules: frozenset[str]  # every other module name of the base (lm_head, embed_tokens, ...)
     max_rank: int
+    dtype: torch.dtype = torch.float32  # what the slots hold
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def _matches(config: LoraConfig, module: str) -> bool:
     if isinstance(targets, str):
         if targets == "all-linear":
             return True  # the caller offers only linear candidates
-        return re.fullmatch(targets, module) is not None
+        return patterns.fullmatch(targets, module, "target_modules") is not None
     return module in targets or any(module.endswith(f".{t}") for t in targets)
 
 
@@ -74,7 +82,7 @@ def _layer_selected(config: LoraConfig, module: str) -> bool:
     match = None
     for pattern in config.layers_pattern or (None,):
         regex = rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." if pattern else r".*?\.[^.]*\.(?P<idx>\d+)\."
-        match = re.match(regex, module)
+        match = patterns.match(regex, module, "layers_pattern")
         if match:
             break
     return match is not None and int(match["idx"]) in config.layers_to_transform
@@ -82,11 +90,15 @@ def _layer_selected(config: LoraConfig, module: str) -> bool:
 
 def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) -> tuple[list[str], list[str]]:
     """(slot modules the adapter targets, targeted modules the slots cannot hold); appends problems
-    for targets the base lacks or the slots cannot hold."""
+    for targets the base lacks or the slots cannot hold, or for patterns too costly to match."""
     candidates = list(spec.targets) + sorted(spec.other_modules)
     if config.target_modules == "all-linear":
         candidates = list(spec.targets)
-    chosen = [m for m in candidates if _matches(config, m) and _layer_selected(config, m)]
+    try:
+        chosen = [m for m in candidates if _matches(config, m) and _layer_selected(config, m)]
+    except patterns.PatternError as exc:
+        problems.append(str(exc))
+        return [], []
     if isinstance(config.target_modules, tuple):
         for target in config.target_modules:
             if not any(m == target or m.endswith(f".{target}") for m in candidates):
@@ -102,6 +114,19 @@ def targeted_modules(config: LoraConfig, spec: SlotSpec, problems: list[str]) ->
     return [m for m in chosen if m in spec.targets], [m for m in chosen if m not in spec.targets]
 
 
+def slot_value_problems(module: str, lora: ModuleLora, dtype: torch.dtype) -> list[str]:
+    """What would go wrong when the module's A and scaled B are written into slots of `dtype`:
+    values that are not finite there, or that use more than WEIGHT_HEADROOM of its range."""
+    limit = torch.finfo(dtype).max * WEIGHT_HEADROOM
+    found = []
+    for label, tensor in (("lora_A", lora.a), ("lora_B x scaling", lora.slot_b)):
+        biggest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if not math.isfinite(biggest) or biggest > limit:
+            found.append(f"{module}: {label} reaches {biggest:g}, too large for {str(dtype).removeprefix('torch.')} "
+                         f"slots (at most {limit:g})")
+    return found
+
+
 def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
     """Every check against the base model; raises InvalidAdapterError with all problems at once."""
     problems: list[str] = list(raw.problems)
@@ -114,7 +139,12 @@ def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
         if missing:
             problems.append(f"{module}: missing tensor(s) lora_{' and lora_'.join(missing)}")
             continue
-        rank, _ = config.rank_and_alpha(module)
+        try:
+            rank, _ = config.rank_and_alpha(module)
+            scaling = config.scaling(module)
+        except patterns.PatternError as exc:
+            problems.append(str(exc))
+            break  # the same pattern would fail on every module
         d_in, d_out = spec.targets[module]
         a, b = pair["A"], pair["B"]
         found = len(problems)
@@ -127,9 +157,12 @@ def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
         for label, tensor in (("lora_A", a), ("lora_B", b)):
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{module}: {label} contains NaN or infinite values")
+        if not math.isfinite(scaling) or abs(scaling) > MAX_SCALING:
+            problems.append(f"{module}: the LoRA scaling (lora_alpha / r) is {scaling:g}; at most {MAX_SCALING:g} in size")
         if len(problems) == found:
-            out[module] = ModuleLora(a=a.float().contiguous(), b=b.float(), scaling=config.scaling(module))
-            out[module].slot_b  # noqa: B018  (computed here, off the engine thread)
+            lora = ModuleLora(a=a.float().contiguous(), b=b.float(), scaling=scaling)
+            problems += slot_value_problems(module, lora, spec.dtype)  # computes slot_b, off the engine thread
+            out[module] = lora
     stray = sorted(set(raw.tensors) - set(modules) - set(unsupported))
     for module in stray:
         where = "is not in the base model" if module not in spec.targets and module not in spec.other_modules else (

@@ -21,6 +21,7 @@ from server.errors import InvalidRequestError, ModelSourceError, PathNotAllowedE
 from server.model_source import hub_model_dir
 
 ENGINE_CALL_TIMEOUT_S = 60.0
+MAX_PATH_CHARS = 4096
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -29,12 +30,17 @@ def allowed_path(path: str, roots: Sequence[Path]) -> Path:
     after resolving '..' and symlinks; PathNotAllowedError otherwise."""
     if not roots:
         raise PathNotAllowedError("server paths are disabled: start the server with --adapter-roots")
-    given = Path(path).expanduser()
+    if len(path) > MAX_PATH_CHARS or "\0" in path:
+        raise InvalidRequestError(f"path must be at most {MAX_PATH_CHARS} characters, without NUL", param="path")
+    given = Path(path)
     if not given.is_absolute():
         raise InvalidRequestError("path must be absolute", param="path")
     real_roots = [root.resolve() for root in roots]
-    folder = given.resolve()
-    candidates = [folder, (folder / CONFIG_FILE).resolve(), (folder / WEIGHTS_FILE).resolve()]
+    try:
+        folder = given.resolve()
+        candidates = [folder, (folder / CONFIG_FILE).resolve(), (folder / WEIGHTS_FILE).resolve()]
+    except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a symlink loop, ...
+        raise InvalidRequestError(f"path cannot be resolved: {exc.__class__.__name__}", param="path") from None
     if not all(any(p.is_relative_to(root) for root in real_roots) for p in candidates):
         raise PathNotAllowedError(f"{path} is outside the allowed adapter roots")
     if not folder.is_dir():

@@ -27,12 +27,17 @@ from typing import Any
 from adapters.slot_table import Placement, SlotTable
 from server.detokenize import Decoder
 from server.errors import ConflictError, EngineStoppedError, QueueFullError, SlotsBusyError
-from server.runner import ModelRunner
+from server.runner import NON_FINITE, ModelRunner
 from server.sequence import GenerationRequest, RequestOutput, Sequence
 
 log = logging.getLogger("loraswap.engine")
 
 Sink = Callable[[RequestOutput], None]
+STALL_S = 120.0  # a step this long with work pending means the engine is stuck
+
+
+class NonFiniteError(Exception):
+    """A request's logits were NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class Engine:
         # from other threads while the engine thread counts.
         self.finished: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0}
         self.generated_tokens = 0
+        self._heartbeat = time.monotonic()  # end of the engine loop's last iteration
+        self._problem: str | None = None  # set by _check_rows
 
     # ---- public, thread-safe -------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
@@ -203,7 +210,28 @@ class Engine:
             except Exception as exc:  # keep serving: fail what was in flight, not the process
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {exc}")
+            self._check_rows()
+            self._heartbeat = time.monotonic()
         self._fail_all("server shutting down")
+
+    def _check_rows(self) -> None:
+        """Every cache row is free or held by a running request (checked on the engine thread,
+        between steps, where the two agree); a row held by nobody would never come back."""
+        lost = self.max_rows - len(self._free_rows) - len(self._running)
+        self._problem = None if lost == 0 else f"{lost} KV-cache row(s) are held by no request"
+        if lost:
+            log.error("engine: %s", self._problem)
+
+    def health(self) -> str | None:
+        """None while the engine can take work; otherwise why it cannot (GET /ready says 503)."""
+        if self._stopping.is_set():
+            return "the engine is shutting down"
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine thread has stopped"
+        busy = bool(self._running) or self._pending > 0
+        if busy and time.monotonic() - self._heartbeat > STALL_S:
+            return f"the engine has not finished a step in {STALL_S:.0f} s"
+        return self._problem
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
@@ -234,7 +262,30 @@ class Engine:
         if decoding:
             tokens = self.runner.decode([seq.row for seq in decoding])
             for seq, token in zip(decoding, tokens):
-                self._emit(seq, seq.append(token))
+                self._deliver(seq, token)
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
+        """Hand one sampled token to its request; whatever goes wrong there ends that request
+        alone (its row and slot go back), never the step or the other rows."""
+        try:
+            if token == NON_FINITE:
+                raise NonFiniteError(
+                    "the model's output became NaN or infinite for this request (its adapter's numbers "
+                    "overflow); it was stopped"
+                )
+            self._emit(seq, seq.append(token))
+        except Exception as exc:
+            if not isinstance(exc, NonFiniteError):
+                log.exception("request %s failed", seq.request_id)
+            self._fail(seq, str(exc))
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """End one admitted request with an error; its row and slot reference go back."""
+        entry = self._running.get(seq.request_id)
+        if entry is None:
+            return
+        self._release(seq)
+        entry[1](self._count(seq.abort("error", error=message)))
 
     def run_until_idle(self) -> None:
         """Drain the inbox and step until nothing is left (synchronous use, tests, benchmarks)."""
@@ -307,9 +358,14 @@ class Engine:
             self.wait_stats.max_wait_s = max(self.wait_stats.max_wait_s, waited)
         seq.row = heapq.heappop(self._free_rows)
         seq.slot = slot
-        seed = seq.request.sampling.seed
-        self.runner.reset_row(seq.row, seq.request.sampling, random.getrandbits(62) if seed is None else seed, slot)
         self._running[seq.request_id] = (seq, item.sink)
+        seed = seq.request.sampling.seed
+        try:
+            self.runner.reset_row(seq.row, seq.request.sampling, random.getrandbits(62) if seed is None else seed, slot)
+        except Exception as exc:  # e.g. a parameter the row's tensors cannot hold: this request only
+            log.exception("request %s could not start", seq.request_id)
+            self._fail(seq, f"the request could not start: {exc}")
+            return
         self._prefilling.append(seq)
 
     def _prefill(self) -> None:
@@ -323,7 +379,11 @@ class Engine:
             size = min(self.prefill_chunk, seq.prompt_len - seq.prefilled)
             if size > budget:
                 return
-            self._prefill_one_chunk(seq)
+            try:
+                self._prefill_one_chunk(seq)
+            except Exception as exc:  # this prompt's failure is this request's alone
+                log.exception("prefill of request %s failed", seq.request_id)
+                self._fail(seq, f"prefill failed: {exc}")
             budget -= size
 
     def _prefill_one_chunk(self, seq: Sequence) -> None:
@@ -335,7 +395,7 @@ class Engine:
         if last:
             self._prefilling.popleft()
             assert token is not None
-            self._emit(seq, seq.append(token))
+            self._deliver(seq, token)
 
     def _emit(self, seq: Sequence, event: RequestOutput) -> None:
         sink = self._running[seq.request_id][1]
@@ -355,7 +415,7 @@ class Engine:
         self._running.pop(seq.request_id, None)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
-        self.runner.free_row(seq.row)
+        self.runner.free_row(seq.row, used=seq.prompt_len + len(seq.output_ids))
         heapq.heappush(self._free_rows, seq.row)
         if seq.slot is not None and self.slot_table is not None:
             if self.slot_table.release(seq.slot):  # unloaded while in use: empty it now

@@ -5,6 +5,11 @@ each token is written at its own (row, position), so decoding rows of different 
 padding, no reallocation and no change of shape. Rows are handed out by the engine; freeing a
 row needs no clearing because a new sequence overwrites positions from 0 and attends only to
 positions it wrote. Under a device map each layer's buffers live on that layer's device.
+
+Masked positions get zero attention weight, but 0 x NaN is NaN: a value left by an earlier
+sequence that overflowed would reach the next sequence on that row through the weighted sum.
+So a freed row's written positions are zeroed (`clear_row`): cost proportional to what the
+sequence wrote, paid once when it ends.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class KVCache(torch.nn.Module):
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def clear_row(self, row: int, upto: int) -> None:
+        """Zero positions [0, upto) of `row` in every layer."""
+        upto = min(max(upto, 1), self.max_len)
+        for name, buffer in self.named_buffers():
+            buffer[row, :, :upto].zero_()
 
 
 def write_and_view(

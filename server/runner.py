@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
+NON_FINITE = -1  # the "token" of a row whose logits are not finite
 
 
 def kv_bucket(needed: int, max_len: int) -> int:
@@ -106,7 +107,11 @@ class ModelRunner:
         self.seeds[row] = seed
         self.steps[row] = 0
 
-    def free_row(self, row: int) -> None:
+    def free_row(self, row: int, used: int = 1) -> None:
+        """`used`: positions the row's sequence may have written (its prompt and output tokens);
+        they are zeroed so nothing it computed, NaN included, reaches the row's next sequence."""
+        assert self.model.cache is not None
+        self.model.cache.clear_row(row, used)
         # A free row still runs inside decode batches; position 0 keeps its mask non-empty.
         self.positions[row] = 0
         self.last_tokens[row] = 0
@@ -189,6 +194,8 @@ class ModelRunner:
         return self._sample(logits, index).tolist()
 
     def _sample(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, or NON_FINITE for a row whose logits hold NaN or inf (read back
+        with the tokens: no extra device sync)."""
         tokens = sample(
             logits,
             temperature=self.temperature[index],
@@ -197,6 +204,7 @@ class ModelRunner:
             seeds=self.seeds[index],
             steps=self.steps[index],
         )  # [n]
+        finite = torch.isfinite(logits).all(dim=-1)  # [n]
         self.steps[index] += 1
-        self.last_tokens[index] = tokens
-        return tokens
+        self.last_tokens[index] = torch.where(finite, tokens, 0)
+        return torch.where(finite, tokens, NON_FINITE)

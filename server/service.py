@@ -42,6 +42,17 @@ class GenerationOptions:
     adapter: AdapterRef | None = None
 
 
+def check_text(text: str, param: str) -> None:
+    """Text a client sent must be encodable as UTF-8: JSON can carry a lone surrogate ("\\ud800"),
+    which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{param} contains an invalid Unicode character at position {exc.start} (a lone surrogate)", param=param
+        ) from None
+
+
 class CompletionService:
     def __init__(
         self,
@@ -75,12 +86,14 @@ class CompletionService:
                 return name, await asyncio.to_thread(self.catalog.resolve, name)
             except AdapterNotFoundError:  # deleted meanwhile
                 pass
-        available = ", ".join([self.model_name] + [a.name for a in self.catalog.all()])
-        raise ModelNotFoundError(f"The model `{name}` does not exist. Available: {available}")
+        # No list of what is served: clients of the inference API do not learn other tenants'
+        # adapter names from an error (GET /v1/models lists them where that is allowed).
+        raise ModelNotFoundError(f"The model `{name[:200]}` does not exist.")
 
     # ---- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
         else:
             ids = [int(t) for t in prompt]
@@ -94,6 +107,8 @@ class CompletionService:
         return ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        for message in messages:
+            check_text(message["content"], "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions instead", param="messages"

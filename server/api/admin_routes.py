@@ -8,8 +8,9 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.types import Message
 
 from adapters.registry import check_name
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
@@ -27,9 +28,9 @@ MULTIPART_SLACK_BYTES = 1 << 20  # the config, boundaries and headers around the
 
 class PathOrHub(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str | None = None
-    hub_id: str | None = None
-    revision: str | None = None
+    path: str | None = None  # checked by server/admin.py allowed_path
+    hub_id: str | None = Field(default=None, max_length=256)
+    revision: str | None = Field(default=None, max_length=256)
 
 
 class LoadBody(BaseModel):
@@ -51,16 +52,39 @@ def get_admin(service: CompletionService = Depends(get_service)) -> AdminService
     return admin
 
 
+def limited(request: Request, limit: int) -> Request:
+    """The same request, whose body stops with a 413 once more than `limit` bytes have arrived:
+    a chunked upload (no Content-Length) is never parsed or spooled past the limit."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"the upload is larger than the limit of {limit / 1e6:g} MB")
+        return message
+
+    return Request(request.scope, receive)
+
+
 async def _upload(name: str, request: Request, admin: AdminService) -> dict[str, Any]:
-    length = int(request.headers.get("content-length") or 0)
-    if length > admin.max_upload_bytes + MULTIPART_SLACK_BYTES:
-        raise PayloadTooLargeError(f"the upload is {length / 1e6:.1f} MB; the limit is {admin.max_upload_bytes / 1e6:g} MB")
-    async with request.form(max_files=4, max_fields=8) as form:
+    limit = admin.max_upload_bytes + MULTIPART_SLACK_BYTES
+    length = request.headers.get("content-length") or "0"
+    if not length.isdigit() or int(length) > limit:
+        raise PayloadTooLargeError(f"the upload is {length[:20]} bytes; the limit is {admin.max_upload_bytes / 1e6:g} MB")
+    async with limited(request, limit).form(max_files=4, max_fields=8) as form:
         files: dict[str, UploadFile] = {}
         for field, value in form.multi_items():
-            if isinstance(value, UploadFile):  # match a part by its field name or its file name
-                files.setdefault(field, value)
-                files.setdefault(value.filename or field, value)
+            if not isinstance(value, UploadFile):
+                continue
+            # A part is matched by its field name or its file name; a name given twice is refused
+            # rather than one of the two being silently ignored.
+            for key in {field, value.filename or field}:
+                if key in files and files[key] is not value:
+                    raise InvalidRequestError(f"the multipart upload has {key} twice", param=key)
+                files[key] = value
         if any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in files):
             raise InvalidRequestError("pickle files are refused; upload adapter_model.safetensors", param=WEIGHTS_FILE)
         missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in files]

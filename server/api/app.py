@@ -88,6 +88,10 @@ def create_app(
     async def ready() -> JSONResponse:
         if holder.service is not None:
             engine = holder.service.engine
+            problem = engine.health()
+            if problem is not None:  # loaded, but it cannot take work: not ready
+                return JSONResponse({"status": "unhealthy", "error": problem, "model": holder.service.model_name,
+                                     **engine.stats()}, status_code=503)
             return JSONResponse({"status": "ready", "model": holder.service.model_name, **engine.stats()})
         if holder.error is not None:
             return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)

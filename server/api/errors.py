@@ -109,6 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message = "invalid request: " + "; ".join(problems)
         return JSONResponse(error_body(message, type_="invalid_request_error", param=param), status_code=400)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # json.loads of a body nested thousands of levels deep (any route): the client's fault.
+        return JSONResponse(error_body("the request body is nested too deeply", type_="invalid_request_error"),
+                            status_code=400)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

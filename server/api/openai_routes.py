@@ -43,6 +43,7 @@ from server.sequence import GenerationRequest, RequestOutput
 from server.service import CompletionService, GenerationOptions, RequestEvents
 
 router = APIRouter()
+MAX_CHOICES = 256  # prompts x n in one request
 
 
 def get_service(request: Request) -> CompletionService:
@@ -55,14 +56,14 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def _options(body: _SamplingFields, max_tokens: int | None, adapter: AdapterRef | None) -> GenerationOptions:
+def _options(body: _SamplingFields, max_tokens: int | None, adapter: AdapterRef | None, vocab_size: int) -> GenerationOptions:
     return GenerationOptions(
         adapter=adapter,
         max_tokens=max_tokens,
         sampling=SamplingParams(
             temperature=body.temperature,
             top_p=body.top_p,
-            top_k=max(0, body.top_k),
+            top_k=min(max(0, body.top_k), vocab_size),  # a top_k past the vocabulary keeps it all
             seed=body.seed,
         ),
         stop=tuple(body.stop or ()),
@@ -215,9 +216,12 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         raise InvalidRequestError("the prompt is empty", param="prompt")
     if isinstance(raw, str) or isinstance(raw[0], int):
         raw = [raw]  # type: ignore[list-item]
-    prompts = [service.encode_prompt(p) for p in raw]  # type: ignore[arg-type]
-    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter))
-    decoded = [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts]  # once per prompt
+    if len(raw) * body.n > MAX_CHOICES:
+        raise InvalidRequestError(f"{len(raw)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="prompt")
+    # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
+    prompts = await asyncio.to_thread(lambda: [service.encode_prompt(p) for p in raw])  # type: ignore[arg-type]
+    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter, service.vocab_size))
+    decoded = await asyncio.to_thread(lambda: [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts])
     echoes = [text for text in decoded for _ in range(body.n)]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
 
@@ -250,9 +254,9 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
     model, adapter = await service.check_model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = service.encode_chat(messages)
+    prompt = await asyncio.to_thread(service.encode_chat, messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    requests = _fan_out(service, [prompt], body, _options(body, max_tokens, adapter))
+    requests = _fan_out(service, [prompt], body, _options(body, max_tokens, adapter, service.vocab_size))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     if body.stream:
@@ -281,9 +285,10 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
 
 @router.get("/v1/models")
 async def list_models(service: CompletionService = Depends(get_service)) -> ModelList:
+    """Names only: where an adapter came from (a server path, a hub id) is the admin API's."""
     base = ModelCard(id=service.model_name, max_model_len=service.max_model_len)
     adapters = [
-        ModelCard(id=a.name, root=a.source.removeprefix("path:"), parent=service.model_name, max_model_len=service.max_model_len)
+        ModelCard(id=a.name, parent=service.model_name, max_model_len=service.max_model_len)
         for a in service.catalog.all()
     ]
     return ModelList(data=[base, *adapters])

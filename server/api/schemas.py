@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 16
+INT64_MAX = 2**63 - 1
 
 
 class StreamOptions(BaseModel):
@@ -21,10 +22,10 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1, description="0 or -1: off (vLLM extension)")
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX, description="0 or -1: off (vLLM extension)")
     seed: int | None = Field(default=None, ge=0, lt=2**62)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=1 << 18)  # up to a whole vocabulary
     n: int = Field(default=1, ge=1, le=64)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -44,6 +45,11 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        for stop in stops:
+            try:
+                stop.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("stop strings must be valid Unicode (no lone surrogates)") from None
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")

@@ -63,19 +63,37 @@ def test_pinned_slots_are_never_victims_and_one_slot_stays_unpinned() -> None:
     assert table.acquire("e").evicted == "a"  # type: ignore[union-attr]
 
 
-def test_unload_waits_for_running_rows_and_new_rows_do_not_join() -> None:
+def test_operator_unload_waits_for_running_rows_and_new_rows_do_not_join() -> None:
+    """Unloading the current version (retire=False): it drains, then later requests reload it."""
     table = SlotTable(2)
     old = table.acquire("v1")
     assert old is not None
-    assert table.unload("v1") is None  # in use: retiring, not cleared yet
-    assert table.acquire("v1") is None  # a retiring copy takes no new rows
+    assert table.unload("v1", retire=False) is None  # in use: retiring, not cleared yet
+    assert table.acquire("v1") is None  # a draining current version takes no new rows
     assert table.release(old.slot) is True  # last row gone: the caller clears it now
     assert table.resident() == {} and table.references() == [0, 0]
-    table.revive("v1")  # published again
     again = table.acquire("v1")  # loaded afresh afterwards
     assert again is not None and again.load
     assert table.release(again.slot) is False
     assert table.unload("v1") == again.slot and table.unload("v1") is None  # idle: cleared at once
+
+
+def test_queued_rows_of_a_retired_version_run_side_by_side() -> None:
+    """A replaced or deleted version (retire=True): the requests queued for it join its slot
+    while it drains, all at once, instead of one after another; it empties after the last."""
+    table = SlotTable(2)
+    first = table.acquire("v1")
+    assert first is not None
+    assert table.unload("v1") is None  # replaced while in use
+    joined = [table.acquire("v1") for _ in range(3)]  # requests accepted before the swap
+    assert all(p is not None and p.slot == first.slot and not p.load for p in joined)
+    assert table.references()[first.slot] == 4
+    for placement in joined:
+        assert table.release(placement.slot) is False  # type: ignore[union-attr]
+    assert table.release(first.slot) is True and table.resident() == {}  # emptied after the last
+    # Not resident afterwards: a late request for it loads it for its own rows only.
+    late = table.acquire("v1")
+    assert late is not None and late.load and table.release(late.slot) is True
 
 
 def test_an_unloaded_version_comes_back_only_for_its_queued_rows() -> None:

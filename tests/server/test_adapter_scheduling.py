@@ -128,3 +128,26 @@ def test_stats_report_slots_and_waits(tiny_dir: Path) -> None:
     assert slots["loads"] >= 3 and slots["loads"] + slots["hits"] == 6
     assert stats["adapter_wait_s"]["admitted"] == 6  # type: ignore[index]
     assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_requests_queued_for_a_replaced_version_run_together(tiny_dir: Path) -> None:
+    """Requests accepted for a version that is then replaced (or deleted) are admitted side by
+    side on the old version's slot while it drains: not one after another, and they do not hold
+    back requests for other adapters (before: one per drain, then the starvation rule stopped
+    everyone behind them)."""
+    engine, _ = make_engine(tiny_dir, rows=8, slots=2, adapters=2, max_wait_s=0.0)
+    got = Collector()
+    engine.submit(request("running", "ad0", [5, 6], n=40), got)
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.num_running == 1
+    for i in range(4):  # accepted for ad0's current version, still queued when it is replaced
+        engine.submit(request(f"old{i}", "ad0", [5, 6 + i], n=4), got)
+    engine.submit(request("other", "ad1", [7, 8], n=4), got)
+    engine.unload_adapter("ad0")  # the version is replaced: it drains and leaves its slot
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.num_running == 6, engine.stats()  # everyone admitted in the same step
+    engine.run_until_idle()
+    assert {e.finish_reason for e in got.final.values()} == {"length"}
+    assert engine.slot_table is not None and "ad0" not in engine.slot_table.resident()

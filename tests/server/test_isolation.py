@@ -1,0 +1,149 @@
+"""One request's numbers never reach another request: a freed KV-cache row leaks nothing (NaN
+included), a row whose activations overflow ends alone with an error, and a request that cannot
+start gives its row back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.peft_format import LoraConfig
+from adapters.slot_bank import SlotBank
+from adapters.slot_table import SlotTable
+from adapters.validation import AdapterWeights, ModuleLora
+from server.engine import Engine
+from server.runner import ModelRunner
+from server.sampling import SamplingParams
+from server.sequence import GenerationRequest
+from server.weights import build_model
+from tests.server.fakes import Collector, NoText
+
+ROWS = 4
+
+
+def make_engine(folder: Path, adapters: dict[str, AdapterWeights] | None = None) -> Engine:
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=ROWS, max_len=64)
+    bank = SlotBank(model, num_slots=2, max_rank=8)
+    store = adapters or {}
+    return Engine(ModelRunner(model, bank), NoText(), eos_ids=frozenset(), slot_table=SlotTable(2),
+                  adapter_weights=store.__getitem__)
+
+
+def greedy(rid: str, prompt: list[int], n: int = 8, adapter: str | None = None) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, max_tokens=n, sampling=SamplingParams(temperature=0), adapter=adapter)
+
+
+def run(engine: Engine, *requests: GenerationRequest) -> Collector:
+    got = Collector()
+    for request in requests:
+        engine.submit(request, got)
+    engine.run_until_idle()
+    return got
+
+
+def overflowing_adapter(engine: Engine) -> AdapterWeights:
+    """Finite weights that pass validation (well inside float32) but overflow the activations:
+    every q/k/v/o/MLP output of the rows on it becomes inf, then NaN."""
+    assert engine.runner.bank is not None
+    spec = engine.runner.bank.spec()
+    modules = {
+        name: ModuleLora(a=torch.full((8, d_in), 1e17), b=torch.full((d_out, 8), 1e17), scaling=1.0)
+        for name, (d_in, d_out) in spec.targets.items()
+    }
+    return AdapterWeights("boom", LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"), modules)
+
+
+def test_nan_left_in_a_freed_row_cannot_reach_the_next_request(tiny_dir: Path) -> None:
+    """A request ends with NaN in every position it wrote (as one whose adapter overflowed
+    would); the next request on that row gives exactly what it gives on a fresh engine."""
+    prompt = [5, 9, 13, 17, 21, 25]
+    want = run(make_engine(tiny_dir), greedy("b", prompt)).tokens["b"]
+
+    engine = make_engine(tiny_dir)
+    cache = engine.runner.model.cache
+    assert cache is not None
+    written: list[int] = []
+    real_free = engine.runner.free_row
+
+    def poison_then_free(row: int, used: int = 1) -> None:
+        for _, buffer in cache.named_buffers():
+            buffer[row, :, :used] = float("nan")  # everything the request wrote is NaN
+        written.append(used)
+        real_free(row, used)
+
+    engine.runner.free_row = poison_then_free  # type: ignore[method-assign]
+    run(engine, greedy("a", list(range(3, 40)), n=10))  # a longer request on row 0
+    engine.runner.free_row = real_free  # type: ignore[method-assign]
+    assert written == [37 + 10]
+    got = run(engine, greedy("b", prompt))
+    assert got.tokens["b"] == want and got.final["b"].finish_reason == "length"
+
+
+def test_overflowing_activations_end_that_request_alone(tiny_dir: Path) -> None:
+    engine = make_engine(tiny_dir)
+    engine.adapter_weights = {"boom": overflowing_adapter(engine)}.__getitem__
+    alone = run(make_engine(tiny_dir), greedy("base", [7, 8, 9], n=12)).tokens["base"]
+    got = run(engine, greedy("base", [7, 8, 9], n=12), greedy("bad", [7, 8, 9], n=12, adapter="boom"))
+    assert got.final["bad"].finish_reason == "error"
+    assert "NaN or infinite" in (got.final["bad"].error or "")
+    assert got.tokens["base"] == alone  # the row beside it never noticed
+    assert engine.finished["error"] == 1 and engine.health() is None
+    assert sorted(engine._free_rows) == list(range(ROWS))
+    # The rows it used serve the next requests exactly.
+    again = run(engine, *(greedy(f"n{i}", [7, 8, 9], n=12) for i in range(ROWS)))
+    assert all(again.tokens[f"n{i}"] == alone for i in range(ROWS))
+
+
+def test_a_request_that_cannot_start_gives_its_row_back(tiny_dir: Path) -> None:
+    """A sampling value the row's int64 tensor cannot hold fails that request alone (the HTTP
+    layer refuses it earlier; the engine must not rely on that)."""
+    engine = make_engine(tiny_dir)
+    bad = GenerationRequest("bad", [5, 6], max_tokens=4, sampling=SamplingParams(temperature=1.0, top_k=10**20))
+    got = run(engine, bad, greedy("good", [5, 6]))
+    assert got.final["bad"].finish_reason == "error" and "could not start" in (got.final["bad"].error or "")
+    assert got.final["good"].finish_reason == "length"
+    assert sorted(engine._free_rows) == list(range(ROWS)) and engine.health() is None
+    for _ in range(2 * ROWS):  # rows never leak, however many such requests come
+        run(engine, GenerationRequest("bad", [5], max_tokens=2, sampling=SamplingParams(top_k=10**20)))
+    assert sorted(engine._free_rows) == list(range(ROWS))
+
+
+def test_health_reports_a_row_held_by_nobody(tiny_dir: Path) -> None:
+    engine = make_engine(tiny_dir)
+    engine._free_rows.pop()  # what the old admission bug did: a row taken, no request holding it
+    engine._check_rows()
+    assert engine.health() == "1 KV-cache row(s) are held by no request"
+
+
+@pytest.mark.parametrize("step", ["prefill", "append"])
+def test_an_exception_in_one_request_fails_only_that_request(
+    tiny_dir: Path, step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(tiny_dir)
+    alone = run(make_engine(tiny_dir), greedy("ok", [4, 5, 6])).tokens["ok"]
+    if step == "prefill":
+        real = engine.runner.prefill
+
+        def prefill(row: int, ids: list[int], **kwargs: object) -> int | None:
+            if ids[0] == 90:
+                raise RuntimeError("boom in prefill")
+            return real(row, ids, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(engine.runner, "prefill", prefill)
+    else:
+        from server.sequence import Sequence
+
+        real_append = Sequence.append
+
+        def append(self: Sequence, token: int):  # type: ignore[no-untyped-def]
+            if self.request_id == "bad" and len(self.output_ids) == 2:
+                raise RuntimeError("boom in append")
+            return real_append(self, token)
+
+        monkeypatch.setattr(Sequence, "append", append)
+    got = run(engine, greedy("bad", [90, 5, 6]), greedy("ok", [4, 5, 6]))
+    assert got.final["bad"].finish_reason == "error" and "boom" in (got.final["bad"].error or "")
+    assert got.tokens["ok"] == alone
+    assert sorted(engine._free_rows) == list(range(ROWS)) and engine.health() is None
