@@ -115,13 +115,34 @@ class AdapterCatalog:
         self.cache_hits = 0
         self.cache_misses = 0
         self.on_disk_load: Callable[[float], None] | None = None
-        for name in store.names():
-            try:
-                self._current[name] = _describe(store.current(name), None, persistent=True)
-                self._stores[name] = store
-                self._usage[name] = Usage()
-            except Exception as exc:  # one unreadable entry must not stop the server
-                log.warning("skipping stored adapter %s: %s", name, exc)
+        self._generation = -1  # the store generation _current reflects
+        self._sync()
+
+    def _sync(self) -> None:
+        """Follow the persistent store when it changed, here or in another process sharing it: a
+        name added there is served, one deleted there is not, a replaced one serves its new
+        version to new requests. Start-up adapters of this run keep shadowing stored names."""
+        generation = self.store.refresh()
+        if generation == self._generation:
+            return
+        stored = set(self.store.names())
+        with self._lock:
+            for name in [n for n, s in self._stores.items() if s is self.store and n not in stored]:
+                del self._current[name], self._stores[name]  # deleted by another process
+                self._usage.pop(name, None)
+            for name in stored:
+                if self._stores.get(name, self.store) is not self.store:
+                    continue  # shadowed by a start-up adapter for this run
+                try:
+                    current = self.store.current(name)
+                    known = self._current.get(name)
+                    if known is None or known.version != current.version:
+                        self._current[name] = _describe(current, None, persistent=True)
+                        self._stores[name] = self.store
+                        self._usage.setdefault(name, Usage())
+                except Exception as exc:  # one unreadable entry must not stop the server
+                    log.warning("skipping stored adapter %s: %s", name, exc)
+            self._generation = generation
 
     # ---- publishing ----------------------------------------------------------------------
     def store_for(self, *, persist: bool) -> AdapterStore:
@@ -183,15 +204,18 @@ class AdapterCatalog:
 
     # ---- reading -------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
+        self._sync()
         return name in self._current
 
     def get(self, name: str) -> AdapterVersion:
+        self._sync()
         try:
             return self._current[name]
         except KeyError:
             raise AdapterNotFoundError(f"adapter {name!r} does not exist") from None
 
     def all(self) -> list[AdapterVersion]:
+        self._sync()
         with self._lock:
             return sorted(self._current.values(), key=lambda info: info.name)
 

@@ -4,7 +4,8 @@ Layout under `root` (`--data-dir`):
 
     catalog.json                      {"format": 1, "adapters": {name: {"current", "versions": [...]}}}
     adapters/<name>/<version>/        adapter_config.json + adapter_model.safetensors (immutable)
-    tmp/<random>/                     staging area; whatever is here at start is a crash leftover
+    tmp/<owner>/<random>/             staging area of one live store (tmp/<owner>.lock held)
+    .lock                             the writers' advisory lock (adapters/store_locks.py)
 
 A version id is sha256(config bytes + weights bytes), so identical uploads share one folder.
 
@@ -14,9 +15,14 @@ Crash safety (a SIGKILL at any moment leaves the previous state intact, nothing 
 - only catalog.json says what exists; it is replaced atomically (temp file in root, fsync,
   os.replace, fsync root), so it is always the old or the new catalog, never a mix;
 - removals update the catalog first, then move folders into tmp/ before deleting them;
-- at start tmp/ and stray catalog temp files are removed, and catalog entries whose folder is
-  missing or incomplete are dropped. A version folder renamed in just before a crash, with no
-  catalog entry yet, stays unlisted and is reused if the same content is committed again.
+- at start what dead processes left in tmp/ and stray catalog temp files are removed, and catalog
+  entries whose folder is missing or incomplete are dropped. A version folder renamed in just
+  before a crash, with no catalog entry yet, stays unlisted and is reused if the same content is
+  committed again (after its files are checked against its hash).
+
+Several processes may share one store: writers exclude each other and re-read the catalog before
+changing it, each stages in its own folder, and every read notices a catalog another process
+wrote (adapters/store_locks.py).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from adapters.durable import fsync_dir, step, write_synced
+from adapters.store_locks import StagingArea, clean_dead, exclusive
 from server.errors import LoraswapError
 
 # The two files of a PEFT adapter (adapters/peft_format.py reads them).
@@ -51,23 +59,6 @@ _CATALOG_TMP_PREFIX = ".catalog-"
 _FORMAT = 1
 
 log = logging.getLogger(__name__)
-
-# Every point between two durable steps of a change, in the order a commit reaches them (stage,
-# place, catalog) and then those of a removal. Tests kill a process at each one in turn
-# (tests/adapters/test_store.py) through CRASH_POINT; in production it stays None.
-STEPS = (
-    "stage:config-partial", "stage:config", "stage:weights-partial", "stage:weights", "stage:synced",
-    "place:renamed", "place:synced",
-    "catalog:written-partial", "catalog:written", "catalog:replaced", "catalog:synced",
-    "remove:moved",
-)
-CRASH_POINT: Callable[[str], None] | None = None
-
-
-def _step(name: str) -> None:
-    if CRASH_POINT is not None:
-        CRASH_POINT(name)
-
 
 class StoreError(LoraswapError):
     """Base class of adapter store problems."""
@@ -126,27 +117,6 @@ class Staged:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries in `path` durable (a file fsync does not cover its directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes, step: str) -> None:
-    with open(path, "wb") as out:
-        half = len(data) // 2
-        out.write(data[:half])
-        out.flush()
-        _step(f"{step}-partial")  # a crash here leaves a half-written file behind
-        out.write(data[half:])
-        out.flush()
-        os.fsync(out.fileno())
-    _step(step)
-
-
 def _folder_version(folder: Path) -> str:
     """sha256(config bytes + weights bytes) of a version folder, read in bounded blocks."""
     digest = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
@@ -166,13 +136,53 @@ class AdapterStore:
         self._adapters = self.root / "adapters"
         self._tmp = self.root / "tmp"
         self._catalog_path = self.root / "catalog.json"
-        self._lock = threading.Lock()  # HTTP handlers commit/delete from several threads
+        self._lock_path = self.root / ".lock"
+        self._lock = threading.RLock()  # this process's threads; the file lock covers processes
+        self._area: StagingArea | None = None  # created at the first staging
+        self._stamp: tuple[int, int, int] | None = None  # catalog.json as last read or written
+        self.generation = 0  # bumped whenever the catalog changes (here or in another process)
         for folder in (self.root, self._adapters, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
-        self._clean_leftovers()
-        self._catalog, dropped = self._load()
-        if dropped:  # persist the repair so the warning is logged once
-            self._write_catalog(self._catalog)
+        with self._writing():
+            self._clean_leftovers()
+            self._catalog, dropped = self._load()
+            if dropped:  # persist the repair so the warning is logged once
+                self._replace_catalog(self._catalog)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Exclusive against this process's threads and every other process on the store."""
+        with self._lock, exclusive(self._lock_path):
+            yield
+
+    def _staging(self) -> Path:
+        with self._lock:
+            if self._area is None:
+                with exclusive(self._lock_path):  # no cleaner may see it before it is locked
+                    self._area = StagingArea(self._tmp)
+            return self._area.path
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._catalog_path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self) -> None:
+        """Re-read catalog.json if it changed since this store last read or wrote it (another
+        process committed); call with self._lock held."""
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._catalog, _ = self._load()
+            self._stamp = stamp
+            self.generation += 1
+
+    def refresh(self) -> int:
+        """Pick up what other processes committed; returns the catalog's generation."""
+        with self._lock:
+            self._reload()
+            return self.generation
 
     @classmethod
     def temporary(cls, prefix: str = "loraswap-run-") -> AdapterStore:
@@ -184,17 +194,17 @@ class AdapterStore:
         return store
 
     def stage_files(self, config: bytes, weights: BinaryIO | Path, *, max_bytes: int | None = None) -> Staged:
-        # No lock: long I/O into a private temp folder; only commit touches shared state.
-        folder = self._tmp / uuid.uuid4().hex
+        # No lock: long I/O into this store's own staging folder; only commit touches shared state.
+        folder = self._staging() / uuid.uuid4().hex
         folder.mkdir()
         try:
             digest = hashlib.sha256(config)
-            _write_synced(folder / CONFIG_FILE, config, "stage:config")
+            write_synced(folder / CONFIG_FILE, config, "stage:config")
             with contextlib.ExitStack() as stack:
                 src = stack.enter_context(open(weights, "rb")) if isinstance(weights, os.PathLike) else weights
                 written = self._copy(src, folder / WEIGHTS_FILE, digest, max_bytes)
-            _fsync_dir(folder)
-            _step("stage:synced")
+            fsync_dir(folder)
+            step("stage:synced")
         except BaseException:  # including KeyboardInterrupt: never leave a partial copy behind
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -218,17 +228,18 @@ class AdapterStore:
                 out.write(block)
                 if written == len(block):  # after the first block: a crash leaves a partial copy
                     out.flush()
-                    _step("stage:weights-partial")
+                    step("stage:weights-partial")
             out.flush()
             os.fsync(out.fileno())
-        _step("stage:weights")
+        step("stage:weights")
         return written
 
     def commit(self, name: str, staged: Staged, *, source: str) -> StoredVersion:
         check_name(name)
-        if staged.path.parent != self._tmp:
+        if self._area is None or staged.path.parent != self._area.path:
             raise StoreError("only folders staged by this store can be committed")
-        with self._lock:
+        with self._writing():
+            self._reload()  # another process may have committed since: build on its catalog
             dest = self._place(name, staged)
             entry = self._catalog.get(name)
             known = {v.version: v for v in entry.versions} if entry else {}
@@ -254,24 +265,26 @@ class AdapterStore:
             self._remove(dest)
         if not parent.is_dir():
             parent.mkdir()
-            _fsync_dir(self._adapters)
+            fsync_dir(self._adapters)
         os.rename(staged.path, dest)
-        _step("place:renamed")
-        _fsync_dir(parent)
-        _fsync_dir(self._tmp)
-        _step("place:synced")
+        step("place:renamed")
+        fsync_dir(parent)
+        fsync_dir(staged.path.parent)
+        step("place:synced")
         return dest
 
     def delete(self, name: str) -> None:
         check_name(name)
-        with self._lock:
+        with self._writing():
+            self._reload()
             self._entry(name)
             self._replace_catalog({n: e for n, e in self._catalog.items() if n != name})
             self._remove(self._adapters / name)
 
     def prune(self, name: str, keep: set[str]) -> None:
         check_name(name)
-        with self._lock:
+        with self._writing():
+            self._reload()
             entry = self._entry(name)
             doomed = [v for v in entry.versions if v.version not in keep and v.version != entry.current]
             if not doomed:
@@ -284,16 +297,19 @@ class AdapterStore:
     def current(self, name: str) -> StoredVersion:
         check_name(name)
         with self._lock:
+            self._reload()
             entry = self._entry(name)
             return next(v for v in entry.versions if v.version == entry.current)
 
     def versions(self, name: str) -> list[StoredVersion]:
         check_name(name)
         with self._lock:
+            self._reload()
             return list(self._entry(name).versions)
 
     def names(self) -> list[str]:
         with self._lock:
+            self._reload()
             return sorted(self._catalog)
 
     def _entry(self, name: str) -> _Entry:
@@ -304,19 +320,21 @@ class AdapterStore:
 
     def _remove(self, path: Path) -> None:
         """Move out of adapters/ in one rename (never half-deleted there), then delete from tmp/."""
-        trash = self._tmp / uuid.uuid4().hex
+        trash = self._staging() / uuid.uuid4().hex
         try:
             os.rename(path, trash)
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
-        _step("remove:moved")
+        fsync_dir(path.parent)
+        step("remove:moved")
         shutil.rmtree(trash, ignore_errors=True)
 
     def _replace_catalog(self, catalog: dict[str, _Entry]) -> None:
         # Write first, then swap in memory: a failed write leaves memory and disk agreeing.
         self._write_catalog(catalog)
         self._catalog = catalog
+        self._stamp = self._stat()
+        self.generation += 1
 
     def _write_catalog(self, catalog: dict[str, _Entry]) -> None:
         fields = ("version", "size", "created", "source")
@@ -326,21 +344,21 @@ class AdapterStore:
         }
         tmp = self.root / f"{_CATALOG_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
         try:
-            _write_synced(tmp, json.dumps({"format": _FORMAT, "adapters": adapters}, indent=1).encode(), "catalog:written")
+            write_synced(tmp, json.dumps({"format": _FORMAT, "adapters": adapters}, indent=1).encode(), "catalog:written")
             os.replace(tmp, self._catalog_path)  # atomic: readers see the old or the new file
-            _step("catalog:replaced")
+            step("catalog:replaced")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)  # make the replace itself durable
-        _step("catalog:synced")
+        fsync_dir(self.root)  # make the replace itself durable
+        step("catalog:synced")
 
     def _clean_leftovers(self) -> None:
-        for child in self._tmp.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink()
+        """What dead processes left (their staging areas, a catalog temp file): under the lock,
+        so no live writer's files are touched."""
+        removed = clean_dead(self._tmp, keep=None if self._area is None else self._area.owner)
+        if removed:
+            log.info("adapter store: removed %d leftover staging entries", len(removed))
         for stray in self.root.glob(_CATALOG_TMP_PREFIX + "*.tmp"):
             stray.unlink(missing_ok=True)
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from adapters.durable import STEPS
 from adapters.store import (
-    STEPS,
     AdapterNameError,
     AdapterStore,
     StoreError,
@@ -46,7 +46,18 @@ def add(store: AdapterStore, name: str, weights: bytes, config: bytes = CONFIG, 
 
 
 def tmp_entries(root: Path) -> list[Path]:
-    return list((root / "tmp").iterdir())
+    """What is staged or trashed under tmp/: live stores' own (empty) staging areas and their
+    lock files aside, everything there."""
+    tmp = root / "tmp"
+    found: list[Path] = []
+    for entry in tmp.iterdir():
+        if entry.name.endswith(".lock"):
+            continue
+        if entry.is_dir() and (tmp / (entry.name + ".lock")).exists():
+            found += list(entry.iterdir())
+        else:
+            found.append(entry)
+    return found
 
 
 def test_stage_commit_and_query(tmp_path: Path) -> None:
@@ -55,7 +66,7 @@ def test_stage_commit_and_query(tmp_path: Path) -> None:
     staged = store.stage_files(CONFIG, io.BytesIO(weights))
     assert staged.version == sha(CONFIG, weights)
     assert staged.size == len(CONFIG) + len(weights)
-    assert staged.path.parent == tmp_path / "tmp"
+    assert staged.path.parent.parent == tmp_path / "tmp"  # tmp/<this store's staging area>/
     assert store.names() == []  # staged is not visible
 
     stored = store.commit("alpha", staged, source="path:/x")
@@ -149,14 +160,16 @@ def test_tmp_leftovers_are_removed_at_start(tmp_path: Path) -> None:
     assert store.names() == []
 
 
-def test_staged_but_not_committed_is_invisible_after_restart(tmp_path: Path) -> None:
+def test_staged_but_not_committed_is_invisible_and_kept_while_its_store_lives(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
     v1 = add(store, "a", b"one")
-    store.stage_files(CONFIG, io.BytesIO(b"two"))  # "crash" before commit
-
-    reopened = AdapterStore(tmp_path)
-    assert reopened.versions("a") == [v1]
-    assert tmp_entries(tmp_path) == []
+    staged = store.stage_files(CONFIG, io.BytesIO(b"two"))  # an upload in flight
+    other = AdapterStore(tmp_path)  # another process opens the same store meanwhile
+    assert other.versions("a") == [v1]  # nothing uncommitted is visible
+    assert staged.path.is_dir()  # and its start-up cleanup left the live upload alone
+    assert store.commit("a", staged, source="upload").version == staged.version
+    assert [v.version for v in other.versions("a")] == [v1.version, staged.version]  # seen there too
+    # Crashed uploads (the process gone, its lock with it) are cleaned: see the SIGKILL tests.
 
 
 def test_entries_whose_files_are_gone_are_dropped_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -228,13 +241,14 @@ def test_malformed_catalog_refuses_to_start(tmp_path: Path) -> None:
 _CRASH_CHILD = r"""
 import io, os, signal, sys
 from pathlib import Path
-import adapters.store as st
+import adapters.durable as durable
+from adapters.store import AdapterStore
 
 root, step, action = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-store = st.AdapterStore(root)
+store = AdapterStore(root)
 store.commit("a", store.stage_files(b'{"v": 1}', io.BytesIO(b"\x01" * 3_000_000)), source="upload")
 store.commit("b", store.stage_files(b'{"v": 9}', io.BytesIO(b"\x09" * 10)), source="upload")
-st.CRASH_POINT = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
+durable.CRASH_POINT = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
 if action == "commit":  # 3 MB: the weights take several blocks, so the partial copy is partial
     store.commit("a", store.stage_files(b'{"v": 2}', io.BytesIO(b"\x02" * 3_000_000)), source="upload")
 else:
@@ -244,7 +258,7 @@ print("NOT KILLED", flush=True)
 V1 = sha(b'{"v": 1}', b"\x01" * 3_000_000)
 V2 = sha(b'{"v": 2}', b"\x02" * 3_000_000)
 VB = sha(b'{"v": 9}', b"\x09" * 10)
-# The steps each change passes through (adapters/store.py STEPS lists them all).
+# The steps each change passes through (adapters/durable.py STEPS lists them all).
 COMMIT_STEPS = [s for s in STEPS if not s.startswith("remove:")]
 DELETE_STEPS = [s for s in STEPS if s.startswith(("catalog:", "remove:"))]
 # Once the new catalog has replaced the old one, the change is what a restart sees.
@@ -253,7 +267,7 @@ DONE_AFTER = ("catalog:replaced", "catalog:synced", "remove:moved")
 
 def test_every_step_is_a_crash_point(tmp_path: Path) -> None:
     """The hook sits where STEPS says: a commit and a removal pass every listed step."""
-    import adapters.store as store_module
+    import adapters.durable as store_module
 
     seen: list[str] = []
     store = AdapterStore(tmp_path)

@@ -1,7 +1,7 @@
 """A server killed with SIGKILL in the middle of an adapter upload restarts with the previous
 version intact and no partial adapter listed.
 
-The server kills itself at one exact step through the store's crash hook (adapters/store.py
+The server kills itself at one exact step through the store's crash hook (adapters/durable.py
 CRASH_POINT), so the test does not race the copy with a polling loop."""
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ BOUNDARY = "loraswapboundary"
 # passes that step once).
 CRASH_PRELUDE = """
 import os, signal
-import adapters.store as store
+import adapters.durable as durable
 hits = []
 def crash(step):
     if step == "stage:weights-partial":
         hits.append(step)
         if len(hits) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-store.CRASH_POINT = crash
+durable.CRASH_POINT = crash
 """
 
 
@@ -74,13 +74,13 @@ def test_sigkill_during_upload_keeps_the_previous_version(tiny_llama_dir: Path, 
                 )
                 assert server.process.wait(120) == -signal.SIGKILL, server.log_tail()
             # The crash left its staging folder behind (the restart below must clean it up).
-            assert list(staging.glob("*/adapter_model.safetensors"))
+            assert list(staging.glob("*/*/adapter_model.safetensors"))  # tmp/<owner>/<upload>/
 
         (tmp_path / "second").mkdir()
         with running_server(args, tmp_path / "second", http) as server:
             listing = http.get(f"{server.base_url}/admin/adapters").json()["adapters"]
             assert [(a["name"], a["version"], len(a["versions"])) for a in listing] == [("ad", expected, 1)]
-            assert not list((tmp_path / "data" / "tmp").iterdir())  # the partial copy is gone
+            assert not list((tmp_path / "data" / "tmp").glob("*/*"))  # the partial copy is gone
             answer = http.post(f"{server.base_url}/v1/completions",
                                json={"model": "ad", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
             assert answer.status_code == 200, answer.text
