@@ -284,8 +284,9 @@ class Engine:
         entry = self._running.get(seq.request_id)
         if entry is None:
             return
+        event = self._count(seq.abort("error", error=message))
         self._release(seq)
-        entry[1](self._count(seq.abort("error", error=message)))
+        entry[1](event)
 
     def run_until_idle(self) -> None:
         """Drain the inbox and step until nothing is left (synchronous use, tests, benchmarks)."""
@@ -401,12 +402,13 @@ class Engine:
         sink = self._running[seq.request_id][1]
         self.generated_tokens += len(event.token_ids)
         if seq.finished:
-            self._release(seq)
             self._count(event)
+            self._release(seq)
         sink(event)
 
     def _count(self, event: RequestOutput) -> RequestOutput:
-        """Record how a request ended; returns the event (for `sink(self._count(...))`)."""
+        """Record how a request ended; returns the event. Called before the request's row or
+        queue place is given back, so a reader that sees it gone also sees it counted."""
         if event.finish_reason is not None:
             self.finished[event.finish_reason] += 1
         return event
@@ -452,18 +454,22 @@ class Engine:
     def _cancel(self, request_id: str) -> None:
         for item in list(self._waiting):
             if item.seq.request_id == request_id:
+                event = self._count(item.seq.abort())
                 self._dequeue(item)
-                item.sink(self._count(item.seq.abort()))
+                item.sink(event)
                 return
         if request_id in self._running:
             seq, sink = self._running[request_id]
+            event = self._count(seq.abort())
             self._release(seq)
-            sink(self._count(seq.abort()))
+            sink(event)
 
     def _fail_all(self, message: str) -> None:
         for seq, sink in list(self._running.values()):
+            event = self._count(seq.abort("error", error=message))
             self._release(seq)
-            sink(self._count(seq.abort("error", error=message)))
+            sink(event)
         for item in list(self._waiting):
+            event = self._count(item.seq.abort("error", error=message))
             self._dequeue(item)
-            item.sink(self._count(item.seq.abort("error", error=message)))
+            item.sink(event)
