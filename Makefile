@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+# torch's exact pin. On this machine pip finds its CPU build on disk; elsewhere plain PyPI gives
+# the multi-GB CUDA build on Linux x86_64: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU build from PyTorch's own index instead.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 ARGS ?=
 # The demo adapters (examples/adapters, see examples/README.md) are served next to the embedded
 # model unless DEMO=0 or ARGS picks another model, other adapters or a config file.
@@ -25,7 +28,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml requirements-serve.lock | $(BIN)/python
 	$(LOCKED_INSTALL) requirements-serve.lock
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PROJECT_INSTALL)
 	touch $@
 

@@ -115,34 +115,49 @@ class AdapterCatalog:
         self.cache_hits = 0
         self.cache_misses = 0
         self.on_disk_load: Callable[[float], None] | None = None
+        # Versions that another process replaced or deleted: the server unloads them (bootstrap).
+        self.on_retired: Callable[[str], None] | None = None
         self._generation = -1  # the store generation _current reflects
         self._sync()
 
     def _sync(self) -> None:
         """Follow the persistent store when it changed, here or in another process sharing it: a
         name added there is served, one deleted there is not, a replaced one serves its new
-        version to new requests. Start-up adapters of this run keep shadowing stored names."""
-        generation = self.store.refresh()
-        if generation == self._generation:
+        version to new requests and its old version is retired (`on_retired`: the engine
+        empties its slot once its rows end). Start-up adapters of this run keep shadowing
+        stored names. Blocking (a config read per changed name): call off the event loop."""
+        if self.store.refresh() == self._generation:
             return
-        stored = set(self.store.names())
-        with self._lock:
-            for name in [n for n, s in self._stores.items() if s is self.store and n not in stored]:
-                del self._current[name], self._stores[name]  # deleted by another process
-                self._usage.pop(name, None)
+        retired: list[str] = []
+        with self._mutate:  # no add or delete of this process interleaves
+            generation = self.store.refresh()
+            stored = set(self.store.names())
+            with self._lock:
+                for name in [n for n, s in self._stores.items() if s is self.store and n not in stored]:
+                    retired.append(self._current[name].key)  # deleted by another process
+                    del self._current[name], self._stores[name]
+                    self._usage.pop(name, None)
             for name in stored:
                 if self._stores.get(name, self.store) is not self.store:
                     continue  # shadowed by a start-up adapter for this run
+                known = self._current.get(name)
                 try:
                     current = self.store.current(name)
-                    known = self._current.get(name)
-                    if known is None or known.version != current.version:
-                        self._current[name] = _describe(current, None, persistent=True)
-                        self._stores[name] = self.store
-                        self._usage.setdefault(name, Usage())
+                    if known is not None and known.version == current.version:
+                        continue
+                    info = _describe(current, None, persistent=True)  # reads its config: changed names only
                 except Exception as exc:  # one unreadable entry must not stop the server
                     log.warning("skipping stored adapter %s: %s", name, exc)
+                    continue
+                with self._lock:
+                    if known is not None:
+                        retired.append(known.key)  # replaced by another process
+                    self._current[name], self._stores[name] = info, self.store
+                    self._usage.setdefault(name, Usage())
             self._generation = generation
+        if self.on_retired is not None:
+            for key in retired:
+                self.on_retired(key)
 
     # ---- publishing ----------------------------------------------------------------------
     def store_for(self, *, persist: bool) -> AdapterStore:

@@ -129,7 +129,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, onehot: torch.Tensor, window: 
     a_view = a[:, :window].reshape(-1, d_in)  # [(K+1)*window*P, in]; a view when window == R
     h = torch.bmm(x, a_view.t().expand(batch, -1, -1))  # [B, S, (K+1)*window*P]
     h = h.view(batch, seq, slots, window, parts)
-    return h * onehot[:, None, :, None, None]
+    # where, not a multiply: another slot's product may overflow to inf on this row's input, and
+    # inf x 0 is NaN; only the row's own slot may reach its output.
+    return torch.where(onehot[:, None, :, None, None] != 0, h, 0.0)
 
 
 def lora_expand(h: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:

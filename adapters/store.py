@@ -137,30 +137,35 @@ class AdapterStore:
         self._tmp = self.root / "tmp"
         self._catalog_path = self.root / "catalog.json"
         self._lock_path = self.root / ".lock"
-        self._lock = threading.RLock()  # this process's threads; the file lock covers processes
-        self._area: StagingArea | None = None  # created at the first staging
+        # Writers: this lock across threads, the file lock across processes. Readers take only
+        # _read_lock, briefly, to swap or read the in-memory catalog: a writer waiting for another
+        # process, fsyncing or hashing never blocks a reader.
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None  # catalog.json as last read or written
+        self._catalog: dict[str, _Entry] = {}
         self.generation = 0  # bumped whenever the catalog changes (here or in another process)
         for folder in (self.root, self._adapters, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
-        with self._writing():
+        with self._write_lock, exclusive(self._lock_path):
             self._clean_leftovers()
-            self._catalog, dropped = self._load()
+            # Created under the file lock, so no other process's cleanup sees it unlocked.
+            self._area = StagingArea(self._tmp)
+            catalog, dropped = self._load()
+            self._swap(catalog, self._stat())
             if dropped:  # persist the repair so the warning is logged once
-                self._replace_catalog(self._catalog)
+                self._replace_catalog(catalog)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """Exclusive against this process's threads and every other process on the store."""
-        with self._lock, exclusive(self._lock_path):
+        """Exclusive against this process's threads and every other process on the store; the
+        catalog is re-read first, whatever its stat says (a network filesystem may cache it)."""
+        with self._write_lock, exclusive(self._lock_path):
+            self._swap(self._load()[0], self._stat())
             yield
 
     def _staging(self) -> Path:
-        with self._lock:
-            if self._area is None:
-                with exclusive(self._lock_path):  # no cleaner may see it before it is locked
-                    self._area = StagingArea(self._tmp)
-            return self._area.path
+        return self._area.path
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -169,20 +174,25 @@ class AdapterStore:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _reload(self) -> None:
-        """Re-read catalog.json if it changed since this store last read or wrote it (another
-        process committed); call with self._lock held."""
-        stamp = self._stat()
-        if stamp != self._stamp:
-            self._catalog, _ = self._load()
-            self._stamp = stamp
-            self.generation += 1
+    def _swap(self, catalog: dict[str, _Entry], stamp: tuple[int, int, int] | None) -> None:
+        with self._read_lock:
+            if catalog != self._catalog:
+                self.generation += 1
+            self._catalog, self._stamp = catalog, stamp
 
     def refresh(self) -> int:
-        """Pick up what other processes committed; returns the catalog's generation."""
-        with self._lock:
-            self._reload()
-            return self.generation
+        """Pick up what other processes committed (catalog.json's stat changed); returns the
+        catalog's generation. Never waits for a writer."""
+        seen = self._stamp
+        stamp = self._stat()
+        if stamp != seen:
+            catalog, _ = self._load()
+            with self._read_lock:
+                if self._stamp == seen:  # no newer catalog was swapped in meanwhile
+                    if catalog != self._catalog:
+                        self.generation += 1
+                    self._catalog, self._stamp = catalog, stamp
+        return self.generation
 
     @classmethod
     def temporary(cls, prefix: str = "loraswap-run-") -> AdapterStore:
@@ -236,10 +246,9 @@ class AdapterStore:
 
     def commit(self, name: str, staged: Staged, *, source: str) -> StoredVersion:
         check_name(name)
-        if self._area is None or staged.path.parent != self._area.path:
+        if staged.path.parent != self._area.path:
             raise StoreError("only folders staged by this store can be committed")
-        with self._writing():
-            self._reload()  # another process may have committed since: build on its catalog
+        with self._writing():  # re-reads the catalog: another process may have committed since
             dest = self._place(name, staged)
             entry = self._catalog.get(name)
             known = {v.version: v for v in entry.versions} if entry else {}
@@ -276,7 +285,6 @@ class AdapterStore:
     def delete(self, name: str) -> None:
         check_name(name)
         with self._writing():
-            self._reload()
             self._entry(name)
             self._replace_catalog({n: e for n, e in self._catalog.items() if n != name})
             self._remove(self._adapters / name)
@@ -284,7 +292,6 @@ class AdapterStore:
     def prune(self, name: str, keep: set[str]) -> None:
         check_name(name)
         with self._writing():
-            self._reload()
             entry = self._entry(name)
             doomed = [v for v in entry.versions if v.version not in keep and v.version != entry.current]
             if not doomed:
@@ -296,20 +303,20 @@ class AdapterStore:
 
     def current(self, name: str) -> StoredVersion:
         check_name(name)
-        with self._lock:
-            self._reload()
+        self.refresh()
+        with self._read_lock:
             entry = self._entry(name)
             return next(v for v in entry.versions if v.version == entry.current)
 
     def versions(self, name: str) -> list[StoredVersion]:
         check_name(name)
-        with self._lock:
-            self._reload()
+        self.refresh()
+        with self._read_lock:
             return list(self._entry(name).versions)
 
     def names(self) -> list[str]:
-        with self._lock:
-            self._reload()
+        self.refresh()
+        with self._read_lock:
             return sorted(self._catalog)
 
     def _entry(self, name: str) -> _Entry:
@@ -332,9 +339,7 @@ class AdapterStore:
     def _replace_catalog(self, catalog: dict[str, _Entry]) -> None:
         # Write first, then swap in memory: a failed write leaves memory and disk agreeing.
         self._write_catalog(catalog)
-        self._catalog = catalog
-        self._stamp = self._stat()
-        self.generation += 1
+        self._swap(catalog, self._stat())
 
     def _write_catalog(self, catalog: dict[str, _Entry]) -> None:
         fields = ("version", "size", "created", "source")
@@ -356,7 +361,7 @@ class AdapterStore:
     def _clean_leftovers(self) -> None:
         """What dead processes left (their staging areas, a catalog temp file): under the lock,
         so no live writer's files are touched."""
-        removed = clean_dead(self._tmp, keep=None if self._area is None else self._area.owner)
+        removed = clean_dead(self._tmp)
         if removed:
             log.info("adapter store: removed %d leftover staging entries", len(removed))
         for stray in self.root.glob(_CATALOG_TMP_PREFIX + "*.tmp"):

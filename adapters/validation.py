@@ -128,7 +128,13 @@ def slot_value_problems(module: str, lora: ModuleLora, dtype: torch.dtype) -> li
 
 
 def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
-    """Every check against the base model; raises InvalidAdapterError with all problems at once."""
+    """Every check against the base model; raises InvalidAdapterError with all problems at once.
+    The config's patterns are matched within one time budget (adapters/patterns.py)."""
+    with patterns.budget():
+        return _validate(raw, spec, name)
+
+
+def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
     problems: list[str] = list(raw.problems)
     config = raw.config
     modules, unsupported = targeted_modules(config, spec, problems)

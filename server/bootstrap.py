@@ -125,6 +125,8 @@ def build_service(settings: Settings) -> CompletionService:
         # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,
     )
+    # A version another process sharing the store replaced or deleted leaves its slot here too.
+    catalog.on_retired = engine.unload_adapter
     warm_up(engine)
     engine.start()
     log.info("model ready in %.1f s", time.monotonic() - start)

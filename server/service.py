@@ -78,12 +78,16 @@ class CompletionService:
     # ---- names ---------------------------------------------------------------------------
     async def check_model(self, name: str | None) -> tuple[str, AdapterRef | None]:
         """(served name, adapter version) for a request's `model` field; None or the base name =
-        no adapter. A cold adapter is read from disk on a worker thread."""
+        no adapter. Looked up on a worker thread: the catalog may re-read the store (another
+        process changed it) and a cold adapter is read from disk."""
         if name is None or name == self.model_name:
             return self.model_name, None
+        return name, await asyncio.to_thread(self._resolve_adapter, name)
+
+    def _resolve_adapter(self, name: str) -> AdapterRef:
         if name in self.catalog:
             try:
-                return name, await asyncio.to_thread(self.catalog.resolve, name)
+                return self.catalog.resolve(name)
             except AdapterNotFoundError:  # deleted meanwhile
                 pass
         # No list of what is served: clients of the inference API do not learn other tenants'

@@ -72,24 +72,16 @@ def makefile_variables() -> dict[str, str]:
     return values
 
 
-def expand(text: str, variables: dict[str, str]) -> str:
-    for _ in range(5):  # variables that name variables
-        text = re.sub(r"\$\(([A-Z_]+)\)", lambda m: variables.get(m[1], m[0]), text)
-    return text
+def make_commands(target: str, **variables: str) -> list[str]:
+    """What `make <target>` runs in a fresh virtualenv, as make itself expands it (make -n -B)."""
+    import os
+    import subprocess
 
-
-def makefile_recipes() -> dict[str, list[str]]:
-    """target -> its recipe lines, Makefile variables expanded."""
-    variables = makefile_variables()
-    recipes: dict[str, list[str]] = {}
-    target = None
-    for line in MAKEFILE.read_text().splitlines():
-        if line.startswith("\t") and target is not None:
-            recipes[target].append(expand(line.strip(), variables))
-        elif re.match(r"^[^\s#][^=]*:(?!=)", line):
-            target = expand(line.split(":", 1)[0].strip(), variables)
-            recipes[target] = []
-    return recipes
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
+    args = [f"{k}={v}" for k, v in {"VENV": "/nonexistent/venv", **variables}.items()]
+    done = subprocess.run(["make", "-n", "-B", "-s", target, *args], cwd=REPO_ROOT, env=env, check=True,
+                          capture_output=True, text=True)
+    return [line for line in done.stdout.splitlines() if line.strip()]
 
 
 def dockerfile_runs() -> list[str]:
@@ -136,30 +128,37 @@ def classify(args: list[str], torch_pins: set[str]) -> str:
     raise AssertionError(f"pip install bypasses the lock: {shlex.join(args)}")
 
 
-def test_every_pip_install_goes_through_the_lock() -> None:
+@pytest.mark.parametrize("torch_index", ["", "https://download.pytorch.org/whl/cpu"], ids=["default", "torch-index"])
+def test_every_pip_install_goes_through_the_lock(torch_index: str) -> None:
     variables = makefile_variables()
     torch_spec = variables["TORCH_SPEC"]
     torch_version = re.search(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
-    assert torch_spec == f"torch=={torch_version[1]}" if torch_version else False, "Makefile and Dockerfile pin one torch"
+    assert torch_version and torch_spec == f"torch=={torch_version[1]}", "Makefile and Dockerfile pin one torch"
     torch_pins = {torch_spec, "torch==${TORCH_VERSION}"}
-    kinds: dict[str, list[str]] = {}
-    for target, lines in makefile_recipes().items():
-        for line in lines:
-            for args in pip_installs(line):
-                kinds.setdefault(target, []).append(classify(args, torch_pins))
-    for run in dockerfile_runs():
-        for args in pip_installs(run):
-            kinds.setdefault("docker", []).append(classify(args, torch_pins))
-    # Each install target installs its lock; the base one also torch and the project.
-    venv = "$(VENV)".replace("$(VENV)", variables.get("VENV", ".venv"))
-    recipes = makefile_recipes()
-    assert kinds[f"{venv}/.installed"] == ["lock", "torch", "project"]
-    assert any("requirements-serve.lock" in line for line in recipes[f"{venv}/.installed"])
-    assert any("requirements-dev.lock" in line for line in recipes[f"{venv}/.installed-dev"])
-    assert any("requirements-bench.lock" in line for line in recipes[f"{venv}/.installed-bench"])
-    assert kinds["docker"] == ["lock", "torch", "project"]
-    # Nothing else in the Makefile installs anything.
-    assert set(kinds) == {f"{venv}/.installed", f"{venv}/.installed-dev", f"{venv}/.installed-bench", "docker"}
+
+    def kinds(commands: list[str]) -> list[str]:
+        return [classify(args, torch_pins) for command in commands for args in pip_installs(command)]
+
+    # Each install target, run on a fresh virtualenv: its lock; the base one also torch, then the project.
+    serve = make_commands("install", TORCH_INDEX=torch_index)
+    assert kinds(serve) == ["lock", "torch", "project"]
+    assert any("-r requirements-serve.lock" in c for c in serve)
+    assert kinds(make_commands("install-dev", TORCH_INDEX=torch_index)) == ["lock", "torch", "project", "lock"]
+    assert any("-r requirements-dev.lock" in c for c in make_commands("install-dev"))
+    bench = make_commands("install-bench", TORCH_INDEX=torch_index)
+    assert kinds(bench) == ["lock", "torch", "project", "lock", "lock"]
+    assert any("-r requirements-bench.lock" in c for c in bench)
+    # The user-facing targets install nothing beyond their install target.
+    dev = make_commands("install-dev", TORCH_INDEX=torch_index)
+    for target, install in (("serve", serve), ("test", dev), ("bench", bench)):
+        extra = [c for c in make_commands(target, ARGS="", TORCH_INDEX=torch_index) if c not in install and "pip install" in c]
+        assert not extra, (target, extra)
+    # Nothing else in the Makefile runs pip install: the lock, the project and torch lines only.
+    pip_lines = [line for line in MAKEFILE.read_text().splitlines() if "pip install" in line and not line.startswith("#")]
+    assert len(pip_lines) == 3, pip_lines
+    # Both Docker variants: the lock, torch from PyTorch's index, the project.
+    docker = [classify(args, torch_pins) for run in dockerfile_runs() for args in pip_installs(run)]
+    assert docker == ["lock", "torch", "project"]
 
 
 def test_pip_install_classifier_catches_bypasses() -> None:

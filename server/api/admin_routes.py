@@ -79,12 +79,12 @@ async def _upload(name: str, request: Request, admin: AdminService) -> dict[str,
         for field, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 continue
-            # A part is matched by its field name or its file name; a name given twice is refused
-            # rather than one of the two being silently ignored.
+            # A part is matched by its field name or its file name; two parts that both claim one
+            # of the two adapter files are refused rather than one being silently ignored.
             for key in {field, value.filename or field}:
-                if key in files and files[key] is not value:
+                if key in (CONFIG_FILE, WEIGHTS_FILE) and key in files and files[key] is not value:
                     raise InvalidRequestError(f"the multipart upload has {key} twice", param=key)
-                files[key] = value
+                files.setdefault(key, value)
         if any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in files):
             raise InvalidRequestError("pickle files are refused; upload adapter_model.safetensors", param=WEIGHTS_FILE)
         missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in files]

@@ -287,8 +287,6 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
 async def list_models(service: CompletionService = Depends(get_service)) -> ModelList:
     """Names only: where an adapter came from (a server path, a hub id) is the admin API's."""
     base = ModelCard(id=service.model_name, max_model_len=service.max_model_len)
-    adapters = [
-        ModelCard(id=a.name, parent=service.model_name, max_model_len=service.max_model_len)
-        for a in service.catalog.all()
-    ]
+    served = await asyncio.to_thread(service.catalog.all)  # may re-read the store: off the event loop
+    adapters = [ModelCard(id=a.name, parent=service.model_name, max_model_len=service.max_model_len) for a in served]
     return ModelList(data=[base, *adapters])

@@ -592,3 +592,13 @@ def test_build_service_refuses_an_invalid_adapter(tiny_llama_dir: Path, llama_ad
     assert info.value.name == "bad"
     assert "use_dora is true" in str(info.value)
     assert_problem(info.value, "DoRA adapters are not supported")
+
+
+def test_many_patterns_share_one_time_budget(adapter: Path, spec: SlotSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of 1,000 rank_pattern keys is cheap, but matching all of them against every module
+    is bounded in total: refused once the config's budget is spent, not after minutes."""
+    from adapters import patterns
+
+    monkeypatch.setattr(patterns, "CONFIG_BUDGET_S", 0.0)  # spent at once: the refusal path, fast
+    edit_config(adapter, rank_pattern={f"layer{i}\\.never": 4 for i in range(1000)})
+    assert_problem(rejected(adapter, spec), "takes more than 0 s in all", "fewer or simpler patterns")

@@ -456,3 +456,65 @@ def test_a_damaged_version_folder_is_not_reused(tmp_path: Path) -> None:
     again = add(store, "a", b"\x01" * 5000)
     assert again.path == first.path and files_hash(again) == again.version
     assert tmp_entries(tmp_path) == []
+
+
+def test_a_fresh_store_deletes_and_prunes_without_staging_first(tmp_path: Path) -> None:
+    """After a restart nothing has been staged: a delete or prune (which trash folders into the
+    staging area) must not wait on the store's own lock (it once deadlocked the server here)."""
+    first = AdapterStore(tmp_path)
+    add(first, "a", b"one")
+    add(first, "a", b"two")
+    add(first, "b", b"bee")
+    del first
+    done: list[str] = []
+
+    def work() -> None:
+        fresh = AdapterStore(tmp_path)
+        fresh.prune("a", keep=set())
+        fresh.delete("b")
+        done.append("ok")
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert done == ["ok"], "delete/prune on a fresh store did not finish"
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == ["a"] and len(reopened.versions("a")) == 1
+
+
+def test_readers_never_wait_for_a_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer holding the file lock (another process committing a large upload) blocks no
+    reader of this store: while this store's own commit waits for that lock, names() and
+    current() answer at once."""
+    import adapters.store as store_module
+    from adapters.store_locks import exclusive
+
+    store = AdapterStore(tmp_path)
+    add(store, "a", b"one")
+    held, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def other_process_writing() -> None:
+        with exclusive(tmp_path / ".lock"):
+            held.set()
+            release.wait(30)
+
+    def announced(path: Path):  # type: ignore[no-untyped-def]
+        waiting.set()  # this store's writer is about to wait for the file lock
+        return exclusive(path)
+
+    writer = threading.Thread(target=other_process_writing, daemon=True)
+    writer.start()
+    assert held.wait(10)
+    monkeypatch.setattr(store_module, "exclusive", announced)
+    committing = threading.Thread(target=lambda: add(store, "b", b"bee"), daemon=True)
+    committing.start()
+    assert waiting.wait(10)
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.extend([store.names(), store.current("a").version]), daemon=True)
+    reader.start()
+    reader.join(10)
+    release.set()
+    committing.join(30)
+    writer.join(30)
+    assert answers and answers[0] == ["a"], "a reader waited for the writer"
+    assert store.names() == ["a", "b"]

@@ -116,6 +116,8 @@ def catalog(root: Path) -> AdapterCatalog:
 
 def test_catalogs_of_two_processes_follow_each_other(tmp_path: Path) -> None:
     one, two = catalog(tmp_path / "data"), catalog(tmp_path / "data")
+    retired: list[str] = []  # what one's server would unload (bootstrap: engine.unload_adapter)
+    one.on_retired = retired.append
     first = adapter_folder(tmp_path / "v1", seed=1)
     second = adapter_folder(tmp_path / "v2", seed=2)
 
@@ -126,9 +128,11 @@ def test_catalogs_of_two_processes_follow_each_other(tmp_path: Path) -> None:
     replaced, _ = two.add("x", two.store.stage_dir(second), source="upload")
     assert one.get("x").version == replaced.version  # new requests on one get the new version
     assert [a.name for a in one.all()] == ["x"]
+    assert retired == [added.key]  # the old version leaves one's slots too
 
     two.delete("x")
     assert "x" not in one
+    assert retired == [added.key, replaced.key]
     with pytest.raises(AdapterNotFoundError):
         one.resolve("x")
 

@@ -87,7 +87,8 @@ def test_a_closed_stream_frees_its_row(server: tuple[str, Any]) -> None:
     base, engine = server
     before, tokens_before = dict(engine.finished), engine.generated_tokens
     pause, cancels = PausedEngine(engine), CancelSeen(engine)
-    body = {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    # Greedy: the same first token every run, one that decodes to visible text (a data line).
+    body = {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True, "temperature": 0}
     try:
         with httpx.Client(trust_env=False, timeout=30) as http:
             with http.stream("POST", f"{base}/v1/completions", json=body) as response:
@@ -106,7 +107,8 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_row(server: 
     base, engine = server
     before, tokens_before = dict(engine.finished), engine.generated_tokens
     pause, cancels = PausedEngine(engine), CancelSeen(engine)
-    payload = json.dumps({"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True}).encode()
+    payload = json.dumps({"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True,
+                          "temperature": 0}).encode()
     host, port = base.removeprefix("http://").split(":")
     try:
         with socket.create_connection((host, int(port))) as sock:

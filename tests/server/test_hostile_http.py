@@ -185,6 +185,16 @@ def test_a_duplicated_multipart_field_is_a_400(client: TestClient, adapter: Path
     assert "adapter_model.safetensors twice" in message
 
 
+def test_parts_may_share_a_field_name(client: TestClient, adapter: Path) -> None:
+    """curl -F file=@adapter_config.json -F file=@adapter_model.safetensors: the file names tell
+    the parts apart, so one field name for both is fine."""
+    parts = [("file", ("adapter_config.json", (adapter / "adapter_config.json").read_bytes())),
+             ("file", ("adapter_model.safetensors", (adapter / "adapter_model.safetensors").read_bytes()))]
+    response = client.put("/admin/adapters/shared-field", files=parts, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert client.delete("/admin/adapters/shared-field", headers=AUTH).status_code == 200
+
+
 def test_a_chunked_upload_stops_at_the_limit(client: TestClient, adapter: Path) -> None:
     """No Content-Length: the body is counted as it arrives and refused past the limit, before
     the multipart parser spools it anywhere."""

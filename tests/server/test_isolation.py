@@ -44,15 +44,39 @@ def run(engine: Engine, *requests: GenerationRequest) -> Collector:
 
 
 def overflowing_adapter(engine: Engine) -> AdapterWeights:
-    """Finite weights that pass validation (well inside float32) but overflow the activations:
-    every q/k/v/o/MLP output of the rows on it becomes inf, then NaN."""
+    """Finite weights whose very first product overflows: x @ A is inf for any input (validation
+    would refuse these; the engine must hold even so)."""
     assert engine.runner.bank is not None
     spec = engine.runner.bank.spec()
     modules = {
-        name: ModuleLora(a=torch.full((8, d_in), 1e17), b=torch.full((d_out, 8), 1e17), scaling=1.0)
+        name: ModuleLora(a=torch.full((8, d_in), 3e38), b=torch.full((d_out, 8), 1.0), scaling=1.0)
         for name, (d_in, d_out) in spec.targets.items()
     }
     return AdapterWeights("boom", LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"), modules)
+
+
+def test_the_dense_product_keeps_another_slots_overflow_out_of_a_row() -> None:
+    """Compiled decode computes every slot's x @ A for every row and masks by slot: a slot whose
+    product overflows to inf must not reach the rows of other slots (inf x 0 is NaN)."""
+    from adapters.lora_layer import LoraBatch, LoraSlots
+
+    torch.manual_seed(0)
+    d_in, d_out, rank, slots = 16, 12, 4, 3
+    a = torch.randn(slots + 1, rank, 1, d_in) * 0.1  # [K+1, R, P, in]
+    b = torch.randn(slots + 1, rank, d_out) * 0.1  # [K+1, R, out]
+    a[2], a[slots], b[slots] = 3e38, 0.0, 0.0  # slot 2 overflows; the last slot is the null slot
+    layer = LoraSlots(a, [b])
+    x = torch.randn(4, 1, d_in)  # [B, S, in]
+    y = torch.randn(4, 1, d_out)
+    row_slots = torch.tensor([slots, 0, 2, 1])
+    onehot = torch.nn.functional.one_hot(row_slots, slots + 1).float()
+    out = layer.add_to(y, x, LoraBatch(window=rank, onehot=onehot))
+    assert torch.equal(out[0], y[0])  # the null slot: exactly the base output
+    for row in (1, 3):
+        slot = int(row_slots[row])
+        want = y[row] + (x[row] @ a[slot, :, 0].t()) @ b[slot]
+        assert torch.isfinite(out[row]).all() and torch.allclose(out[row], want, atol=1e-6), row
+    assert not torch.isfinite(out[2]).all()  # only the overflowing slot's own row is affected
 
 
 def test_nan_left_in_a_freed_row_cannot_reach_the_next_request(tiny_dir: Path) -> None:
