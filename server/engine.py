@@ -414,15 +414,17 @@ class Engine:
         return event
 
     def _release(self, seq: Sequence) -> None:
-        self._running.pop(seq.request_id, None)
+        """Give back the request's row and slot reference. It leaves `_running` last, so a reader
+        on another thread that sees it gone also sees its row free and its slot released."""
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         self.runner.free_row(seq.row, used=seq.prompt_len + len(seq.output_ids))
-        heapq.heappush(self._free_rows, seq.row)
         if seq.slot is not None and self.slot_table is not None:
             if self.slot_table.release(seq.slot):  # unloaded while in use: empty it now
                 self.runner.clear_slot(seq.slot)
             seq.slot = None
+        heapq.heappush(self._free_rows, seq.row)
+        self._running.pop(seq.request_id, None)
 
     def _load_now(self, key: str, weights: Any, pin: bool) -> int:
         table = self.slot_table
