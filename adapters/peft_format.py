@@ -34,8 +34,8 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_RANK = 1 << 16
 MAX_LIST = 1024  # entries of target_modules, rank_pattern, alpha_pattern, layers_*
 MAX_NAME_CHARS = 256  # one entry of a target_modules list
-MAX_CONFIG_BYTES = 1 << 20
-MAX_KEY_CHARS = 1024  # a tensor name; the name patterns below stay linear below this  # adapter_config.json is a few hundred bytes in practice
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes in practice
+MAX_KEY_CHARS = 1024  # a tensor name; the name patterns above stay fast below this
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class LoraConfig:
                 break
         return rank, alpha
 
-    def scaling(self, module: str) -> float:
-        rank, alpha = self.rank_and_alpha(module)
+    def scaling(self, rank: int, alpha: float) -> float:
+        """alpha / r, or alpha / sqrt(r) for rsLoRA (rank and alpha from rank_and_alpha)."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -77,16 +77,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _positive_rank(value: object) -> bool:
     return _is_int(value) and 1 <= value <= MAX_RANK  # type: ignore[operator]
 
 
 def _finite(value: object) -> bool:
-    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _show(value: object) -> str:

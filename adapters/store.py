@@ -130,6 +130,10 @@ def _complete(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
+_Stamp = tuple[int, int, int] | None  # catalog.json's (inode, mtime_ns, size); None: no file
+_ANY = object()
+
+
 class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -142,7 +146,7 @@ class AdapterStore:
         # process, fsyncing or hashing never blocks a reader.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None  # catalog.json as last read or written
+        self._stamp: _Stamp = None  # catalog.json as last read or written
         self._catalog: dict[str, _Entry] = {}
         self.generation = 0  # bumped whenever the catalog changes (here or in another process)
         for folder in (self.root, self._adapters, self._tmp):
@@ -167,15 +171,19 @@ class AdapterStore:
     def _staging(self) -> Path:
         return self._area.path
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> _Stamp:
         try:
             st = os.stat(self._catalog_path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _swap(self, catalog: dict[str, _Entry], stamp: tuple[int, int, int] | None) -> None:
+    def _swap(self, catalog: dict[str, _Entry], stamp: _Stamp, *, if_still: _Stamp | object = _ANY) -> None:
+        """Make `catalog` (read at `stamp`) the in-memory one; with `if_still`, only if no other
+        catalog was swapped in since the caller saw that stamp."""
         with self._read_lock:
+            if if_still is not _ANY and self._stamp != if_still:
+                return
             if catalog != self._catalog:
                 self.generation += 1
             self._catalog, self._stamp = catalog, stamp
@@ -186,12 +194,7 @@ class AdapterStore:
         seen = self._stamp
         stamp = self._stat()
         if stamp != seen:
-            catalog, _ = self._load()
-            with self._read_lock:
-                if self._stamp == seen:  # no newer catalog was swapped in meanwhile
-                    if catalog != self._catalog:
-                        self.generation += 1
-                    self._catalog, self._stamp = catalog, stamp
+            self._swap(self._load()[0], stamp, if_still=seen)
         return self.generation
 
     @classmethod

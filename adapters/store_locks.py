@@ -50,10 +50,7 @@ class StagingArea:
         self.path.mkdir()
         # At exit (or when the store goes away) the area and its lock file go; after a crash the
         # next start's clean_dead removes them.
-        self._finalizer = weakref.finalize(self, _release, self.path, lock_path, self._fd)
-
-    def close(self) -> None:
-        self._finalizer()
+        weakref.finalize(self, _release, self.path, lock_path, self._fd)
 
 
 def _release(path: Path, lock_path: Path, fd: int) -> None:
@@ -79,15 +76,12 @@ def _held(lock_path: Path) -> bool:
     return False
 
 
-def clean_dead(tmp: Path, keep: str | None = None) -> list[str]:
+def clean_dead(tmp: Path) -> list[str]:
     """Remove from `tmp` every staging area whose owner is dead, and anything else not owned by
     a live store (leftovers of older versions); returns what was removed. Call it under the
-    store's `exclusive` lock. `keep`: the caller's own owner name."""
-    live = {
-        entry.name.removesuffix(LOCK_SUFFIX)
-        for entry in tmp.iterdir()
-        if entry.name.endswith(LOCK_SUFFIX) and (entry.name.removesuffix(LOCK_SUFFIX) == keep or _held(entry))
-    }
+    store's `exclusive` lock."""
+    live = {entry.name.removesuffix(LOCK_SUFFIX) for entry in tmp.iterdir()
+            if entry.name.endswith(LOCK_SUFFIX) and _held(entry)}
     removed = []
     for entry in tmp.iterdir():
         if entry.name.removesuffix(LOCK_SUFFIX) in live:

@@ -146,8 +146,7 @@ def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
             problems.append(f"{module}: missing tensor(s) lora_{' and lora_'.join(missing)}")
             continue
         try:
-            rank, _ = config.rank_and_alpha(module)
-            scaling = config.scaling(module)
+            rank, alpha = config.rank_and_alpha(module)  # patterns matched once per module
         except patterns.PatternError as exc:
             problems.append(str(exc))
             break  # the same pattern would fail on every module
@@ -163,6 +162,7 @@ def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
         for label, tensor in (("lora_A", a), ("lora_B", b)):
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{module}: {label} contains NaN or infinite values")
+        scaling = config.scaling(rank, alpha)
         if not math.isfinite(scaling) or abs(scaling) > MAX_SCALING:
             problems.append(f"{module}: the LoRA scaling (lora_alpha / r) is {scaling:g}; at most {MAX_SCALING:g} in size")
         if len(problems) == found:

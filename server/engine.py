@@ -36,10 +36,6 @@ Sink = Callable[[RequestOutput], None]
 STALL_S = 120.0  # a step this long with work pending means the engine is stuck
 
 
-class NonFiniteError(Exception):
-    """A request's logits were NaN or infinite."""
-
-
 @dataclass(frozen=True)
 class _Submit:
     request: GenerationRequest
@@ -267,16 +263,14 @@ class Engine:
     def _deliver(self, seq: Sequence, token: int) -> None:
         """Hand one sampled token to its request; whatever goes wrong there ends that request
         alone (its row and slot go back), never the step or the other rows."""
+        if token == NON_FINITE:
+            self._fail(seq, "the model's output became NaN or infinite for this request (its adapter's numbers "
+                            "overflow); it was stopped")
+            return
         try:
-            if token == NON_FINITE:
-                raise NonFiniteError(
-                    "the model's output became NaN or infinite for this request (its adapter's numbers "
-                    "overflow); it was stopped"
-                )
             self._emit(seq, seq.append(token))
         except Exception as exc:
-            if not isinstance(exc, NonFiniteError):
-                log.exception("request %s failed", seq.request_id)
+            log.exception("request %s failed", seq.request_id)
             self._fail(seq, str(exc))
 
     def _fail(self, seq: Sequence, message: str) -> None:

@@ -2,9 +2,9 @@
 
 Every layer owns two buffers `[max_rows, kv_heads, max_len, head_dim]`. A row is one sequence;
 each token is written at its own (row, position), so decoding rows of different lengths needs no
-padding, no reallocation and no change of shape. Rows are handed out by the engine; freeing a
-row needs no clearing because a new sequence overwrites positions from 0 and attends only to
-positions it wrote. Under a device map each layer's buffers live on that layer's device.
+padding, no reallocation and no change of shape. Rows are handed out by the engine; a new
+sequence overwrites positions from 0 and attends only to positions it wrote. Under a device map
+each layer's buffers live on that layer's device.
 
 Masked positions get zero attention weight, but 0 x NaN is NaN: a value left by an earlier
 sequence that overflowed would reach the next sequence on that row through the weighted sum.
@@ -47,7 +47,7 @@ class KVCache(torch.nn.Module):
     def clear_row(self, row: int, upto: int) -> None:
         """Zero positions [0, upto) of `row` in every layer."""
         upto = min(max(upto, 1), self.max_len)
-        for name, buffer in self.named_buffers():
+        for buffer in self.buffers():
             buffer[row, :, :upto].zero_()
 
 

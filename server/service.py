@@ -85,14 +85,12 @@ class CompletionService:
         return name, await asyncio.to_thread(self._resolve_adapter, name)
 
     def _resolve_adapter(self, name: str) -> AdapterRef:
-        if name in self.catalog:
-            try:
-                return self.catalog.resolve(name)
-            except AdapterNotFoundError:  # deleted meanwhile
-                pass
-        # No list of what is served: clients of the inference API do not learn other tenants'
-        # adapter names from an error (GET /v1/models lists them where that is allowed).
-        raise ModelNotFoundError(f"The model `{name[:200]}` does not exist.")
+        try:
+            return self.catalog.resolve(name)
+        except AdapterNotFoundError:
+            # No list of what is served: clients of the inference API do not learn other
+            # tenants' adapter names from an error (GET /v1/models lists them where allowed).
+            raise ModelNotFoundError(f"The model `{name[:200]}` does not exist.") from None
 
     # ---- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

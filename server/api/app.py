@@ -88,11 +88,11 @@ def create_app(
     async def ready() -> JSONResponse:
         if holder.service is not None:
             engine = holder.service.engine
-            problem = engine.health()
-            if problem is not None:  # loaded, but it cannot take work: not ready
-                return JSONResponse({"status": "unhealthy", "error": problem, "model": holder.service.model_name,
-                                     **engine.stats()}, status_code=503)
-            return JSONResponse({"status": "ready", "model": holder.service.model_name, **engine.stats()})
+            problem = engine.health()  # loaded, but unable to take work: not ready
+            body = {"status": "ready" if problem is None else "unhealthy", "model": holder.service.model_name}
+            if problem is not None:
+                body["error"] = problem
+            return JSONResponse({**body, **engine.stats()}, status_code=200 if problem is None else 503)
         if holder.error is not None:
             return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)

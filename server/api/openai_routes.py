@@ -40,7 +40,7 @@ from server.errors import (
 )
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, RequestOutput
-from server.service import CompletionService, GenerationOptions, RequestEvents
+from server.service import CompletionService, GenerationOptions, RequestEvents, check_text
 
 router = APIRouter()
 MAX_CHOICES = 256  # prompts x n in one request
@@ -57,6 +57,8 @@ def get_service(request: Request) -> CompletionService:
 
 
 def _options(body: _SamplingFields, max_tokens: int | None, adapter: AdapterRef | None, vocab_size: int) -> GenerationOptions:
+    for stop in body.stop or ():
+        check_text(stop, "stop")
     return GenerationOptions(
         adapter=adapter,
         max_tokens=max_tokens,
@@ -221,7 +223,9 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
     # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
     prompts = await asyncio.to_thread(lambda: [service.encode_prompt(p) for p in raw])  # type: ignore[arg-type]
     requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter, service.vocab_size))
-    decoded = await asyncio.to_thread(lambda: [service.tokenizer.decode(ids) if body.echo else "" for ids in prompts])
+    decoded = await asyncio.to_thread(lambda: [service.tokenizer.decode(ids) for ids in prompts]) if body.echo else (
+        [""] * len(prompts)
+    )
     echoes = [text for text in decoded for _ in range(body.n)]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
 

@@ -45,11 +45,6 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        for stop in stops:
-            try:
-                stop.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("stop strings must be valid Unicode (no lone surrogates)") from None
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")

@@ -4,7 +4,6 @@ the stream and in the non-streamed answer alike: no U+FFFD the model did not pro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
