@@ -6,8 +6,11 @@ environment variables, a TOML config file (`--config`), then the defaults below.
 
 from __future__ import annotations
 
+import math
+import re
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -20,29 +23,62 @@ from pydantic_settings import (
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
+# Byte units of --lora-memory, case-insensitive: SI (powers of 1000) and IEC (powers of 1024).
+BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+MAX_LORA_MEMORY = 2**40  # 1 TiB: far above any device's memory, so larger is a typo
+_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="forbid", frozen=True)
 
     model: str | None = Field(
         default=None,
-        description="Local Hugging Face folder or hub id; empty means the embedded SmolLM2-135M-Instruct.",
+        description="Local Hugging Face folder or hub id; unset: the embedded SmolLM2-135M-Instruct.",
     )
     served_model_name: str | None = Field(
-        default=None, description="Name clients use in `model`; defaults to the model folder's name."
+        default=None, description="Name clients use in `model`; unset: the model folder's name or hub id."
     )
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    dtype: Dtype = "auto"
-    device: Device = "auto"
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves every interface.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    dtype: Dtype = Field(default="auto", description="Weight and compute dtype; auto: float32 on CPU, bfloat16 on CUDA.")
+    device: Device = Field(default="auto", description="Where the model runs; auto: CUDA when visible, else the CPU.")
     device_map: str | None = Field(
         default=None,
-        description="auto, cpu, cuda, cuda:N or a JSON file mapping parts/layer ranges to devices; overrides device.",
+        description="auto (spread over the visible GPUs), cpu, cuda, cuda:N or a JSON file mapping parts and "
+        "layer ranges to devices; overrides device.",
     )
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
     max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
-    prefill_chunk: int = Field(default=512, ge=16, description="Prompt tokens prefilled per step.")
-    max_loras: int = Field(default=8, ge=1, le=256, description="LoRA slots in every targeted layer.")
+    prefill_chunk: int = Field(
+        default=512, ge=16, description="Prompt tokens in one prefill chunk; a long prompt takes several steps."
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=512,
+        ge=16,
+        le=65536,
+        description="Tokens one engine step may carry: the decode tokens of running requests plus prompt "
+        "chunks (vLLM's name).",
+    )
+    max_loras: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        default="auto",
+        description="LoRA slots (adapters resident at once) in every targeted layer: a number, or auto to "
+        "fit as many as lora_memory holds (at most 1024; at most 8 with compile, whose step computes "
+        "every slot).",
+    )
+    # The default is kept as written so --help shows it that way; validation turns it into bytes.
+    lora_memory: int = Field(
+        default="1GiB",  # type: ignore[assignment]
+        validate_default=True,
+        description="Memory for all LoRA slots when max_loras is auto: bytes, or a size such as 512MiB, "
+        "1GiB or 2GB. 1GiB gives the embedded SmolLM2-135M 12 slots of rank 64 in float32 (26 in "
+        "bfloat16), more than the 8 slots loraswap used to fix, and costs a GPU little; an 8B model "
+        "gets 2 rank-64 slots from it, so raise it on large GPUs or lower max_lora_rank.",
+    )
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Rank of every LoRA slot.")
     lora_modules: dict[str, str] = Field(
         default_factory=dict,
@@ -53,11 +89,13 @@ class Settings(BaseSettings):
         description="Publish the lora_modules adapters into the adapter store, as an upload would: "
         "they are then served after a restart too.",
     )
-    compile: bool = Field(default=False, description="torch.compile the model step.")
+    compile: bool = Field(default=False, description="torch.compile the model step (meant for GPUs).")
     quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
         default="none", description="bitsandbytes quantization of the decoder projections."
     )
-    quantize_lm_head: bool = Field(default=False, description="Quantize an untied lm_head too.")
+    quantize_lm_head: bool = Field(
+        default=False, description="Quantize an untied lm_head too (the embedding always stays unquantized)."
+    )
     request_timeout: float | None = Field(
         default=600.0, gt=0, description="Seconds a request may run before it is cancelled (HTTP 408)."
     )
@@ -67,12 +105,14 @@ class Settings(BaseSettings):
     max_waiting: int = Field(
         default=256, ge=1, description="Requests queued beyond the running rows; more get HTTP 429."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level of the log lines written."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="Log lines as text, or one JSON object per line (uvicorn's included)."
     )
     data_dir: Path | None = Field(
-        default=None, description="Adapter store; default $XDG_DATA_HOME/loraswap or ~/.local/share/loraswap."
+        default=None, description="Adapter store; unset: $XDG_DATA_HOME/loraswap or ~/.local/share/loraswap."
     )
     max_cpu_loras: int = Field(default=32, ge=1, description="Validated adapters cached in CPU memory (LRU).")
     adapter_roots: list[Path] = Field(
@@ -98,6 +138,11 @@ class Settings(BaseSettings):
             return pairs
         return value
 
+    @field_validator("lora_memory", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> int:
+        return parse_bytes(value)
+
     @field_validator("model", "served_model_name", "admin_token", "api_key", "device_map", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -116,6 +161,33 @@ class Settings(BaseSettings):
         if settings_cls.model_config.get("toml_file"):
             sources += (TomlConfigSettingsSource(settings_cls),)
         return sources
+
+
+def parse_bytes(value: object, *, name: str = "lora_memory") -> int:
+    """Bytes from an int or a string like `512MiB`, `1GiB`, `2GB`, `1.5GiB` or `1073741824`;
+    positive and at most 1 TiB. Nothing is parsed as a float, so `inf` or `1e400` cannot slip in."""
+    if isinstance(value, bool):  # an int to Python, but `lora_memory = true` is a mistake
+        raise ValueError(f"{name} takes a size such as 1GiB, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        value = int(value)
+    if isinstance(value, int):
+        amount = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text.startswith("-"):
+            raise ValueError(f"{name} must be positive, got {value[:40]!r}")
+        match = _BYTES.fullmatch(text) if len(text) <= 40 else None
+        if match is None or match[2] not in BYTE_UNITS:
+            raise ValueError(f"{name} takes bytes or a number with a unit (B, kB, MB, GB, TB, KiB, MiB, GiB, "
+                             f"TiB), e.g. 1GiB; got {value[:40]!r}")
+        amount = math.floor(Fraction(match[1]) * BYTE_UNITS[match[2]])
+    else:
+        raise ValueError(f"{name} takes bytes or a size such as 1GiB, got {type(value).__name__}")
+    if not 0 < amount <= MAX_LORA_MEMORY:
+        raise ValueError(f"{name} must be between 1 byte and 1 TiB ({MAX_LORA_MEMORY} bytes), got {amount}")
+    return amount
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -12,11 +12,12 @@ import torch
 
 from adapters.catalog import AdapterCatalog, AdapterVersion
 from adapters.slot_bank import SlotBank
+from adapters.slot_sizing import SlotPlan, plan_slots
 from adapters.slot_table import SlotTable
 from adapters.store import AdapterStore
 from config.settings import Settings
 from server.admin import AdminService
-from server.device_map import describe, estimate_part_sizes, resolve_device_map
+from server.device_map import describe, estimate_part_sizes, lora_slot_bytes, resolve_device_map
 from server.engine import Engine
 from server.errors import UnsupportedModelError
 from server.linear import tensor_bytes
@@ -83,6 +84,7 @@ def build_service(settings: Settings) -> CompletionService:
     # Under a device map, any GPU part decides the dtype (bfloat16 by default), as --device cuda does.
     device = pick_device(settings.device) if placement is None else main_device(placement)
     dtype = pick_dtype(settings.dtype, device)
+    slots = slot_plan(settings, cfg, dtype.itemsize)  # before loading: a budget too small fails fast
     log.info("loading %s (%s, %s on %s)", folder, cfg.model_type, dtype, device)
     if placement is not None:
         log.info("device map: %s", json.dumps(describe(placement)))
@@ -102,9 +104,8 @@ def build_service(settings: Settings) -> CompletionService:
     log.info("weights: decoder projections %.1f MB (%s), other %.1f MB; KV cache %.1f MB",
              footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6,
              footprint["kv_cache_bytes"] / 1e6)
-    bank = SlotBank(
-        model, num_slots=settings.max_loras, max_rank=settings.max_lora_rank, fixed_window=settings.compile
-    )
+    log.info("%s", slots.describe())
+    bank = SlotBank(model, num_slots=slots.count, max_rank=slots.rank, fixed_window=settings.compile)
     name = served_name(settings, folder)
     # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
     # in a temp folder that goes with the process.
@@ -121,7 +122,8 @@ def build_service(settings: Settings) -> CompletionService:
         tokenizer,
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
-        slot_table=SlotTable(settings.max_loras),
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        slot_table=SlotTable(slots.count),
         # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,
     )
@@ -146,6 +148,7 @@ def build_service(settings: Settings) -> CompletionService:
             "quantization": settings.quantization, "compile": settings.compile,
             "device_map": None if placement is None else describe(placement),
             "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers())},
+            "lora_slots": slots.info(),
         },
     )
     return service
@@ -156,15 +159,24 @@ def main_device(placement: Placement) -> torch.device:
     return torch.device(gpus[0] if gpus else "cpu")
 
 
+def slot_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> SlotPlan:
+    """--max-loras resolved (`auto`: what --lora-memory holds) for slots of `dtype_bytes` elements."""
+    per_slot = lora_slot_bytes(cfg, max_rank=settings.max_lora_rank, dtype_bytes=dtype_bytes)
+    return plan_slots(settings.max_loras, budget_bytes=settings.lora_memory, per_slot_bytes=per_slot,
+                      rank=settings.max_lora_rank, compiled=settings.compile)
+
+
 def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | None) -> Placement:
-    """The placement `spec` (--device-map) asks for; `auto` sizes each part as it will be loaded."""
+    """The placement `spec` (--device-map) asks for; `auto` sizes each part as it will be loaded.
+    The dtype is the one `auto` placement leads to (GPUs if any), so the slot count sized here is
+    the one build_service resolves once the device is known."""
     dtype_bytes = pick_dtype(settings.dtype, pick_device("auto")).itemsize
 
     def sizes() -> PartSizes:
         return estimate_part_sizes(
             cfg, dtype_bytes=dtype_bytes, quantization=quantization, quantize_lm_head=settings.quantize_lm_head,
             max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
-            num_slots=settings.max_loras, max_rank=settings.max_lora_rank,
+            num_slots=slot_plan(settings, cfg, dtype_bytes).count, max_rank=settings.max_lora_rank,
         )
 
     return resolve_device_map(spec, cfg, sizes)

@@ -7,8 +7,11 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from config.settings import Settings, load_settings
 from server.logs import configure_logging
@@ -16,54 +19,64 @@ from server.logs import configure_logging
 log = logging.getLogger("loraswap")
 
 
+# How a value looks in --help; presentation only (names, defaults and descriptions live in Settings).
+METAVARS = {
+    "lora_modules": "NAME=PATH", "adapter_roots": "DIR", "device_map": "MAP", "max_loras": "{auto,N}",
+    "lora_memory": "SIZE", "data_dir": "DIR",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap", description="Multi-LoRA inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    # Defaults are None so that only flags actually given override env and config file.
     serve.add_argument("--config", type=Path, help="TOML settings file (see config/example.toml)")
-    serve.add_argument("--model", help="local Hugging Face folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--served-model-name", help="name clients pass as `model`")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--device-map", metavar="MAP",
-                       help="auto (spread over visible GPUs), cpu, cuda, cuda:N or a JSON file of part -> device")
-    serve.add_argument("--max-num-seqs", type=int, help="rows decoded together (default 16)")
-    serve.add_argument("--max-model-len", type=int, help="prompt + output tokens per row (default 2048)")
-    serve.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
-    serve.add_argument("--max-loras", type=int, help="LoRA slots per targeted layer (default 8)")
-    serve.add_argument("--max-lora-rank", type=int, help="rank of every LoRA slot (default 64)")
-    serve.add_argument(
-        "--lora-modules", nargs="+", metavar="NAME=PATH",
-        help="PEFT adapters served by this run (not kept for the next start, unless --persist-lora-modules)",
-    )
-    serve.add_argument(
-        "--persist-lora-modules", action="store_true", default=None,
-        help="publish the --lora-modules adapters into the adapter store (--data-dir), as an upload would",
-    )
-    serve.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the model step"
-    )
-    serve.add_argument("--request-timeout", type=float, help="seconds before a request is cancelled (default 600)")
-    serve.add_argument("--drain-timeout", type=float, help="seconds to finish running requests on SIGTERM (default 30)")
-    serve.add_argument("--max-waiting", type=int, help="queued requests before HTTP 429 (default 256)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["text", "json"],
-                       help="text (default) or json: one JSON object per line, uvicorn's access log included")
-    serve.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"],
-                       help="quantize the decoder projections with bitsandbytes (default none)")
-    serve.add_argument("--quantize-lm-head", action="store_true", default=None,
-                       help="quantize an untied lm_head too (the embedding always stays unquantized)")
-    serve.add_argument("--data-dir", type=Path, help="adapter store (default ~/.local/share/loraswap)")
-    serve.add_argument("--max-cpu-loras", type=int, help="validated adapters kept in CPU memory (default 32)")
-    serve.add_argument("--adapter-roots", nargs="+", type=Path, metavar="DIR",
-                       help="folders the admin API may load adapters from by path")
-    serve.add_argument("--admin-token", help="bearer token of the admin API (default: loopback clients only)")
-    serve.add_argument("--api-key", help="bearer token required by the inference API (default: none)")
-    serve.add_argument("--max-upload-mb", type=float, help="largest adapter weights accepted (default 1024)")
+    add_settings_flags(serve)
     return parser
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field: `--max-num-seqs` for `max_num_seqs`, its help the field's
+    description and default. Values stay strings for pydantic to validate, the one place that
+    knows each type (`--max-loras auto|N`, `--lora-memory 1GiB`). Every default is None, so that
+    only flags actually given override the environment and the config file."""
+    for name, field in Settings.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, **flag_options(name, field))
+
+
+def flag_options(name: str, field: FieldInfo) -> dict[str, Any]:
+    """argparse options of one field: bools are switches, Literals get choices, lists and dicts
+    take one or more values (`--lora-modules` keeps NAME=PATH, parsed by Settings)."""
+    shown = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    description = (field.description or "").rstrip(".")
+    help_text = f"{description} (default {default_text(shown)})".replace("%", "%%")
+    annotation = without_none(field.annotation)
+    if annotation is bool:
+        return {"action": "store_true", "default": None, "help": help_text}
+    options: dict[str, Any] = {"default": None, "help": help_text, "metavar": METAVARS.get(name)}
+    if get_origin(annotation) is Literal:
+        options["choices"] = [str(choice) for choice in get_args(annotation)]
+        options["metavar"] = None  # argparse shows the choices
+    if get_origin(annotation) in (list, dict):
+        options["nargs"] = "+"
+    return options
+
+
+def without_none(annotation: Any) -> Any:
+    """`X | None` -> X; any other annotation as it is."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def default_text(value: object) -> str:
+    if value is None or value == [] or value == {}:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from adapters.slot_sizing import FusedShape, bank_bytes, slot_bytes
 from server.errors import UnsupportedModelError
 from server.model_config import ModelConfig
 from server.placement import (
@@ -34,11 +35,17 @@ class DeviceMapError(UnsupportedModelError):
     """The device map is invalid or the model does not fit (the message says by how much)."""
 
 
-def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+def projection_shapes(cfg: ModelConfig) -> list[FusedShape]:
     """(in, out, parts) of each fused projection of one decoder layer; `parts` = HF projections
     fused in it (they share one LoRA A tensor per slot)."""
     q, kv, hidden, inter = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
-    return [(hidden, q + 2 * kv, 3), (q, hidden, 1), (hidden, 2 * inter, 2), (inter, hidden, 1)]
+    return [FusedShape(hidden, q + 2 * kv, 3), FusedShape(q, hidden, 1), FusedShape(hidden, 2 * inter, 2),
+            FusedShape(inter, hidden, 1)]
+
+
+def lora_slot_bytes(cfg: ModelConfig, *, max_rank: int, dtype_bytes: int) -> int:
+    """Bytes of one LoRA slot of rank `max_rank` over every layer, known before any weight is read."""
+    return slot_bytes(projection_shapes(cfg) * cfg.num_hidden_layers, max_rank=max_rank, dtype_bytes=dtype_bytes)
 
 
 def linear_bytes(d_in: int, d_out: int, dtype_bytes: int, quantization: str | None) -> int:
@@ -73,8 +80,7 @@ def estimate_part_sizes(
     weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
     weights += (biases + norms) * dtype_bytes
     kv_cache = 2 * max_rows * cfg.num_key_value_heads * max_len * cfg.head_dim * dtype_bytes
-    slot_elems = sum(parts * i + o for i, o, parts in projection_shapes(cfg))  # A: [P, in], Bs: [out]
-    slots = max_rank * (num_slots + 1) * slot_elems * dtype_bytes
+    slots = bank_bytes(slot_bytes(projection_shapes(cfg), max_rank=max_rank, dtype_bytes=dtype_bytes), num_slots)
     layer = weights + kv_cache + slots
     tied = cfg.tie_word_embeddings
     head = 0 if tied else linear_bytes(hidden, vocab, dtype_bytes, quantization if quantize_lm_head else None)

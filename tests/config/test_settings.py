@@ -60,3 +60,94 @@ def test_invalid_values_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["serve", "--config", str(bad)]) == 2
     assert "no_such_setting" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+# ---- --max-loras auto and --lora-memory -----------------------------------------------------
+
+
+def test_max_loras_is_auto_or_a_number() -> None:
+    assert (Settings().max_loras, Settings().lora_memory) == ("auto", 2**30)
+    assert Settings(max_loras="auto").max_loras == "auto"
+    assert Settings(max_loras=4096).max_loras == 4096
+    assert Settings(max_loras="12").max_loras == 12  # env and flags give strings
+    for bad in (0, -1, 4097, "many", "", 2.5):
+        with pytest.raises(ValidationError, match="max_loras"):
+            Settings(max_loras=bad)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("512MiB", 512 * 2**20), ("1GiB", 2**30), ("2GB", 2 * 10**9), ("1.5 gib", 3 * 2**29), (" 4096 ", 4096),
+    ("10kB", 10_000), ("1TiB", 2**40), (123456, 123456), (1e9, 10**9),
+])
+def test_lora_memory_sizes(text: object, expected: int) -> None:
+    assert Settings(lora_memory=text).lora_memory == expected
+
+
+@pytest.mark.parametrize(("value", "phrase"), [
+    ("abc", "takes bytes or a number with a unit"), ("-1GiB", "must be positive"), ("inf", "takes bytes"),
+    ("nan", "takes bytes"), ("1e400", "takes bytes"), ("1 GiBs", "takes bytes"), ("1K", "takes bytes"),
+    ("9" * 10_000, "takes bytes"), ("0", "between 1 byte and 1 TiB"), (0, "between 1 byte"), (-5, "between 1 byte"),
+    ("2TiB", "between 1 byte and 1 TiB"), (10**400, "between 1 byte"), (float("inf"), "must be finite"),
+    (float("nan"), "must be finite"), (True, "takes a size"), (None, "takes bytes"), ([1], "takes bytes"),
+])
+def test_lora_memory_refuses_hostile_values(value: object, phrase: str) -> None:
+    with pytest.raises(ValidationError, match=phrase):
+        Settings(lora_memory=value)
+
+
+def test_lora_memory_from_env_file_and_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('lora_memory = "256MiB"\nmax_loras = "auto"\n')
+    assert load_settings(config).lora_memory == 256 * 2**20
+    monkeypatch.setenv("LORASWAP_LORA_MEMORY", "2GiB")
+    monkeypatch.setenv("LORASWAP_MAX_LORAS", "6")
+    assert (load_settings(config).lora_memory, load_settings(config).max_loras) == (2 * 2**30, 6)
+    args = build_parser().parse_args(["serve", "--lora-memory", "3GB", "--max-loras", "auto"])
+    s = settings_from_args(args)
+    assert (s.lora_memory, s.max_loras) == (3 * 10**9, "auto")
+
+
+# ---- flags derived from the settings model --------------------------------------------------
+
+
+def test_every_setting_has_a_flag_and_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["serve"])
+    assert set(vars(args)) == set(Settings.model_fields) | {"command", "config"}
+    assert all(value is None for key, value in vars(args).items() if key != "command")  # env/file not overridden
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    usage = capsys.readouterr().out
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no description"
+        assert "--" + name.replace("_", "-") in usage
+    assert "(default 1GiB)" in usage and "(default 8000)" in usage and "(default auto)" in usage
+
+
+def test_flags_parse_into_settings(tmp_path: Path) -> None:
+    adapter, root = tmp_path / "ad", tmp_path / "roots"
+    args = build_parser().parse_args([
+        "serve", "--max-loras", "3", "--max-num-batched-tokens", "1024", "--compile", "--quantization", "int8",
+        "--lora-modules", f"a={adapter}", f"b={adapter}", "--adapter-roots", str(root), str(tmp_path),
+        "--request-timeout", "2.5", "--data-dir", str(tmp_path), "--admin-token", "t", "--log-level", "debug",
+        "--persist-lora-modules",
+    ])
+    s = settings_from_args(args)
+    assert (s.max_loras, s.max_num_batched_tokens, s.compile, s.quantization) == (3, 1024, True, "int8")
+    assert s.lora_modules == {"a": str(adapter), "b": str(adapter)}
+    assert s.adapter_roots == [root, tmp_path] and s.data_dir == tmp_path
+    assert (s.request_timeout, s.log_level, s.persist_lora_modules) == (2.5, "debug", True)
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "t"
+    assert (s.quantize_lm_head, s.max_num_batched_tokens) == (False, 1024)
+    assert Settings().max_num_batched_tokens == 512
+
+
+def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):  # choices: argparse refuses
+        build_parser().parse_args(["serve", "--dtype", "int4"])
+    for flags, phrase in [
+        (["--max-loras", "lots"], "max_loras"), (["--lora-memory=-1GiB"], "must be positive"),
+        (["--port", "http"], "port"), (["--max-num-batched-tokens", "8"], "max_num_batched_tokens"),
+        (["--lora-modules", "no-equals"], "NAME=PATH"),
+    ]:
+        assert main(["serve", *flags]) == 2
+        assert phrase in capsys.readouterr().err
