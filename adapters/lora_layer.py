@@ -4,7 +4,8 @@ For each row n of a batch, on slot k = slot[n]:  y[n] += B_k @ (A_k @ x[n])  (sc
 
 Slot tensors are slot-major (`a` # [K+1, R, P, in], `b` # [K+1, R, out_p]), so the first `window`
 ranks of one slot are a plain view and the first `window` ranks of all slots are one strided view.
-Three formulations, picked by `SlotBank.batch`:
+A forward's tokens (server/forward_batch.py) are a decode block, one token per row, then prompt
+chunks of one row each. Three formulations, picked by `SlotBank.route`:
 
 * chunked (eager decode): rows are grouped by slot into chunks of exactly CHUNK rows (a short
   group is padded by repeating one of its rows; padding results are dropped). Each chunk gets a
@@ -12,13 +13,15 @@ Three formulations, picked by `SlotBank.batch`:
   and the bank are unchanged), then two batched matmuls compute all chunks. Only a row's own
   adapter is computed, with a handful of ops per projection whatever the number of adapters.
   (`bench/lora_formulations.py` measured the alternatives.)
-* single (prefill, one row): the slot's A and B are views; plain matmuls over the prompt tokens.
+* segment (prompt chunks): each chunk's tokens against its slot's A and B, which are views;
+  plain matmuls over the chunk's tokens. The cost follows the tokens, not the number of slots.
 * dense (compiled decode): every row against every slot, masked by a one-hot: fixed shapes, so
   the compiled graph never changes with what is loaded or who uses it.
 
 Batch invariance: a row's delta is bit-identical whichever rows share its step. Chunked: every
 product is a CHUNK-row matmul (the kernel a matmul picks depends on its row count, so it is held
 fixed) and rows of a chunk never mix. Dense: batched matmuls with one product per row.
+Segment: a prompt chunk's boundaries are fixed by the engine whatever else is scheduled.
 """
 
 from __future__ import annotations
@@ -46,22 +49,35 @@ class ChunkPlan:
                          self.slot_key)
 
 
+Segment = tuple[int, int, int]  # (first flat token, tokens, slot) of a prompt chunk on a real slot
+
+
 @dataclass(frozen=True)
 class LoraBatch:
-    """Per-forward LoRA routing: which slot each row uses and how many ranks to compute.
-    Exactly one of `onehot` (dense), `chunks` (chunked) is set; `single` is the slot when every
-    row uses the same one (prefill takes the single path then)."""
+    """Per-forward LoRA routing over the forward's flat tokens (server/forward_batch.py): the
+    decode block, flat tokens [0, decode_tokens), goes by `onehot` (dense) or `chunks`
+    (chunked); each prompt chunk on a real slot is a `segment` computed with that slot's weights
+    alone. Rows on the null slot cost nothing."""
 
     window: int  # ranks computed per slot (a power of two <= the slot rank)
+    null_slot: int
     version: int = 0  # the slot bank's write counter: gathered slot weights older than it are stale
-    onehot: torch.Tensor | None = None  # [B, K+1] in the model dtype; the last column is the null slot
+    decode_tokens: int = 0
+    row_slots: tuple[int, ...] = ()  # slot of each decode-block row
+    onehot: torch.Tensor | None = None  # [D, K+1] in the model dtype; the last column is the null slot
     chunks: ChunkPlan | None = None
-    single: int | None = None
+    segments: tuple[Segment, ...] = ()
 
     def to(self, device: torch.device) -> LoraBatch:
         onehot = None if self.onehot is None else self.onehot.to(device)
         chunks = None if self.chunks is None else self.chunks.to(device)
         return replace(self, onehot=onehot, chunks=chunks)
+
+    def per_row_tokens(self, tokens: int) -> LoraBatch:
+        """The same rows' routing when each of them carries `tokens` prompt tokens instead of one
+        decode token: one segment per row on a real slot."""
+        segments = tuple((i * tokens, tokens, slot) for i, slot in enumerate(self.row_slots) if slot != self.null_slot)
+        return replace(self, decode_tokens=0, onehot=None, chunks=None, segments=segments)
 
 
 def plan_chunks(slots: list[int], null_slot: int, device: torch.device) -> ChunkPlan:
@@ -103,7 +119,8 @@ def gather_chunk_weights(
 
 
 def lora_chunked(x: torch.Tensor, a_t: torch.Tensor, b_sel: list[torch.Tensor], plan: ChunkPlan) -> torch.Tensor:
-    """x # [B, in], the chunks' gathered weights -> deltas of the planned rows # [n, out] (parts concatenated)."""
+    """x # [T, in] (the plan's rows index its decode block), the chunks' gathered weights ->
+    deltas of the planned rows # [n, out] (parts concatenated)."""
     chunks, d_in, _ = a_t.shape
     window = b_sel[0].shape[1]
     xs = x.index_select(0, plan.gather).view(chunks, CHUNK, d_in)  # [chunks, C, in]
@@ -114,10 +131,10 @@ def lora_chunked(x: torch.Tensor, a_t: torch.Tensor, b_sel: list[torch.Tensor], 
 
 
 def lora_single(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slot: int, window: int) -> torch.Tensor:
-    """x # [B, S, in], every row on `slot` -> delta # [B, S, out]."""
+    """x # [n, in], every token on `slot` -> delta # [n, out]."""
     _, _, parts, d_in = a.shape
     a_slot = a[slot, :window].reshape(window * parts, d_in)  # [w*P, in], a view
-    h = torch.matmul(x, a_slot.t()).unflatten(-1, (window, parts))  # [B, S, w, P]
+    h = torch.matmul(x, a_slot.t()).unflatten(-1, (window, parts))  # [n, w, P]
     deltas = [torch.matmul(h[..., p], b[slot, :window]) for p, b in enumerate(bs)]
     return deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
 
@@ -168,17 +185,17 @@ class LoraSlots(nn.Module):
         return a_sel, b_sel
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        """y # [B, S, out] + every part's delta for x # [B, S, in]."""
-        batch, seq, d_in = x.shape
+        """y # [T, out] + every part's delta for x # [T, in]."""
+        d = lora.decode_tokens
         if lora.onehot is not None:
-            h = lora_shrink(x, self.a, lora.onehot, lora.window)
+            h = lora_shrink(x[:d, None], self.a, lora.onehot, lora.window)  # [D, 1, K+1, window, P]
             deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
             # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
-            return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))
-        if seq > 1 and lora.single is not None:  # prefill: one row, one slot
-            return y + lora_single(x, self.a, self.bs, lora.single, lora.window)
-        if lora.chunks is None or seq != 1:
-            raise ValueError("chunked LoRA runs one token per row; prefill needs a single slot")
-        a_sel, b_sel = self.chunk_weights(lora.chunks, lora.window, lora.version)
-        delta = lora_chunked(x.view(batch, d_in), a_sel, b_sel, lora.chunks)
-        return y.view(batch, -1).index_add(0, lora.chunks.rows, delta).view(batch, 1, -1)
+            delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
+            y = y + delta if d == y.shape[0] else torch.cat([y[:d] + delta, y[d:]])
+        elif lora.chunks is not None:
+            a_sel, b_sel = self.chunk_weights(lora.chunks, lora.window, lora.version)
+            y = y.index_add(0, lora.chunks.rows, lora_chunked(x, a_sel, b_sel, lora.chunks))
+        for offset, length, slot in lora.segments:  # y is this forward's own tensor: add in place
+            y[offset : offset + length] += lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)
+        return y

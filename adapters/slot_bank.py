@@ -15,11 +15,12 @@ b # [K+1, R, out_p] per fused projection, slot-major so that one slot's rank win
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from adapters.lora_layer import LoraBatch, LoraSlots, plan_chunks
+from adapters.lora_layer import LoraBatch, LoraSlots, Segment, plan_chunks
 from adapters.validation import AdapterWeights, SlotSpec
 from server.linear import Linear
 from server.model import Transformer
@@ -137,13 +138,31 @@ class SlotBank(nn.Module):
             return self.max_rank
         return power_of_two_bucket(max(self.ranks), floor=MIN_RANK_WINDOW, cap=self.max_rank)
 
-    def batch(self, slots: torch.Tensor) -> LoraBatch:
-        """Routing for rows whose slot indices are `slots` # [B] (null_slot = no adapter): dense
-        over all slots under torch.compile (fixed shapes), else chunked by slot."""
+    def route(
+        self, decode_slots: Sequence[int], segments: Sequence[Segment] = (), *, device: torch.device
+    ) -> LoraBatch | None:
+        """Routing for one forward: the slot of each decode-block row (null_slot = no adapter) and
+        the prompt chunks on real slots (host values: no device read-back). None when no token
+        uses an adapter. The decode block is dense over all slots under torch.compile (fixed
+        shapes), else chunked by slot."""
+        null = self.null_slot
+        segments = tuple(s for s in segments if s[2] != null)
+        if not segments and all(slot == null for slot in decode_slots):
+            return None
+        return self._route(tuple(decode_slots), segments, device)
+
+    def _route(self, rows: tuple[int, ...], segments: tuple[Segment, ...], device: torch.device) -> LoraBatch:
+        common = {"window": self.window(), "null_slot": self.null_slot, "version": self.version,
+                  "decode_tokens": len(rows), "row_slots": rows, "segments": segments}
+        if not rows:
+            return LoraBatch(**common)  # type: ignore[arg-type]
         if self.fixed_window:
-            onehot = torch.nn.functional.one_hot(slots, self.num_slots + 1).to(self.dtype)  # [B, K+1]
-            return LoraBatch(window=self.window(), onehot=onehot)
-        ids = slots.tolist()
-        single = ids[0] if len(set(ids)) == 1 else None
-        return LoraBatch(window=self.window(), chunks=plan_chunks(ids, self.null_slot, slots.device), single=single,
-                         version=self.version)
+            ids = torch.tensor(rows, dtype=torch.int64, device=device)
+            onehot = torch.nn.functional.one_hot(ids, self.num_slots + 1).to(self.dtype)  # [D, K+1]
+            return LoraBatch(**common, onehot=onehot)  # type: ignore[arg-type]
+        return LoraBatch(**common, chunks=plan_chunks(list(rows), self.null_slot, device))  # type: ignore[arg-type]
+
+    def batch(self, slots: torch.Tensor) -> LoraBatch:
+        """Routing for a decode block whose rows use `slots` # [B] (tests and tools; reads the
+        slots back to the host)."""
+        return self._route(tuple(slots.tolist()), (), slots.device)

@@ -117,15 +117,14 @@ class AdminService:
     # ---- reading -------------------------------------------------------------------------
     def status(self, name: str) -> dict[str, Any]:
         info = self.catalog.get(name)
-        table = self.engine.slot_table
-        slot = table.slot_of(info.key) if table is not None else None
+        slot, pinned = self.engine.adapter_slot(info.key)
         tier = "slot" if slot is not None else "cpu" if self.catalog.in_cpu_cache(info.key) else "disk"
         usage = self.catalog.usage(name)
         return {
             **describe(info),
             "versions": [{"version": v.version, "size": v.size, "created": v.created, "source": v.source}
                          for v in self.catalog.versions(name)],
-            "tier": tier, "slot": slot, "pinned": table is not None and table.is_pinned(info.key),
+            "tier": tier, "slot": slot, "pinned": pinned,
             "requests": usage.requests, "last_used": usage.last_used,
         }
 

@@ -79,7 +79,8 @@ def estimate_part_sizes(
     norms = 2 * hidden + (2 * cfg.head_dim if cfg.qk_norm else 0)
     weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
     weights += (biases + norms) * dtype_bytes
-    kv_cache = 2 * max_rows * cfg.num_key_value_heads * max_len * cfg.head_dim * dtype_bytes
+    # One row more than max_rows: the scratch row padding tokens write to (server/kv_cache.py).
+    kv_cache = 2 * (max_rows + 1) * cfg.num_key_value_heads * max_len * cfg.head_dim * dtype_bytes
     slots = bank_bytes(slot_bytes(projection_shapes(cfg), max_rank=max_rank, dtype_bytes=dtype_bytes), num_slots)
     layer = weights + kv_cache + slots
     tied = cfg.tie_word_embeddings

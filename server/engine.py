@@ -1,10 +1,11 @@
-"""The generation loop: admits requests into cache rows, interleaves prefill with decode, emits text.
+"""The generation loop: admits requests into cache rows, runs one forward per step, emits text.
 
 Runs on its own thread so the HTTP event loop never waits on tensor work. Each iteration:
 1. take new requests and cancellations from the inbox;
 2. give waiting requests free rows (lowest row first, which keeps decode batches compact);
-3. prefill whole prompt chunks, oldest admitted request first, up to `prefill_chunk` tokens;
-4. decode one token for every row that has finished its prefill.
+3. schedule the step: one decode token for every row that has finished its prefill, plus whole
+   prompt chunks, oldest admitted request first, while they fit `max_num_batched_tokens`;
+4. run them as one forward (server/runner.py) and hand each sampled token to its request.
 Requests join and leave between iterations, so a long prompt never stalls running streams for
 more than one chunk. Events go to each request's sink, a callable the caller supplies (the HTTP
 layer bridges it into asyncio).
@@ -26,8 +27,11 @@ from typing import Any
 
 from adapters.slot_table import Placement, SlotTable
 from server.detokenize import Decoder
-from server.errors import ConflictError, EngineStoppedError, QueueFullError, SlotsBusyError
-from server.runner import NON_FINITE, ModelRunner
+from server.engine_slots import EngineSlots
+from server.engine_view import SlotView
+from server.errors import EngineStoppedError, QueueFullError
+from server.runner import NON_FINITE, ModelRunner, PromptChunk
+from server.scheduling import WaitStats, schedule_chunks
 from server.sequence import GenerationRequest, RequestOutput, Sequence
 
 log = logging.getLogger("loraswap.engine")
@@ -62,13 +66,6 @@ class _Waiting:
     since: float = field(default_factory=time.monotonic)
 
 
-@dataclass
-class WaitStats:
-    admitted: int = 0
-    total_wait_s: float = 0.0
-    max_wait_s: float = 0.0
-
-
 class Engine:
     def __init__(
         self,
@@ -77,6 +74,7 @@ class Engine:
         *,
         eos_ids: frozenset[int],
         prefill_chunk: int = 512,
+        max_num_batched_tokens: int | None = None,
         slot_table: SlotTable | None = None,
         adapter_weights: Callable[[str], Any] | None = None,
         max_waiting: int = 1024,
@@ -90,10 +88,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.prefill_chunk = prefill_chunk
+        # Tokens one step may carry (decode tokens and prompt chunks); default: one chunk. A
+        # chunk never exceeds the budget, so a step goes over it by at most the decode tokens.
+        self.max_num_batched_tokens = max_num_batched_tokens or prefill_chunk
+        self.chunk_size = min(prefill_chunk, self.max_num_batched_tokens)
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
         self.slot_table = slot_table
+        self.slots = None if slot_table is None else EngineSlots(slot_table, runner)
         self.adapter_weights = adapter_weights
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
@@ -106,7 +109,6 @@ class Engine:
         self._free_rows = list(range(self.max_rows))  # a heap: the lowest free row goes first
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.on_slot_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
         # How requests ended in the engine ("abort": cancelled; counted where it happens, so a
         # cancel that never reaches the engine shows), and the tokens it sampled. Fixed keys: read
         # from other threads while the engine thread counts.
@@ -114,6 +116,8 @@ class Engine:
         self.generated_tokens = 0
         self._heartbeat = time.monotonic()  # end of the engine loop's last iteration
         self._problem: str | None = None  # set by _check_rows
+        self._slot_view: SlotView | None = None
+        self._publish()
 
     # ---- public, thread-safe -------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
@@ -139,7 +143,7 @@ class Engine:
 
     def load_adapter(self, key: str, weights: Any, *, pin: bool) -> Future[int]:
         """Write an adapter version into a slot now (if not resident) and pin or unpin it."""
-        return self.call(lambda: self._load_now(key, weights, pin))
+        return self.call(lambda: self._need_slots().load_now(key, weights, pin))
 
     def activate_adapter(self, key: str) -> Future[None]:
         """A published (current) version: undo an earlier unload of the same key."""
@@ -148,7 +152,7 @@ class Engine:
     def unload_adapter(self, key: str, *, retire: bool = True) -> Future[None]:
         """Take an adapter version out of its slot; rows still using it finish on it first.
         `retire=False` for the current version (see SlotTable.unload)."""
-        return self.call(lambda: self._unload_now(key, retire))
+        return self.call(lambda: self.slots.unload_now(key, retire) if self.slots is not None else None)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
@@ -171,19 +175,8 @@ class Engine:
             "recompilations": self.runner.recompilations,
         }
         if self.slot_table is not None:
-            counters = self.slot_table.counters
-            out["slots"] = {
-                "resident": self.slot_table.resident(),
-                "references": self.slot_table.references(),
-                "loads": counters.loads,
-                "evictions": counters.evictions,
-                "hits": counters.hits,
-                "waits": counters.waits,
-                # tuple() copies the deque in one C call (atomic under the GIL) while the loop mutates it.
-                "waiting_adapters": sorted(
-                    {w.seq.request.adapter for w in tuple(self._waiting) if w.seq.request.adapter is not None}
-                ),
-            }
+            view = self._slot_view
+            out["slots"] = view.as_dict() if view is not None else {}
             admitted = self.wait_stats.admitted
             out["adapter_wait_s"] = {
                 "admitted": admitted,
@@ -195,6 +188,24 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    def adapter_slot(self, key: str) -> tuple[int | None, bool]:
+        """(slot, pinned) of an adapter version as of the last step or slot command."""
+        view = self._slot_view
+        if view is None:
+            return None, False
+        return view.resident.get(key), key in view.pinned
+
+    def _publish(self) -> None:
+        """Replace the view other threads read (engine thread only)."""
+        if self.slots is not None:
+            waiting = (w.seq.request.adapter for w in self._waiting if w.seq.request.adapter is not None)
+            self._slot_view = self.slots.view(waiting)
+
+    def _need_slots(self) -> EngineSlots:
+        if self.slots is None:
+            raise ValueError("this engine has no LoRA slots")
+        return self.slots
 
     # ---- loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -242,23 +253,64 @@ class Engine:
                 self._cancel(item.request_id)
             elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
                 try:
-                    item.future.set_result(item.fn())
+                    result = item.fn()
                 except Exception as exc:  # reported to the caller, the engine keeps going
+                    self._publish()
                     item.future.set_exception(exc)
+                else:
+                    self._publish()  # the caller's next read sees what its command did
+                    item.future.set_result(result)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
+                self._publish()
                 return
 
     def step(self) -> None:
-        """One scheduling iteration (also callable directly, without the thread, in tests)."""
+        """One scheduling iteration (also callable directly, without the thread, in tests): admit,
+        then one forward for the decode tokens of every running row and the prompt chunks that
+        fit the step's token budget."""
         self._admit()
-        self._prefill()
         decoding = [seq for seq, _ in self._running.values() if seq.prefilled == seq.prompt_len]
+        chunks = schedule_chunks(self._prefilling, self.chunk_size, self.max_num_batched_tokens - len(decoding))
+        if decoding or chunks:
+            try:
+                tokens = self.runner.step([seq.row for seq in decoding], [chunk for _, chunk in chunks])
+            except Exception:  # find whose it is: run the parts apart, so only that request fails
+                log.exception("engine step failed; running its parts apart")
+                self._step_apart(decoding, chunks)
+            else:
+                self._finish_step(decoding, chunks, tokens)
+        self._publish()
+
+    def _finish_step(self, decoding: list[Sequence], chunks: list[tuple[Sequence, PromptChunk]],
+                     tokens: list[int]) -> None:
+        for seq, chunk in chunks:
+            seq.prefilled = chunk.start + len(chunk.token_ids)
+        started = [seq for seq, chunk in chunks if chunk.last]
+        for seq in started:
+            self._prefilling.remove(seq)
+        for seq, token in zip(decoding + started, tokens, strict=True):
+            self._deliver(seq, token)
+
+    def _step_apart(self, decoding: list[Sequence], chunks: list[tuple[Sequence, PromptChunk]]) -> None:
+        """The step's decode rows alone (their failure is nobody's in particular: it reaches the
+        loop, which fails what is in flight), then each prompt's chunks alone: a prompt whose
+        chunk fails ends that request only."""
         if decoding:
-            tokens = self.runner.decode([seq.row for seq in decoding])
-            for seq, token in zip(decoding, tokens):
-                self._deliver(seq, token)
+            self._finish_step(decoding, [], self.runner.step([seq.row for seq in decoding]))
+        failed: set[str] = set()
+        for seq, chunk in chunks:
+            if seq.request_id in failed or seq.request_id not in self._running:
+                continue
+            try:
+                tokens = self.runner.step([], [chunk])
+            except Exception as exc:
+                log.exception("prefill of request %s failed", seq.request_id)
+                failed.add(seq.request_id)
+                self._fail(seq, f"prefill failed: {exc}")
+                continue
+            self._finish_step([], [(seq, chunk)], tokens)
 
     def _deliver(self, seq: Sequence, token: int) -> None:
         """Hand one sampled token to its request; whatever goes wrong there ends that request
@@ -301,8 +353,8 @@ class Engine:
             name = item.seq.request.adapter
             placement = None
             if name is not None:
-                assert self.slot_table is not None
-                placement = self.slot_table.acquire(name)
+                assert self.slots is not None
+                placement = self.slots.acquire(name)
                 if placement is None:  # every slot busy with other adapters
                     if now - item.since >= self.max_wait_s:
                         break  # starving: hold everyone behind it
@@ -317,27 +369,20 @@ class Engine:
     def _load(self, item: _Waiting, placement: Placement) -> bool:
         """Write the request's adapter into its slot; on failure answer the request, return False."""
         name = item.seq.request.adapter
-        assert name is not None and self.slot_table is not None
+        assert name is not None and self.slots is not None
         try:
             weights = item.seq.request.adapter_weights
             if weights is None:
                 if self.adapter_weights is None:
                     raise LookupError("the request carries no adapter weights")
                 weights = self.adapter_weights(name)
-            self._write_slot(placement.slot, weights)
+            self.slots.write(placement.slot, weights)
             return True
         except Exception as exc:  # the adapter vanished or is broken: fail this request only
             log.exception("loading adapter %s failed", name)
-            self.slot_table.release(placement.slot)
-            self.slot_table.forget(placement.slot)
+            self.slots.abandon(placement.slot)
             item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}")))
             return False
-
-    def _write_slot(self, slot: int, weights: Any) -> None:
-        start = time.monotonic()
-        self.runner.load_slot(slot, weights)
-        if self.on_slot_load is not None:
-            self.on_slot_load(time.monotonic() - start)
 
     def _dequeue(self, item: _Waiting) -> None:
         self._waiting.remove(item)
@@ -347,10 +392,7 @@ class Engine:
     def _start(self, item: _Waiting, slot: int | None, now: float) -> None:
         seq = item.seq
         if seq.request.adapter is not None:
-            waited = now - item.since
-            self.wait_stats.admitted += 1
-            self.wait_stats.total_wait_s += waited
-            self.wait_stats.max_wait_s = max(self.wait_stats.max_wait_s, waited)
+            self.wait_stats.add(now - item.since)
         seq.row = heapq.heappop(self._free_rows)
         seq.slot = slot
         self._running[seq.request_id] = (seq, item.sink)
@@ -362,35 +404,6 @@ class Engine:
             self._fail(seq, f"the request could not start: {exc}")
             return
         self._prefilling.append(seq)
-
-    def _prefill(self) -> None:
-        """Prefill whole chunks, oldest request first, until this step has used `prefill_chunk`
-        prompt tokens (at least one chunk). Chunk boundaries are fixed per request (multiples of
-        prefill_chunk) whatever else is queued, so a prompt's numbers never depend on its
-        neighbours; many short prompts share one step instead of taking one step each."""
-        budget = self.prefill_chunk
-        while self._prefilling:
-            seq = self._prefilling[0]
-            size = min(self.prefill_chunk, seq.prompt_len - seq.prefilled)
-            if size > budget:
-                return
-            try:
-                self._prefill_one_chunk(seq)
-            except Exception as exc:  # this prompt's failure is this request's alone
-                log.exception("prefill of request %s failed", seq.request_id)
-                self._fail(seq, f"prefill failed: {exc}")
-            budget -= size
-
-    def _prefill_one_chunk(self, seq: Sequence) -> None:
-        start = seq.prefilled
-        chunk = seq.request.prompt_ids[start : start + self.prefill_chunk]
-        last = start + len(chunk) == seq.prompt_len
-        token = self.runner.prefill(seq.row, chunk, start=start, last=last)
-        seq.prefilled = start + len(chunk)
-        if last:
-            self._prefilling.popleft()
-            assert token is not None
-            self._deliver(seq, token)
 
     def _emit(self, seq: Sequence, event: RequestOutput) -> None:
         sink = self._running[seq.request_id][1]
@@ -413,39 +426,11 @@ class Engine:
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         self.runner.free_row(seq.row, used=seq.prompt_len + len(seq.output_ids))
-        if seq.slot is not None and self.slot_table is not None:
-            if self.slot_table.release(seq.slot):  # unloaded while in use: empty it now
-                self.runner.clear_slot(seq.slot)
+        if seq.slot is not None and self.slots is not None:
+            self.slots.release(seq.slot)  # unloaded while in use: emptied with its last row
             seq.slot = None
         heapq.heappush(self._free_rows, seq.row)
         self._running.pop(seq.request_id, None)
-
-    def _load_now(self, key: str, weights: Any, pin: bool) -> int:
-        table = self.slot_table
-        if table is None:
-            raise ValueError("this engine has no LoRA slots")
-        placement = table.acquire(key)
-        if placement is None:
-            raise SlotsBusyError("every slot is in use by running requests; retry shortly")
-        try:
-            if placement.load:
-                self._write_slot(placement.slot, weights)
-        except Exception:
-            table.release(placement.slot)
-            table.forget(placement.slot)
-            raise
-        if table.release(placement.slot):  # a retired version: it does not stay resident
-            self.runner.clear_slot(placement.slot)
-            raise ConflictError(f"{key} has been replaced or deleted")
-        try:
-            table.pin(key, pin)
-        except ValueError as exc:
-            raise ConflictError(str(exc)) from None
-        return placement.slot
-
-    def _unload_now(self, key: str, retire: bool) -> None:
-        if self.slot_table is not None and (slot := self.slot_table.unload(key, retire=retire)) is not None:
-            self.runner.clear_slot(slot)
 
     def _cancel(self, request_id: str) -> None:
         for item in list(self._waiting):

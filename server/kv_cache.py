@@ -1,6 +1,7 @@
 """Preallocated key/value cache indexed by sequence row.
 
-Every layer owns two buffers `[max_rows, kv_heads, max_len, head_dim]`. A row is one sequence;
+Every layer owns two buffers `[max_rows + 1, kv_heads, max_len, head_dim]` (the last row is
+scratch space for padding tokens). A row is one sequence;
 each token is written at its own (row, position), so decoding rows of different lengths needs no
 padding, no reallocation and no change of shape. Rows are handed out by the engine; a new
 sequence overwrites positions from 0 and attends only to positions it wrote. Under a device map
@@ -35,7 +36,8 @@ class KVCache(torch.nn.Module):
             raise ValueError(f"{len(layer_devices)} layer devices for {num_layers} layers")
         self.max_rows = max_rows
         self.max_len = max_len
-        shape = (max_rows, kv_heads, max_len, head_dim)
+        self.scratch_row = max_rows  # one extra row: where padding tokens write, read by nobody
+        shape = (max_rows + 1, kv_heads, max_len, head_dim)
         # Buffers (not a list of tensors) so .to(device) moves them and compile sees fixed addresses.
         for i, dev in enumerate(layer_devices):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
@@ -51,18 +53,7 @@ class KVCache(torch.nn.Module):
             buffer[row, :, :upto].zero_()
 
 
-def write_and_view(
-    cache: torch.Tensor,
-    new: torch.Tensor,
-    *,
-    row_start: int,
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    kv_len: int,
-) -> torch.Tensor:
-    """Write `new` # [B, kv_heads, S, head_dim] at `rows` # [B, 1] (= row_start + arange(B)) and
-    `positions` # [B, S]; return the attended window of those rows as a view
-    # [B, kv_heads, kv_len, head_dim]."""
-    # Advanced indices around a slice put their dims first: target is [B, S, kv_heads, head_dim].
-    cache[rows, :, positions] = new.transpose(1, 2)
-    return cache[row_start : row_start + new.shape[0], :, :kv_len]
+def write_tokens(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+    """Write `new` # [T, kv_heads, head_dim] at (`rows`, `positions`) # each [T]."""
+    # Advanced indices around a slice put their dim first: the target is [T, kv_heads, head_dim].
+    cache[rows, :, positions] = new

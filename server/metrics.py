@@ -86,7 +86,8 @@ class ServerMetrics:
     def attach(self, service: CompletionService) -> CompletionService:
         """Hook a freshly built service (and its engine and catalog) up to these metrics."""
         service.metrics = self
-        service.engine.on_slot_load = self.adapter_load.labels("slot").observe
+        if service.engine.slots is not None:
+            service.engine.slots.on_load = self.adapter_load.labels("slot").observe
         service.catalog.on_disk_load = self.adapter_load.labels("disk").observe
         return service
 

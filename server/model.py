@@ -10,10 +10,10 @@ Under a device map (`place`) each part lives on its own device, with its KV cach
 only the hidden state crosses devices, where consecutive layers differ (the forward's per-row
 inputs follow it there, once per boundary, not once per layer).
 
-A forward pass takes B contiguous cache rows starting at `row_start`, S tokens per row at explicit
-per-row positions, and attends over the first `kv_len` cache positions of those rows. Decode is
-`S == 1` over rows [0, B); prefill is one row with S prompt tokens. All shapes are fixed by
-(B, S, kv_len), which the engine draws from a few buckets, so a compiled step is reused.
+A forward pass runs a `ForwardBatch` (server/forward_batch.py): every token the engine scheduled
+in one step, flat, with its position and cache row; a decode block of contiguous rows, one token
+each, and prompt chunks of one row each. Projections, norms and the MLP run over all tokens
+at once; attention runs per kind (batched over the decode block, per chunk for prompts).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kv_cache import KVCache, write_and_view
+from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch
+from server.kv_cache import KVCache, write_tokens
 from server.linear import Linear, onednn_packing_available, tensor_bytes
 from server.model_config import ModelConfig
 from server.rope import apply_rope, rope_tables
@@ -91,38 +92,44 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [B, S, hidden]
-        cos: torch.Tensor,  # [B, 1, S, head_dim]
-        sin: torch.Tensor,  # [B, 1, S, head_dim]
-        mask: torch.Tensor,  # [B, 1, S, kv_len] bool, True = attend
-        rows: torch.Tensor,  # [B, 1] cache row of each batch row
-        positions: torch.Tensor,  # [B, S]
-        k_cache: torch.Tensor,  # [rows, kv_heads, max_len, hd], this layer's
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, head_dim]
+        sin: torch.Tensor,  # [T, 1, head_dim]
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,  # [rows + 1, kv_heads, max_len, hd], this layer's (last row: scratch)
         v_cache: torch.Tensor,
-        row_start: int,
-        kv_len: int,
-        lora: LoraBatch | None,
     ) -> torch.Tensor:
         cfg = self.cfg
-        batch, seq, _ = x.shape
-        qkv = self.qkv_proj(x, lora)  # [B, S, q_size + 2 * kv_size]
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x, batch.lora)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(batch, seq, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        q = q.view(tokens, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(tokens, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(tokens, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, S, head_dim]
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, S, head_dim]
-        v = v.transpose(1, 2)  # [B, kv_heads, S, head_dim]
-        keys = write_and_view(k_cache, k, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
-        values = write_and_view(v_cache, v, row_start=row_start, rows=rows, positions=positions, kv_len=kv_len)
-        if seq == 1:
-            out = decode_attention(q, keys, values, mask)
-        else:  # prefill runs one row at a time, so it cannot mix rows whatever the kernel
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, q_size]
-        return self.o_proj(out, lora)
+        q = apply_rope(q, cos, sin)  # [T, heads, head_dim]
+        k = apply_rope(k, cos, sin)  # [T, kv_heads, head_dim]
+        # Every token's key and value first, so a chunk attends to earlier chunks of its own
+        # prompt scheduled in the same step.
+        write_tokens(k_cache, k, batch.write_rows, batch.positions)
+        write_tokens(v_cache, v, batch.write_rows, batch.positions)
+        outs: list[torch.Tensor] = []
+        if batch.decode_rows:
+            d, first = batch.decode_rows, batch.decode_start
+            keys = k_cache[first : first + d, :, : batch.decode_kv_len]  # a view
+            values = v_cache[first : first + d, :, : batch.decode_kv_len]
+            assert batch.decode_mask is not None
+            out = decode_attention(q[:d, :, None], keys, values, batch.decode_mask)  # [D, heads, 1, hd]
+            outs.append(out.reshape(d, cfg.q_size))
+        for chunk in batch.chunks:  # one row each, so a chunk never mixes rows whatever the kernel
+            qc = q[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, n, hd]
+            keys = k_cache[chunk.row : chunk.row + 1, :, : chunk.kv_len]
+            values = v_cache[chunk.row : chunk.row + 1, :, : chunk.kv_len]
+            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(chunk.length, cfg.q_size))
+        attended = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, q_size]
+        return self.o_proj(attended, batch.lora)
 
 
 class MLP(nn.Module):
@@ -133,14 +140,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).split(self.intermediate, dim=-1)  # each [B, S, inter]
+        gate, up = self.gate_up_proj(x, lora).split(self.intermediate, dim=-1)  # each [T, inter]
         return self.down_proj(F.silu(gate) * up, lora)
 
 
 def run_layer(layer: DecoderLayer, x: torch.Tensor, *args: object) -> torch.Tensor:
     """Call one decoder layer. Compiling this function (rather than the whole model) gives one
     graph that every layer reuses: layers differ only in their weights, which are graph inputs."""
-    return layer(x, *args[:-1], lora=args[-1])  # type: ignore[arg-type]
+    return layer(x, *args)
 
 
 LayerFn = Callable[..., torch.Tensor]
@@ -154,9 +161,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, *attn_args: object, lora: LoraBatch | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+        k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
 
 
 class Backbone(nn.Module):
@@ -294,14 +304,23 @@ class Transformer(nn.Module):
             names.add(name)
         return names
 
-    def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Which cache positions each query may attend to. # [B, 1, S, kv_len] bool"""
-        keys = torch.arange(kv_len, device=positions.device)  # [kv_len]
-        query = positions[:, :, None]  # [B, S, 1]
-        mask = keys[None, None, :] <= query  # [B, S, kv_len]
-        if self.cfg.sliding_window is not None:
-            mask = mask & (query - keys[None, None, :] < self.cfg.sliding_window)
-        return mask[:, None]
+    def forward_batch(self, batch: ForwardBatch, layer_fn: LayerFn | None = None) -> torch.Tensor:
+        """Run every token of `batch` through the model, writing their keys and values; returns
+        the final hidden states # [T, hidden]. `layer_fn` runs each decoder layer (default
+        `run_layer`; the runner passes a compiled one for decode)."""
+        if self.cache is None:
+            raise RuntimeError("call allocate() before forward()")
+        x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
+        cos = self.rope_cos[batch.positions][:, None]  # [T, 1, head_dim]
+        sin = self.rope_sin[batch.positions][:, None]
+        run = layer_fn or run_layer
+        for i, layer in enumerate(self.model.layers):
+            device = self._crossings.get(i)
+            if device is not None:  # a device-map boundary: the hidden state and the step's inputs move
+                x, cos, sin, batch = x.to(device), cos.to(device), sin.to(device), batch.to(device)
+            k_cache, v_cache = self.cache.layer(i)
+            x = run(layer, x, cos, sin, batch, k_cache, v_cache)
+        return self.model.norm(x.to(self.model.norm.weight.device))
 
     def forward(
         self,
@@ -311,30 +330,26 @@ class Transformer(nn.Module):
         row_start: int,
         kv_len: int,
         lora: LoraBatch | None = None,
-        layer_fn: LayerFn | None = None,
     ) -> torch.Tensor:
-        """Run B rows through the model, writing their keys/values; returns hidden # [B, S, hidden].
-        `lora` routes each row through its LoRA slot (None: base model only). `layer_fn` runs each
-        decoder layer (default `run_layer`; the runner passes a compiled one for decode)."""
-        if self.cache is None:
-            raise RuntimeError("call allocate() before forward()")
-        x = self.model.embed_tokens(tokens)  # [B, S, hidden]
-        cos = self.rope_cos[positions][:, None]  # [B, 1, S, head_dim]
-        sin = self.rope_sin[positions][:, None]
-        mask = self.attention_mask(positions, kv_len)
-        # Cache rows of the batch, shared by every layer's key and value writes.
-        rows = torch.arange(row_start, row_start + tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
-        run = layer_fn or run_layer
-        inputs = (cos, sin, mask, rows, positions)
-        for i, layer in enumerate(self.model.layers):
-            device = self._crossings.get(i)
-            if device is not None:  # a device-map boundary: the hidden state and the step's inputs move
-                x = x.to(device)
-                inputs = tuple(t.to(device) for t in inputs)  # type: ignore[assignment]
-                lora = None if lora is None else lora.to(device)
-            k_cache, v_cache = self.cache.layer(i)
-            x = run(layer, x, *inputs, k_cache, v_cache, row_start, kv_len, lora)
-        return self.model.norm(x.to(self.model.norm.weight.device))
+        """B contiguous cache rows from `row_start`, S tokens each -> hidden # [B, S, hidden]: one
+        token per row is a decode block, longer rows are prompt chunks (a direct way in for
+        tests and tools; the engine builds its ForwardBatch itself). `lora`: from
+        SlotBank.batch over the B rows."""
+        batch, seq = tokens.shape
+        rows = range(row_start, row_start + batch)
+        host_positions = positions.tolist()
+        window = self.cfg.sliding_window
+        if seq == 1:
+            fb = build_forward_batch(
+                decode_start=row_start, decode_tokens=tokens[:, 0], decode_positions=[p[0] for p in host_positions],
+                decode_write_rows=rows, decode_kv_len=kv_len, sliding_window=window, device=tokens.device,
+                lora=lora,
+            )
+        else:
+            chunks = [ChunkSpec(row, ids, pos[0], kv_len) for row, ids, pos in zip(rows, tokens.tolist(), host_positions)]
+            fb = build_forward_batch(chunks=chunks, sliding_window=window, device=tokens.device,
+                                     lora=None if lora is None else lora.per_row_tokens(seq))
+        return self.forward_batch(fb).view(batch, seq, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states to float32 vocabulary logits, on the home device. # [..., vocab]"""

@@ -1,4 +1,4 @@
-"""Tensor side of the engine: prefill and decode over cache rows, with per-row sampling state.
+"""Tensor side of the engine: one forward per step over cache rows, with per-row sampling state.
 
 The runner owns every tensor the engine touches; the engine (scheduling, requests, text) only
 passes row numbers and token ids in and gets token ids out.
@@ -6,11 +6,14 @@ passes row numbers and token ids in and gets token ids out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 from server.shapes import power_of_two_bucket
@@ -54,13 +57,31 @@ class CompileCounter:
         return compile_fx(gm, example_inputs)
 
 
+@dataclass(frozen=True)
+class PromptChunk:
+    """Prompt tokens of one row to write at positions start.. this step; on the prompt's last
+    chunk the row's first token is sampled."""
+
+    row: int
+    token_ids: Sequence[int]
+    start: int
+    last: bool
+
+
 class ModelRunner:
-    """Decode is batch-invariant: a row's logits are bit-identical whichever rows share its step.
-    With oneDNN-packed weights (float32 CPU) every kernel in the step computes each row on its own
-    and decode runs over a power-of-two bucket of rows; otherwise (unpacked weights: GPUs,
-    `compile=True`) the matmul kernels depend on the row count, so decode always runs over all
-    rows, a fixed shape. `compile=True` compiles that fixed-shape step (one graph per attention
-    window and LoRA on/off, all built by `warm_up`); prefill stays eager."""
+    """One `step` runs one forward over every token the engine scheduled: the decode tokens of
+    running rows and the prompt chunks of admitted ones (server/forward_batch.py).
+
+    Batch invariance: a row's logits are bit-identical whichever rows and chunks share its step.
+    With oneDNN-packed weights (float32 CPU) every kernel computes each token on its own, so one
+    forward carries everything and decode runs over a power-of-two bucket of rows. Otherwise
+    (unpacked weights: GPUs, quantized, `compile=True`) a matmul's kernel depends on its row
+    count, so the decode block always runs over all rows, a fixed shape, and each prompt chunk
+    runs as a forward of its own. `compile=True` compiles that fixed-shape decode (one graph per
+    attention window and LoRA on/off, all built by `warm_up`); prompt chunks stay eager.
+
+    Per-row positions and slots are mirrored on the host, so building a step reads nothing back
+    from the device; only the sampled tokens come back."""
 
     def __init__(self, model: Transformer, bank: SlotBank | None = None, *, compile: bool = False) -> None:
         if model.cache is None:
@@ -81,38 +102,40 @@ class ModelRunner:
         self.null_slot = bank.null_slot if bank is not None else 0
         self.max_rows = model.cache.max_rows
         self.max_len = model.cache.max_len
+        self.scratch_row = model.cache.scratch_row
         device = model.home_device
         self.device = device
         rows = self.max_rows
-        # Per-row state, indexed by cache row.
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # next position to write
+        # Per-row sampling state, indexed by cache row (written at start, read by sampling).
         self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
         self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
-        # LoRA slot of each row; null_slot = no adapter (exactly the base model).
-        self.slots = torch.full((rows,), self.null_slot, dtype=torch.int64, device=device)
+        # Host mirrors: next position to write, and LoRA slot (null_slot = exactly the base model).
+        self.positions: list[int] = [0] * rows
+        self.slots: list[int] = [self.null_slot] * rows
+        self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None) -> None:
         if slot is not None and (self.bank is None or not 0 <= slot < self.bank.num_slots):
             raise ValueError(f"LoRA slot {slot} does not exist")
-        self.slots[row] = self.null_slot if slot is None else slot
-        self.positions[row] = 0
-        self.last_tokens[row] = 0
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.seeds[row] = seed
         self.steps[row] = 0
+        self.last_tokens[row] = 0
+        self.slots[row] = self.null_slot if slot is None else slot
+        self.positions[row] = 0
+        self.sampling[row] = params
 
     def free_row(self, row: int, used: int = 1) -> None:
         """`used`: positions the row's sequence may have written (its prompt and output tokens);
         they are zeroed so nothing it computed, NaN included, reaches the row's next sequence."""
         assert self.model.cache is not None
         self.model.cache.clear_row(row, used)
-        # A free row still runs inside decode batches; position 0 keeps its mask non-empty.
         self.positions[row] = 0
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot
@@ -127,41 +150,88 @@ class ModelRunner:
         if self.bank is not None:
             self.bank.clear(slot)
 
-    def _lora(self, active: torch.Tensor, forward_slots: torch.Tensor) -> LoraBatch | None:
-        """Routing for the forward's rows # [B]; None (base path only) when none of the rows that
-        matter (`active` slots) uses an adapter."""
-        if self.bank is None or bool((active == self.null_slot).all()):
-            return None
-        return self.bank.batch(forward_slots)
-
-    @torch.inference_mode()
-    def prefill(self, row: int, token_ids: list[int], *, start: int, last: bool) -> int | None:
-        """Write `token_ids` at positions start.. of `row`; on the last chunk, sample its first token."""
-        n = len(token_ids)
-        tokens = torch.tensor([token_ids], dtype=torch.int64, device=self.device)  # [1, S]
-        positions = torch.arange(start, start + n, device=self.device)[None, :]  # [1, S]
-        slots = self.slots[row : row + 1]
-        lora = self._lora(slots, slots)
-        hidden = self.model(tokens, positions, row_start=row, kv_len=kv_bucket(start + n, self.max_len), lora=lora)
-        self.positions[row] = start + n
-        if not last:
-            return None
-        logits = self.model.logits(hidden[:, -1])  # [1, V]
-        token = self._sample(logits, torch.tensor([row], device=self.device))
-        return int(token[0])
-
     @property
     def recompilations(self) -> int:
         """Graphs compiled after warm-up (0 in steady state; always 0 without compile)."""
         return self.compile_counter.graphs - self.warm_graphs
 
-    def _forward(self, rows: int, kv_len: int, lora: LoraBatch | None) -> torch.Tensor:
-        """One decode token for cache rows [0, rows): hidden # [rows, hidden]. Under compile the
-        decoder layers run as one compiled graph per (window, LoRA on/off), shared by all layers."""
-        tokens = self.last_tokens[:rows, None]  # [rows, 1]
-        positions = self.positions[:rows, None]
-        hidden = self.model(tokens, positions, row_start=0, kv_len=kv_len, lora=lora, layer_fn=self._layer_fn)
-        return hidden[:, 0]
+    # ---- building forwards -----------------------------------------------------------------
+    def _batch(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk], block: int) -> ForwardBatch:
+        """The forward of decode rows (a block of rows [0, block)) and prompt chunks."""
+        decoding = set(decode_rows)
+        padding = [row for row in range(block) if row not in decoding]
+        positions = [self.positions[row] if row in decoding else 0 for row in range(block)]
+        write_rows = [row if row in decoding else self.scratch_row for row in range(block)]
+        kv_len = kv_bucket(max((self.positions[row] for row in decode_rows), default=0) + 1, self.max_len)
+        specs = [ChunkSpec(c.row, c.token_ids, c.start, kv_bucket(c.start + len(c.token_ids), self.max_len))
+                 for c in chunks]
+        lora = None
+        if self.bank is not None:
+            slots = list(self.slots[:block])
+            for row in padding:  # padding computes nothing it does not need
+                slots[row] = self.null_slot
+            offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
+            segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
+            lora = self.bank.route(slots, segments, device=self.device)
+        return build_forward_batch(
+            decode_tokens=self.last_tokens[:block] if block else None, decode_positions=positions,
+            decode_write_rows=write_rows, decode_kv_len=kv_len, chunks=specs,
+            sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
+        )
+
+    def _block(self, decode_rows: Sequence[int]) -> int:
+        if not decode_rows:
+            return 0
+        return self.max_rows if self.fixed_rows else row_bucket(max(decode_rows) + 1, self.max_rows)
+
+    def _logits(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk]) -> torch.Tensor | None:
+        """Logits # [n, V] of the decode rows, then of the prompts' last tokens (last chunks);
+        None when no token of the step is sampled."""
+        block = self._block(decode_rows)
+        if not self.fixed_rows:  # every kernel is per token: one forward for everything
+            hidden = self.model.forward_batch(self._batch(decode_rows, chunks, block))  # [T, hidden]
+            ends = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
+            wanted = list(decode_rows) + [end - 1 for c, end in zip(chunks, itertools.islice(ends, 1, None)) if c.last]
+            if not wanted:
+                return None
+            return self.model.logits(hidden[torch.tensor(wanted, dtype=torch.int64, device=self.device)])
+        parts: list[torch.Tensor] = []
+        if decode_rows:  # all rows, a fixed shape (lm_head too: an unpacked one depends on the row count)
+            hidden = self.model.forward_batch(self._batch(decode_rows, [], block), self._layer_fn)
+            index = torch.tensor(list(decode_rows), dtype=torch.int64, device=self.device)
+            parts.append(self.model.logits(hidden)[index])
+        for chunk in chunks:
+            hidden = self.model.forward_batch(self._batch([], [chunk], 0))
+            if chunk.last:
+                parts.append(self.model.logits(hidden[-1:]))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # ---- stepping --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk] = ()) -> list[int]:
+        """One forward for every scheduled token; returns a token for each decode row (in order),
+        then one for each last chunk (in order), NON_FINITE for a row whose logits are not."""
+        sampled_rows = list(decode_rows) + [c.row for c in chunks if c.last]
+        if not decode_rows and not chunks:
+            return []
+        logits = self._logits(decode_rows, chunks)
+        tokens = [] if logits is None else self._sample(logits, sampled_rows).tolist()
+        for row in decode_rows:  # only now: a step that raised changed no row
+            self.positions[row] += 1
+        for chunk in chunks:
+            self.positions[chunk.row] = chunk.start + len(chunk.token_ids)
+        return tokens
+
+    def prefill(self, row: int, token_ids: list[int], *, start: int, last: bool) -> int | None:
+        """Write `token_ids` at positions start.. of `row`; on the last chunk, sample its first token."""
+        tokens = self.step([], [PromptChunk(row, token_ids, start, last)])
+        return tokens[0] if last else None
+
+    def decode(self, rows: list[int]) -> list[int]:
+        """One token for each of `rows` (all already prefilled)."""
+        return self.step(rows)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -169,35 +239,30 @@ class ModelRunner:
         every graph is compiled before the server reports ready. Leaves all rows free."""
         if not self.compiled:
             return
+        rows = list(range(self.max_rows))
         variants: list[LoraBatch | None] = [None]
         if self.bank is not None:
-            variants.append(self.bank.batch(self.slots))
+            variants.append(self.bank.batch(torch.full((self.max_rows,), self.null_slot, device=self.device)))
         for kv_len in kv_buckets(self.max_len):
-            for lora in variants:
-                self._forward(self.max_rows, kv_len, lora)
-        for row in range(self.max_rows):
+            for row in rows:
+                self.positions[row] = kv_len - 1
+            for lora in variants:  # every row writes to the scratch row: the cache stays clean
+                batch = self._batch(rows, [], self.max_rows)
+                batch = replace(batch, lora=lora, write_rows=torch.full_like(batch.write_rows, self.scratch_row))
+                self.model.forward_batch(batch, self._layer_fn)
+        for row in rows:
             self.free_row(row)
         self.warm_graphs = self.compile_counter.graphs
 
-    @torch.inference_mode()
-    def decode(self, rows: list[int]) -> list[int]:
-        """One token for each of `rows` (all already prefilled)."""
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
-        kv_len = kv_bucket(int(self.positions[index].max()) + 1, self.max_len)
-        batch = self.max_rows if self.fixed_rows else row_bucket(max(rows) + 1, self.max_rows)
-        hidden = self._forward(batch, kv_len, self._lora(self.slots[index], self.slots[:batch]))  # [B, hidden]
-        if self.fixed_rows:  # an unpacked lm_head's kernel depends on the row count too: all rows
-            logits = self.model.logits(hidden)[index]  # [n, V]
-        else:
-            logits = self.model.logits(hidden[index])
-        self.positions[index] += 1
-        return self._sample(logits, index).tolist()
-
-    def _sample(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Each row's next token, or NON_FINITE for a row whose logits hold NaN or inf (read back
         with the tokens: no extra device sync). A row's sum is non-finite exactly when one of its
         logits is (finite logits cannot add up past float32's range): one cheap reduction, a
-        thirtieth of the cost of isfinite over the whole [n, V] tensor."""
+        thirtieth of the cost of isfinite over the whole [n, V] tensor. `rows`: each logit row's
+        cache row."""
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
+        params = [self.sampling[row] for row in rows]
+        random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
         tokens = sample(
             logits,
             temperature=self.temperature[index],
@@ -205,6 +270,8 @@ class ModelRunner:
             top_p=self.top_p[index],
             seeds=self.seeds[index],
             steps=self.steps[index],
+            random_rows=random_rows,
+            filtering=any(params[i].top_k > 0 or params[i].top_p < 1 for i in random_rows),
         )  # [n]
         tokens = torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, NON_FINITE)  # [n]
         self.steps[index] += 1

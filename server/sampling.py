@@ -79,16 +79,26 @@ def sample(
     top_p: torch.Tensor,  # [B] float32, 1 = off
     seeds: torch.Tensor,  # [B] int64
     steps: torch.Tensor,  # [B] int64, tokens generated so far by each row
+    random_rows: list[int] | None = None,
+    filtering: bool | None = None,
 ) -> torch.Tensor:
-    """Next token of every row. # [B] int64"""
+    """Next token of every row. # [B] int64
+
+    `random_rows` (the rows with temperature > 0) and `filtering` (whether any of them uses
+    top-k or top-p) are what the caller knows on the host; given, nothing is read back from the
+    device, otherwise they are computed here (a device sync)."""
     tokens = logits.argmax(dim=-1)  # [B], final for greedy rows
-    sampled = (temperature > 0).nonzero()[:, 0]  # [n] rows that draw at random
-    if sampled.numel() == 0:
+    if random_rows is None:
+        random_rows = (temperature > 0).nonzero()[:, 0].tolist()
+    if not random_rows:
         return tokens
+    sampled = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)  # [n] rows that draw at random
     # Noise, filtering and softmax only for those rows: greedy rows in the batch cost nothing here.
     scaled = logits[sampled] / temperature[sampled, None]  # [n, V]
     k, p = top_k[sampled], top_p[sampled]
-    if bool(((k > 0) | (p < 1)).any()):
+    if filtering is None:
+        filtering = bool(((k > 0) | (p < 1)).any())
+    if filtering:
         scaled = filter_top_k_top_p(scaled, k, p)
     log_probs = scaled.log_softmax(dim=-1)  # [n, V]
     exp_noise = -torch.log(uniform_noise(seeds[sampled], steps[sampled], logits.shape[-1]))  # ~ Exp(1)

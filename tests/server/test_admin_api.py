@@ -106,6 +106,14 @@ def test_token_is_required(client: TestClient) -> None:
         assert client.request(method, path).status_code == 401, path
 
 
+def test_model_info_reports_slots_given_by_the_flag(client: TestClient) -> None:
+    info = client.get("/admin/model", headers=AUTH).json()
+    slots = info["lora_slots"]
+    assert {k: slots[k] for k in ("count", "rank", "budget_bytes", "sized_by")} == {
+        "count": 2, "rank": 8, "budget_bytes": None, "sized_by": "flag"}
+    assert slots["bytes"] == 3 * slots["bytes_per_slot"] == info["memory"]["lora_slot_bytes"]  # null slot too
+
+
 def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_path: Path) -> None:
     conf = settings(tiny_llama_dir, tmp_path / "data", api_key="inference-key")
     app = create_app(lambda: build_service(conf), api_key="inference-key")
@@ -352,23 +360,23 @@ def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, ad
 
 
 class PausedEngine:
-    """Blocks the engine thread at the start of its next decode step until `resume()`: the
-    request in flight then stays in flight, however fast the host generates."""
+    """Blocks the engine thread at the start of its next step with decode rows until `resume()`:
+    the request in flight then stays in flight, however fast the host generates."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.real = engine, engine.runner.decode
+        self.engine, self.real = engine, engine.runner.step
         self.paused, self._resume = threading.Event(), threading.Event()
-        engine.runner.decode = self._decode
+        engine.runner.step = self._step
 
-    def _decode(self, rows: list[int]) -> Any:
-        if not self._resume.is_set():
+    def _step(self, rows: list[int], chunks: Any = ()) -> Any:
+        if rows and not self._resume.is_set():
             self.paused.set()
             self._resume.wait(120)
-        return self.real(rows)
+        return self.real(rows, chunks)
 
     def resume(self) -> None:
         self._resume.set()
-        self.engine.runner.decode = self.real
+        self.engine.runner.step = self.real
 
 
 def test_delete_lets_running_requests_finish(client: TestClient, adapters: dict[str, Path]) -> None:

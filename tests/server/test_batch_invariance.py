@@ -26,10 +26,10 @@ class LogitTap:
         self.rows: dict[int, list[torch.Tensor]] = {}
         inner = runner._sample
 
-        def tap(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            for row, values in zip(index.tolist(), logits):
+        def tap(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            for row, values in zip(rows, logits):
                 self.rows.setdefault(row, []).append(values.clone())
-            return inner(logits, index)
+            return inner(logits, rows)
 
         runner._sample = tap  # type: ignore[method-assign]
 

@@ -4,6 +4,7 @@ start gives its row back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from adapters.slot_bank import SlotBank
 from adapters.slot_table import SlotTable
 from adapters.validation import AdapterWeights, ModuleLora
 from server.engine import Engine
-from server.runner import ModelRunner
+from server.runner import ModelRunner, PromptChunk
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
@@ -66,11 +67,11 @@ def test_the_dense_product_keeps_another_slots_overflow_out_of_a_row() -> None:
     b = torch.randn(slots + 1, rank, d_out) * 0.1  # [K+1, R, out]
     a[2], a[slots], b[slots] = 3e38, 0.0, 0.0  # slot 2 overflows; the last slot is the null slot
     layer = LoraSlots(a, [b])
-    x = torch.randn(4, 1, d_in)  # [B, S, in]
-    y = torch.randn(4, 1, d_out)
+    x = torch.randn(4, d_in)  # [T, in]: a decode block of 4 rows
+    y = torch.randn(4, d_out)
     row_slots = torch.tensor([slots, 0, 2, 1])
     onehot = torch.nn.functional.one_hot(row_slots, slots + 1).float()
-    out = layer.add_to(y, x, LoraBatch(window=rank, onehot=onehot))
+    out = layer.add_to(y, x, LoraBatch(window=rank, null_slot=slots, decode_tokens=4, onehot=onehot))
     assert torch.equal(out[0], y[0])  # the null slot: exactly the base output
     for row in (1, 3):
         slot = int(row_slots[row])
@@ -147,27 +148,31 @@ def test_an_exception_in_one_request_fails_only_that_request(
 ) -> None:
     engine = make_engine(tiny_dir)
     alone = run(make_engine(tiny_dir), greedy("ok", [4, 5, 6])).tokens["ok"]
-    if step == "prefill":
-        real = engine.runner.prefill
+    if step == "prefill":  # a failure in the step's one forward, caused by one prompt
+        real = engine.runner.step
+        calls: list[int] = []
 
-        def prefill(row: int, ids: list[int], **kwargs: object) -> int | None:
-            if ids[0] == 90:
+        def failing_step(rows: list[int], chunks: Sequence[PromptChunk] = ()) -> list[int]:
+            calls.append(len(chunks))
+            if any(chunk.token_ids[0] == 90 for chunk in chunks):
                 raise RuntimeError("boom in prefill")
-            return real(row, ids, **kwargs)  # type: ignore[arg-type]
+            return real(rows, chunks)
 
-        monkeypatch.setattr(engine.runner, "prefill", prefill)
+        monkeypatch.setattr(engine.runner, "step", failing_step)
     else:
-        from server.sequence import Sequence
+        from server.sequence import Sequence as TextSequence
 
-        real_append = Sequence.append
+        real_append = TextSequence.append
 
-        def append(self: Sequence, token: int):  # type: ignore[no-untyped-def]
+        def append(self: TextSequence, token: int):  # type: ignore[no-untyped-def]
             if self.request_id == "bad" and len(self.output_ids) == 2:
                 raise RuntimeError("boom in append")
             return real_append(self, token)
 
-        monkeypatch.setattr(Sequence, "append", append)
+        monkeypatch.setattr(TextSequence, "append", append)
     got = run(engine, greedy("bad", [90, 5, 6]), greedy("ok", [4, 5, 6]))
+    if step == "prefill":  # both prompts went into one forward, which failed; then each alone
+        assert calls[:3] == [2, 1, 1]
     assert got.final["bad"].finish_reason == "error" and "boom" in (got.final["bad"].error or "")
     assert got.tokens["ok"] == alone
     assert sorted(engine._free_rows) == list(range(ROWS)) and engine.health() is None

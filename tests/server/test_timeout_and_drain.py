@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,13 +27,14 @@ def slow_client(tiny_llama_dir: Path) -> Iterator[TestClient]:
     def factory():  # type: ignore[no-untyped-def]
         service = build_service(Settings(model=str(tiny_llama_dir), max_num_seqs=2, max_model_len=128, request_timeout=0.5))
         runner = service.engine.runner
-        fast_decode = runner.decode
+        fast_step = runner.step
 
-        def slow_decode(rows: list[int]) -> list[int]:
-            time.sleep(0.05)
-            return fast_decode(rows)
+        def slow_step(rows: list[int], chunks: Any = ()) -> list[int]:
+            if rows:  # a step that decodes
+                time.sleep(0.05)
+            return fast_step(rows, chunks)
 
-        runner.decode = slow_decode  # type: ignore[method-assign]
+        runner.step = slow_step  # type: ignore[method-assign]
         return service
 
     app = create_app(factory)

@@ -1,0 +1,69 @@
+"""The engine's LoRA slots: the slot table (who holds which slot) and the slot tensors the
+runner writes, kept in step. Engine thread only; other threads read `SlotView`s."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from adapters.slot_table import Placement, SlotTable
+from server.engine_view import SlotView
+from server.errors import ConflictError, SlotsBusyError
+from server.runner import ModelRunner
+
+log = logging.getLogger("loraswap.engine")
+
+
+class EngineSlots:
+    def __init__(self, table: SlotTable, runner: ModelRunner) -> None:
+        self.table = table
+        self.runner = runner
+        self.on_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
+
+    def acquire(self, key: str) -> Placement | None:
+        return self.table.acquire(key)
+
+    def write(self, slot: int, weights: Any) -> None:
+        start = time.monotonic()
+        self.runner.load_slot(slot, weights)
+        if self.on_load is not None:
+            self.on_load(time.monotonic() - start)
+
+    def abandon(self, slot: int) -> None:
+        """A placement whose write failed: give it back empty."""
+        self.table.release(slot)
+        self.table.forget(slot)
+
+    def release(self, slot: int) -> None:
+        """A row stopped using `slot`; an unloaded version leaves its slot with its last row."""
+        if self.table.release(slot):
+            self.runner.clear_slot(slot)
+
+    def load_now(self, key: str, weights: Any, pin: bool) -> int:
+        """Write an adapter version into a slot now (if not resident) and pin or unpin it."""
+        placement = self.table.acquire(key)
+        if placement is None:
+            raise SlotsBusyError("every slot is in use by running requests; retry shortly")
+        try:
+            if placement.load:
+                self.write(placement.slot, weights)
+        except Exception:
+            self.abandon(placement.slot)
+            raise
+        if self.table.release(placement.slot):  # a retired version: it does not stay resident
+            self.runner.clear_slot(placement.slot)
+            raise ConflictError(f"{key} has been replaced or deleted")
+        try:
+            self.table.pin(key, pin)
+        except ValueError as exc:
+            raise ConflictError(str(exc)) from None
+        return placement.slot
+
+    def unload_now(self, key: str, retire: bool) -> None:
+        if (slot := self.table.unload(key, retire=retire)) is not None:
+            self.runner.clear_slot(slot)
+
+    def view(self, waiting: Iterable[str]) -> SlotView:
+        return SlotView.of(self.table, waiting)

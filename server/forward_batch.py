@@ -1,0 +1,133 @@
+"""What one model forward computes: every token scheduled in an engine step, flat.
+
+The engine decides on the host which rows decode and which prompt chunks are prefilled; this
+module turns that into the tensors the model reads, built once per step and shared by every
+layer, so that nothing inside the forward reads a device tensor back.
+
+Flat token order: first the decode block, one token for each of the contiguous cache rows
+[decode_start, decode_start + D) (contiguous so that decode attention reads the cache as a view,
+not a gathered copy), then each prompt chunk's tokens. A row of the decode block that is not
+decoding this step (free, or still prefilling) is padding: it computes on its own and its keys
+and values go to the cache's scratch row, never to a row that anyone reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from adapters.lora_layer import LoraBatch
+
+
+def causal_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None) -> torch.Tensor:
+    """positions # [B, S] -> which cache positions each query may attend to # [B, 1, S, kv_len] bool"""
+    keys = torch.arange(kv_len, device=positions.device)  # [kv_len]
+    query = positions[:, :, None]  # [B, S, 1]
+    mask = keys[None, None, :] <= query  # [B, S, kv_len]
+    if sliding_window is not None:
+        mask = mask & (query - keys[None, None, :] < sliding_window)
+    return mask[:, None]
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Consecutive prompt tokens of one row: flat tokens [offset, offset + length)."""
+
+    row: int
+    offset: int
+    length: int
+    kv_len: int  # cache positions its attention reads (covers start + length)
+    mask: torch.Tensor  # [1, 1, length, kv_len] bool
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each token in its row
+    write_rows: torch.Tensor  # [T] int64, cache row each token's key and value go to
+    decode_start: int
+    decode_rows: int  # D: flat tokens [0, D) are the decode block
+    decode_kv_len: int
+    decode_mask: torch.Tensor | None  # [D, 1, 1, decode_kv_len] bool
+    chunks: tuple[PrefillChunk, ...] = ()
+    lora: LoraBatch | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The same batch on another device (a device-map boundary)."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return replace(
+            self,
+            tokens=move(self.tokens),
+            positions=move(self.positions),
+            write_rows=move(self.write_rows),
+            decode_mask=None if self.decode_mask is None else move(self.decode_mask),
+            chunks=tuple(replace(c, mask=move(c.mask)) for c in self.chunks),
+            lora=None if self.lora is None else self.lora.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """A prompt chunk as the scheduler sees it (host values)."""
+
+    row: int
+    token_ids: Sequence[int]
+    start: int  # position of its first token
+    kv_len: int
+
+
+def build_forward_batch(
+    *,
+    decode_start: int = 0,
+    decode_tokens: torch.Tensor | None = None,  # [D] on the device (last sampled tokens)
+    decode_positions: Sequence[int] = (),  # D host values
+    decode_write_rows: Sequence[int] = (),  # D host values (padding rows: the scratch row)
+    decode_kv_len: int = 0,
+    chunks: Sequence[ChunkSpec] = (),
+    sliding_window: int | None,
+    device: torch.device,
+    lora: LoraBatch | None = None,
+) -> ForwardBatch:
+    """One host-to-device copy per kind of index; the masks are built here, once per forward."""
+    positions: list[int] = list(decode_positions)
+    write_rows: list[int] = list(decode_write_rows)
+    prompt: list[int] = []
+    placed: list[tuple[ChunkSpec, int]] = []
+    offset = len(positions)
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        placed.append((chunk, offset))
+        prompt.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, chunk.start + n))
+        write_rows.extend([chunk.row] * n)
+        offset += n
+
+    def tensor(values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    position_t = tensor(positions)  # [T]
+    parts = [] if decode_tokens is None else [decode_tokens]
+    if prompt:
+        parts.append(tensor(prompt))
+    tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T]
+    d = len(decode_positions)
+    decode_mask = causal_mask(position_t[:d, None], decode_kv_len, sliding_window) if d else None
+    specs = tuple(
+        PrefillChunk(
+            row=chunk.row, offset=off, length=len(chunk.token_ids), kv_len=chunk.kv_len,
+            mask=causal_mask(position_t[None, off : off + len(chunk.token_ids)], chunk.kv_len, sliding_window),
+        )
+        for chunk, off in placed
+    )
+    return ForwardBatch(
+        tokens=tokens, positions=position_t, write_rows=tensor(write_rows), decode_start=decode_start,
+        decode_rows=d, decode_kv_len=decode_kv_len, decode_mask=decode_mask, chunks=specs, lora=lora,
+    )
