@@ -7,20 +7,25 @@ ranks of one slot are a plain view and the first `window` ranks of all slots are
 A forward's tokens (server/forward_batch.py) are a decode block, one token per row, then prompt
 chunks of one row each. Three formulations, picked by `SlotBank.route`:
 
-* chunked (eager decode): rows are grouped by slot into chunks of exactly CHUNK rows (a short
-  group is padded by repeating one of its rows; padding results are dropped). Each chunk gets a
-  contiguous copy of its slot's A and B (kept across steps while the chunks' slots, the window
-  and the bank are unchanged), then two batched matmuls compute all chunks. Only a row's own
-  adapter is computed, with a handful of ops per projection whatever the number of adapters.
-  (`bench/lora_formulations.py` measured the alternatives.)
+* rows (eager decode): every decode row keeps a copy of its slot's A and B of its own
+  (row-resident, written by `SlotBank.route` when the row's slot or that slot's contents change,
+  so a step gathers nothing however often requests join and leave); each row is one product with
+  its own weights, a batched matrix-vector product whose cost follows the rows that use adapters,
+  not the number of slots. When few rows of the block use adapters only theirs are gathered;
+  otherwise the whole block runs, rows on the null slot holding zeros. (Measured against a
+  chunked formulation, which grouped rows by slot into 4-row products: at batch 32 the rows form
+  cost 0.73x of the base step with 32 distinct adapters against 0.55x, and 0.75x against 0.84x
+  with 8 adapters of 4 rows each; and the chunked form re-gathered every chunk's weights whenever
+  the set of adapters in the batch changed.)
 * segment (prompt chunks): each chunk's tokens against its slot's A and B, which are views;
   plain matmuls over the chunk's tokens. The cost follows the tokens, not the number of slots.
 * dense (compiled decode): every row against every slot, masked by a one-hot: fixed shapes, so
   the compiled graph never changes with what is loaded or who uses it.
 
-Batch invariance: a row's delta is bit-identical whichever rows share its step. Chunked: every
-product is a CHUNK-row matmul (the kernel a matmul picks depends on its row count, so it is held
-fixed) and rows of a chunk never mix. Dense: batched matmuls with one product per row.
+Batch invariance: a row's delta is bit-identical whichever rows share its step. Rows: every
+product has one row (the kernel a matmul picks depends on its row count, so it is held fixed;
+gathered or in place, a row's weights are the same numbers). Dense: batched matmuls with one
+product per row.
 Segment: a prompt chunk's boundaries are fixed by the engine whatever else is scheduled.
 """
 
@@ -31,103 +36,36 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-CHUNK = 4  # rows per chunked product; >= 4 keeps the matmul on one kernel family on CPUs
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Where each row of a decode batch goes in the chunked product (built once per step)."""
-
-    gather: torch.Tensor  # [chunks * CHUNK] batch row feeding each chunk position
-    slots: torch.Tensor  # [chunks] slot of each chunk
-    keep: torch.Tensor  # [n] chunk positions holding real rows (not padding)
-    rows: torch.Tensor  # [n] the batch row of each of those positions
-    slot_key: tuple[int, ...]  # `slots` as Python ints: what the gathered weights depend on
-
-    def to(self, device: torch.device) -> ChunkPlan:
-        return ChunkPlan(self.gather.to(device), self.slots.to(device), self.keep.to(device), self.rows.to(device),
-                         self.slot_key)
-
-
+PADDING = -1  # the "slot" of a decode-block row that is not decoding (its output is dropped)
 Segment = tuple[int, int, int]  # (first flat token, tokens, slot) of a prompt chunk on a real slot
 
 
 @dataclass(frozen=True)
 class LoraBatch:
     """Per-forward LoRA routing over the forward's flat tokens (server/forward_batch.py): the
-    decode block, flat tokens [0, decode_tokens), goes by `onehot` (dense) or `chunks`
-    (chunked); each prompt chunk on a real slot is a `segment` computed with that slot's weights
-    alone. Rows on the null slot cost nothing."""
+    decode block, flat tokens [0, decode_tokens), goes by `onehot` (dense) or by the
+    row-resident weights (`rows`); each prompt chunk on a real slot is a `segment` computed with
+    that slot's weights alone."""
 
     window: int  # ranks computed per slot (a power of two <= the slot rank)
     null_slot: int
-    version: int = 0  # the slot bank's write counter: gathered slot weights older than it are stale
     decode_tokens: int = 0
     row_slots: tuple[int, ...] = ()  # slot of each decode-block row
     onehot: torch.Tensor | None = None  # [D, K+1] in the model dtype; the last column is the null slot
-    chunks: ChunkPlan | None = None
+    rows: bool = False  # the decode block uses the row-resident weights (RowWeights)
+    active: torch.Tensor | None = None  # [n] with `rows`: only these block rows (None: all of them)
     segments: tuple[Segment, ...] = ()
 
     def to(self, device: torch.device) -> LoraBatch:
         onehot = None if self.onehot is None else self.onehot.to(device)
-        chunks = None if self.chunks is None else self.chunks.to(device)
-        return replace(self, onehot=onehot, chunks=chunks)
+        active = None if self.active is None else self.active.to(device)
+        return replace(self, onehot=onehot, active=active)
 
     def per_row_tokens(self, tokens: int) -> LoraBatch:
         """The same rows' routing when each of them carries `tokens` prompt tokens instead of one
         decode token: one segment per row on a real slot."""
         segments = tuple((i * tokens, tokens, slot) for i, slot in enumerate(self.row_slots) if slot != self.null_slot)
-        return replace(self, decode_tokens=0, onehot=None, chunks=None, segments=segments)
-
-
-def plan_chunks(slots: list[int], null_slot: int, device: torch.device) -> ChunkPlan:
-    """Group the rows that use an adapter by slot, in CHUNK-row chunks (slot order, row order)."""
-    by_slot: dict[int, list[int]] = {}
-    for row, slot in enumerate(slots):
-        if slot != null_slot:
-            by_slot.setdefault(slot, []).append(row)
-    gather: list[int] = []
-    chunk_slots: list[int] = []
-    keep: list[int] = []
-    rows: list[int] = []
-    for slot in sorted(by_slot):
-        members = by_slot[slot]
-        for i in range(0, len(members), CHUNK):
-            chunk = members[i : i + CHUNK]
-            keep.extend(range(len(gather), len(gather) + len(chunk)))
-            rows.extend(chunk)
-            gather.extend(chunk + [chunk[0]] * (CHUNK - len(chunk)))
-            chunk_slots.append(slot)
-
-    def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    return ChunkPlan(tensor(gather), tensor(chunk_slots), tensor(keep), tensor(rows), tuple(chunk_slots))
-
-
-def gather_chunk_weights(
-    a: torch.Tensor, bs: list[torch.Tensor], slots: torch.Tensor, window: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Each chunk's slot weights, laid out for the two products: A as # [chunks, in, P*w] (part-major,
-    so that each part's slice of the shrink result has unit stride: a strided slice made CPU bmm
-    copy it row by row, 4x slower) and every part's B # [chunks, w, out_p], all contiguous."""
-    chunks = slots.shape[0]
-    d_in = a.shape[-1]
-    a_sel = a[:, :window].index_select(0, slots)  # [chunks, w, P, in]
-    a_t = a_sel.permute(0, 3, 2, 1).reshape(chunks, d_in, -1)  # [chunks, in, P*w], a copy
-    return a_t, [b[:, :window].index_select(0, slots) for b in bs]
-
-
-def lora_chunked(x: torch.Tensor, a_t: torch.Tensor, b_sel: list[torch.Tensor], plan: ChunkPlan) -> torch.Tensor:
-    """x # [T, in] (the plan's rows index its decode block), the chunks' gathered weights ->
-    deltas of the planned rows # [n, out] (parts concatenated)."""
-    chunks, d_in, _ = a_t.shape
-    window = b_sel[0].shape[1]
-    xs = x.index_select(0, plan.gather).view(chunks, CHUNK, d_in)  # [chunks, C, in]
-    h = torch.bmm(xs, a_t).view(chunks, CHUNK, len(b_sel), window)  # [chunks, C, P, w]
-    deltas = [torch.bmm(h[:, :, p], b) for p, b in enumerate(b_sel)]
-    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)  # [chunks, C, out]
-    return delta.view(-1, delta.shape[-1]).index_select(0, plan.keep)  # [n, out]
+        return replace(self, decode_tokens=0, onehot=None, rows=False, active=None, segments=segments)
 
 
 def lora_single(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slot: int, window: int) -> torch.Tensor:
@@ -159,6 +97,15 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
     return torch.bmm(rows, b_view.expand(batch, -1, -1))  # [B, S, out_p]
 
 
+def lora_rows(x: torch.Tensor, a_rows: torch.Tensor, b_rows: list[torch.Tensor]) -> torch.Tensor:
+    """Each row against its own weights, one row per product (a fixed row count of 1, whatever
+    the batch): x # [n, in]; a_rows # [n, in, P*w]; b_rows[p] # [n, w, out_p] -> # [n, out]"""
+    window = b_rows[0].shape[1]
+    h = torch.bmm(x[:, None], a_rows)  # [n, 1, P*w]
+    deltas = [torch.bmm(h[:, :, p * window : (p + 1) * window], b) for p, b in enumerate(b_rows)]
+    return (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]
+
+
 class LoraSlots(nn.Module):
     """Read-only view of one fused projection's slot tensors (the SlotBank writes them).
 
@@ -170,19 +117,30 @@ class LoraSlots(nn.Module):
         super().__init__()
         self.a = a
         self.bs = bs
-        # The last chunks' gathered weights, keyed by (chunk slots, window, bank version): decode
-        # steps keep the same plan while no request joins or leaves, and the gather (a copy of
-        # every chunk's A and B) was a third of the LoRA cost per step. At most K chunks are kept,
-        # so this holds no more than the slots themselves.
-        self._gathered: tuple[tuple[object, ...], torch.Tensor, list[torch.Tensor]] | None = None
+        # Row-resident weights: a copy of each decode row's slot, written when the row's slot
+        # changes (SlotBank.route). a_rows # [rows, in, P*w] is part-major, so that each part's
+        # slice of the shrink result has unit stride (a strided slice made CPU bmm copy it row by
+        # row, 4x slower); b_rows[p] # [rows, w, out_p].
+        self.a_rows: torch.Tensor | None = None
+        self.b_rows: list[torch.Tensor] = []
 
-    def chunk_weights(self, plan: ChunkPlan, window: int, version: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        key = (plan.slot_key, window, version)
-        if self._gathered is not None and self._gathered[0] == key:
-            return self._gathered[1], self._gathered[2]
-        a_sel, b_sel = gather_chunk_weights(self.a, self.bs, plan.slots, window)
-        self._gathered = (key, a_sel, b_sel) if len(plan.slot_key) < self.a.shape[0] else None
-        return a_sel, b_sel
+    def allocate_rows(self, rows: int, window: int) -> None:
+        parts, d_in = self.a.shape[2], self.a.shape[3]
+        like = {"dtype": self.a.dtype, "device": self.a.device}
+        self.a_rows = torch.zeros(rows, d_in, parts * window, **like)
+        self.b_rows = [torch.zeros(rows, window, b.shape[-1], **like) for b in self.bs]
+
+    def row_views(self, row: int, slot: int, window: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(targets, sources) that copy `slot`'s first `window` ranks into `row`."""
+        assert self.a_rows is not None
+        parts, d_in = self.a.shape[2], self.a.shape[3]
+        a_view = self.a_rows[row].view(d_in, parts, window).permute(2, 1, 0)  # [w, P, in]
+        targets = [a_view, *(b[row] for b in self.b_rows)]
+        return targets, [self.a[slot, :window], *(b[slot, :window] for b in self.bs)]
+
+    def row_targets(self, row: int) -> list[torch.Tensor]:
+        assert self.a_rows is not None
+        return [self.a_rows[row], *(b[row] for b in self.b_rows)]
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """y # [T, out] + every part's delta for x # [T, in]."""
@@ -193,9 +151,15 @@ class LoraSlots(nn.Module):
             # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
             delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
             y = y + delta if d == y.shape[0] else torch.cat([y[:d] + delta, y[d:]])
-        elif lora.chunks is not None:
-            a_sel, b_sel = self.chunk_weights(lora.chunks, lora.window, lora.version)
-            y = y.index_add(0, lora.chunks.rows, lora_chunked(x, a_sel, b_sel, lora.chunks))
+        elif lora.rows:
+            assert self.a_rows is not None
+            if lora.active is None:  # every block row: rows on the null slot hold zeros
+                y = torch.cat([y[:d] + lora_rows(x[:d], self.a_rows[:d], [b[:d] for b in self.b_rows]), y[d:]])
+            else:  # a few rows: their weights gathered (a copy of theirs only)
+                idx = lora.active
+                a_sel = self.a_rows.index_select(0, idx)
+                b_sel = [b.index_select(0, idx) for b in self.b_rows]
+                y = y.index_add(0, idx, lora_rows(x.index_select(0, idx), a_sel, b_sel))
         for offset, length, slot in lora.segments:  # y is this forward's own tensor: add in place
             y[offset : offset + length] += lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)
         return y

@@ -10,6 +10,9 @@ it computes exactly the base model.
 
 Layout (see adapters/lora_layer.py): per fused module, a # [K+1, R, P, in] and one
 b # [K+1, R, out_p] per fused projection, slot-major so that one slot's rank window is a view.
+For the eager decode step each cache row also holds a copy of its slot's current window
+(row-resident weights, refreshed by `route` only when a row's slot or that slot changes): they
+cost max_rows x window ranks of memory, as many bytes as max_rows slots of that window.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from adapters.lora_layer import LoraBatch, LoraSlots, Segment, plan_chunks
+from adapters.lora_layer import PADDING, LoraBatch, LoraSlots, Segment
 from adapters.validation import AdapterWeights, SlotSpec
 from server.linear import Linear
 from server.model import Transformer
@@ -30,7 +33,9 @@ MIN_RANK_WINDOW = 8
 
 
 class SlotBank(nn.Module):
-    def __init__(self, model: Transformer, *, num_slots: int, max_rank: int, fixed_window: bool = False) -> None:
+    def __init__(
+        self, model: Transformer, *, num_slots: int, max_rank: int, fixed_window: bool = False,
+    ) -> None:
         super().__init__()
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be positive")
@@ -42,7 +47,11 @@ class SlotBank(nn.Module):
         # Rank written for each module in each slot; beyond it a slot's tensors are all zero.
         self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
         self._window = self._compute_window()  # read every step; recomputed only on writes
-        self.version = 0  # bumped by every write: copies of slot weights made before it are stale
+        self._slot_writes = [0] * num_slots  # per slot: row copies made before a write are stale
+        self._max_rows = model.cache.max_rows if model.cache is not None else 0
+        self._row_window = 0  # window the row-resident weights were allocated for (0: not yet)
+        self._row_tags: list[tuple[int, int] | None] = []  # per row: (slot, its writes) held; None = zeros
+        self._slot_modules: list[LoraSlots] = []
         self.dtype = model.model.embed_tokens.weight.dtype
         by_module: dict[Linear, list[tuple[str, int, int]]] = defaultdict(list)
         for name, part in model.linear_parts().items():
@@ -64,6 +73,7 @@ class SlotBank(nn.Module):
                 self._where[name] = (a, p, b)
                 self._targets[name] = (d_in, end - start)
             module.lora = LoraSlots(a, bs)  # type: ignore[assignment]
+            self._slot_modules.append(module.lora)
         self._others = frozenset(model.hf_module_names() - set(self._targets))
 
     def spec(self) -> SlotSpec:
@@ -90,7 +100,7 @@ class SlotBank(nn.Module):
             self._zero(name, slot, 0, rank)
         self._module_ranks[slot] = {}
         self._window = self._compute_window()
-        self.version += 1
+        self._slot_writes[slot] += 1
 
     @torch.no_grad()
     def load(self, slot: int, weights: AdapterWeights) -> None:
@@ -117,7 +127,7 @@ class SlotBank(nn.Module):
         torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
         self._window = self._compute_window()
-        self.version += 1
+        self._slot_writes[slot] += 1
 
     def _corner(self, name: str, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of a slot's first `rank` ranks of module `name` (A part [r, in], B [r, out]),
@@ -141,26 +151,70 @@ class SlotBank(nn.Module):
     def route(
         self, decode_slots: Sequence[int], segments: Sequence[Segment] = (), *, device: torch.device
     ) -> LoraBatch | None:
-        """Routing for one forward: the slot of each decode-block row (null_slot = no adapter) and
-        the prompt chunks on real slots (host values: no device read-back). None when no token
-        uses an adapter. The decode block is dense over all slots under torch.compile (fixed
-        shapes), else chunked by slot."""
+        """Routing for one forward: the slot of each decode-block row (null_slot = no adapter,
+        PADDING = a row that is not decoding, whose output is dropped) and the prompt chunks on
+        real slots (host values: no device read-back). None when no token uses an adapter. The
+        decode block is dense over all slots under torch.compile (fixed shapes), else each row
+        runs on its row-resident copy of its slot."""
         null = self.null_slot
         segments = tuple(s for s in segments if s[2] != null)
-        if not segments and all(slot == null for slot in decode_slots):
+        if not segments and all(slot in (null, PADDING) for slot in decode_slots):
             return None
         return self._route(tuple(decode_slots), segments, device)
 
     def _route(self, rows: tuple[int, ...], segments: tuple[Segment, ...], device: torch.device) -> LoraBatch:
-        common = {"window": self.window(), "null_slot": self.null_slot, "version": self.version,
-                  "decode_tokens": len(rows), "row_slots": rows, "segments": segments}
+        common = {"window": self.window(), "null_slot": self.null_slot, "decode_tokens": len(rows),
+                  "segments": segments}
+        dense_rows = tuple(self.null_slot if slot == PADDING else slot for slot in rows)
         if not rows:
             return LoraBatch(**common)  # type: ignore[arg-type]
         if self.fixed_window:
-            ids = torch.tensor(rows, dtype=torch.int64, device=device)
+            ids = torch.tensor(dense_rows, dtype=torch.int64, device=device)
             onehot = torch.nn.functional.one_hot(ids, self.num_slots + 1).to(self.dtype)  # [D, K+1]
-            return LoraBatch(**common, onehot=onehot)  # type: ignore[arg-type]
-        return LoraBatch(**common, chunks=plan_chunks(list(rows), self.null_slot, device))  # type: ignore[arg-type]
+            return LoraBatch(**common, row_slots=dense_rows, onehot=onehot)  # type: ignore[arg-type]
+        if len(rows) > self._max_rows:
+            raise ValueError(f"a decode block of {len(rows)} rows; the model has {self._max_rows}")
+        active = self._refresh_rows(rows)
+        if not active:  # only prompt chunks use adapters
+            return LoraBatch(**common, row_slots=dense_rows)  # type: ignore[arg-type]
+        # A few adapter rows among many: gather just theirs; else every block row (null rows are zero).
+        index = torch.tensor(active, dtype=torch.int64, device=device) if 3 * len(active) <= len(rows) else None
+        return LoraBatch(**common, row_slots=dense_rows, rows=True, active=index)  # type: ignore[arg-type]
+
+    def _refresh_rows(self, rows: tuple[int, ...]) -> list[int]:
+        """Make every decoding row's row-resident weights hold its slot (zeros for the null slot),
+        copying only rows whose slot or slot contents changed; returns the rows on real slots."""
+        window = self.window()
+        if window != self._row_window:
+            for module in self._slot_modules:
+                module.allocate_rows(self._max_rows, window)
+            self._row_window, self._row_tags = window, [None] * self._max_rows
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        zeros: list[torch.Tensor] = []
+        active: list[int] = []
+        for row, slot in enumerate(rows):
+            if slot == PADDING:
+                continue
+            if slot == self.null_slot:
+                if self._row_tags[row] is not None:
+                    zeros += [t for module in self._slot_modules for t in module.row_targets(row)]
+                    self._row_tags[row] = None
+                continue
+            active.append(row)
+            tag = (slot, self._slot_writes[slot])
+            if self._row_tags[row] != tag:
+                for module in self._slot_modules:
+                    t, s = module.row_views(row, slot, window)
+                    targets += t
+                    sources += s
+                self._row_tags[row] = tag
+        with torch.no_grad():
+            if targets:  # one call for every copy, as a hotswap
+                torch._foreach_copy_(targets, sources)
+            if zeros:
+                torch._foreach_zero_(zeros)
+        return active
 
     def batch(self, slots: torch.Tensor) -> LoraBatch:
         """Routing for a decode block whose rows use `slots` # [B] (tests and tools; reads the

@@ -105,6 +105,11 @@ def build_service(settings: Settings) -> CompletionService:
              footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6,
              footprint["kv_cache_bytes"] / 1e6)
     log.info("%s", slots.describe())
+    # Eager decode keeps a copy of each row's slot (its loaded rank window), allocated on first use.
+    row_bytes_max = 0 if settings.compile else settings.max_num_seqs * slots.bytes_per_slot
+    if row_bytes_max:
+        log.info("LoRA row copies for decode: up to %.1f MB (%d rows x one slot; less for adapters below rank %d)",
+                 row_bytes_max / 1e6, settings.max_num_seqs, settings.max_lora_rank)
     bank = SlotBank(model, num_slots=slots.count, max_rank=slots.rank, fixed_window=settings.compile)
     name = served_name(settings, folder)
     # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
@@ -147,7 +152,8 @@ def build_service(settings: Settings) -> CompletionService:
             "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "quantization": settings.quantization, "compile": settings.compile,
             "device_map": None if placement is None else describe(placement),
-            "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers())},
+            "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers()),
+                       "lora_row_bytes_max": row_bytes_max},
             "lora_slots": slots.info(),
         },
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from adapters.lora_layer import PADDING
 from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
@@ -169,7 +170,7 @@ class ModelRunner:
         if self.bank is not None:
             slots = list(self.slots[:block])
             for row in padding:  # padding computes nothing it does not need
-                slots[row] = self.null_slot
+                slots[row] = PADDING
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
             segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
             lora = self.bank.route(slots, segments, device=self.device)

@@ -175,3 +175,40 @@ def test_a_prompts_first_logits_do_not_depend_on_what_shares_its_step(tiny_dir: 
     alone = run([], [])
     assert torch.equal(run([(5, prompt(5, 40), 0)], [(0, None), (1, 2)]), alone)
     assert torch.equal(run([(5, prompt(5, 3), None), (6, prompt(6, 70), 2)], [(7, 1)]), alone)
+
+
+def test_row_resident_lora_weights_follow_every_slot_change(tiny_dir: Path) -> None:
+    """Each decode row computes on its own copy of its slot's weights: the copy must follow the
+    row changing slot, the slot being rewritten (hotswap) and the row leaving adapters (zeros),
+    in the whole-block and the few-rows forms alike."""
+    model = build_model(tiny_dir, dtype=torch.float32, device="cpu", max_rows=8, max_len=64)
+    bank = SlotBank(model, num_slots=3, max_rank=8)
+    adapters = list(random_adapters(bank, 4).values())
+    for slot in range(3):
+        bank.load(slot, adapters[slot])
+    null = bank.null_slot
+    tokens = torch.arange(20, 28)[:, None]  # [8, 1]
+    positions = torch.zeros(8, 1, dtype=torch.int64)
+
+    def together(slots: list[int]) -> torch.Tensor:
+        lora = bank.batch(torch.tensor(slots))
+        return model.logits(model(tokens, positions, row_start=0, kv_len=64, lora=lora))[:, 0]
+
+    def alone(slots: list[int]) -> torch.Tensor:
+        rows = [model.logits(model(tokens[r : r + 1], positions[r : r + 1], row_start=r, kv_len=64,
+                                   lora=bank.batch(torch.tensor([slots[r]]))))[0, 0] for r in range(8)]
+        return torch.stack(rows)
+
+    for slots in ([0, 1, 2, null, 0, 1, 2, null],  # the whole block
+                  [2, 2, null, 0, 1, null, 0, 1],  # rows change slots, rows leave adapters
+                  [null, null, null, 1, null, null, null, null]):  # one row: only its weights gathered
+        assert torch.equal(together(slots), alone(slots)), slots
+    bank.load(1, adapters[3])  # hotswap a slot that rows' copies hold
+    for slots in ([null, null, null, 1, null, null, null, null], [1, 1, 1, 1, 1, 1, 1, 1]):
+        got = together(slots)
+        assert torch.equal(got, alone(slots)), slots
+    fresh = SlotBank(model, num_slots=3, max_rank=8)  # nothing stale in a bank that never held the old one
+    for slot, index in ((0, 0), (1, 3), (2, 2)):
+        fresh.load(slot, adapters[index])
+    lora = fresh.batch(torch.tensor([1] * 8))
+    assert torch.equal(model.logits(model(tokens, positions, row_start=0, kv_len=64, lora=lora))[:, 0], got)
