@@ -95,7 +95,6 @@ def build_service(settings: Settings) -> CompletionService:
         max_rows=settings.max_num_seqs,
         max_len=settings.max_model_len,
         cfg=cfg,
-        pack=not settings.compile,  # inductor cannot take oneDNN-packed weights as inputs
         quantization=quantization,
         quantize_lm_head=settings.quantize_lm_head,
         placement=placement,

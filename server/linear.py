@@ -26,6 +26,22 @@ def onednn_packing_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# Packed weights by handle. Inductor cannot take a oneDNN (opaque layout) tensor as a graph
+# input, so a compiled step reaches them through this opaque op: the graph sees a small handle
+# tensor (an input like any weight, so every layer shares one graph) and a result of known shape.
+_PACKED: list[torch.Tensor] = []
+
+
+@torch.library.custom_op("loraswap::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[int(handle)], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class Linear(nn.Linear):
     """nn.Linear plus an optional packed weight and optional LoRA slots (attached by the SlotBank)."""
 
@@ -79,6 +95,8 @@ class Linear(nn.Linear):
         if self.quantized is not None or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.register_buffer("handle", torch.tensor(len(_PACKED)), persistent=False)
+        _PACKED.append(self.packed)
         if not keep_dense:
             self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 
@@ -100,7 +118,9 @@ class Linear(nn.Linear):
         return tensor_bytes(weight) + bias
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and torch.compiler.is_compiling():
+            y = packed_linear(x, self.handle, self.bias, self.out_features)
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif self.quantized is not None:
             y = self.quantized(x)

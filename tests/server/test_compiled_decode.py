@@ -28,7 +28,7 @@ RANKS = [3, 12, 20, 6]
 
 
 def make_engine(folder: Path, *, compile: bool, quantization: str | None = None) -> Engine:
-    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=128, pack=not compile,
+    model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=128,
                         quantization=quantization)
     bank = SlotBank(model, num_slots=2, max_rank=MAX_RANK, fixed_window=compile)
     store = random_adapters(bank, 4, ranks=RANKS)
