@@ -57,12 +57,13 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         default=512, ge=16, description="Prompt tokens in one prefill chunk; a long prompt takes several steps."
     )
-    max_num_batched_tokens: int | None = Field(
-        default=512,
+    max_num_batched_tokens: int = Field(
+        default=256,
         ge=16,
         le=65536,
         description="Tokens one engine step may carry: the decode tokens of running requests plus prompt "
-        "chunks (vLLM's name).",
+        "chunks, which are never longer (vLLM's name). Smaller keeps running streams smoother while long "
+        "prompts arrive, larger gives those prompts their first token sooner.",
     )
     max_loras: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
         default="auto",
