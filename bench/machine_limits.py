@@ -124,6 +124,29 @@ def matmul_rows(reps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def compute_bound_now() -> dict[str, float]:
+    """For bench/engine_compare.py, next to its largest batch: the 2048^3 float32 matmul rate (best
+    of 5) and what it implies: tokens/s = FLOP/s / (2 x params)."""
+    x, w = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = min(timings(lambda: F.linear(x, w), 5))
+    gflops = 2 * 2048**3 / best / 1e9
+    params = model_stats(model_dir())["params"]
+    return {"matmul_gflops": round(gflops, 1), "compute_bound_tokens_per_s": round(gflops * 1e9 / (2 * params), 1)}
+
+
+def streaming_bound_now() -> dict[str, float]:
+    """For bench/engine_compare.py, next to its batch-1 runs: the read bandwidth as main() takes it
+    (the better of `x.sum()` and `torch.mv` over BUFFER_BYTES of float32, best of 5) and what it
+    implies at batch 1: tokens/s = bytes/s / (4 bytes x params), every weight read once per token."""
+    x = torch.ones(BUFFER_BYTES // 4)
+    w, v = x.view(-1, 4096), torch.ones(4096)
+    with torch.inference_mode():
+        best = min(min(timings(lambda: x.sum(), 5)), min(timings(lambda: torch.mv(w, v), 5)))
+    gb_s = BUFFER_BYTES / best / 1e9
+    params = model_stats(model_dir())["params"]
+    return {"bandwidth_gb_s": round(gb_s, 2), "streaming_bound_tokens_per_s": round(gb_s * 1e9 / (4 * params), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a few seconds)")

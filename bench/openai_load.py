@@ -8,10 +8,11 @@ transformers + PEFT baseline), so the numbers differ only by the server:
     r["tok_s"], r["ttft_p50_s"], r["exact"]
 
 Request i sends `common.messages(i)` to model `models[i]`; all len(models) requests start at once
-(streaming, temperature 0, `ignore_eos: true` in the body so every request generates exactly
-max_tokens tokens). Token counts come from the final usage chunk (`stream_options.include_usage`);
-a server that sends no usage falls back to counting content chunks (`"usage": false` in the
-result, less exact). Runs in the project venv: it only needs the `openai` package.
+(or, with `concurrency=C`, a closed loop: requests 0..C-1 start at once and each one that ends lets
+the next one in index order start, so at most C are in flight). Streaming, temperature 0,
+`ignore_eos: true` in the body so every request generates exactly max_tokens tokens. Token
+counts come from the final usage chunk (`stream_options.include_usage`); a server that sends no
+usage falls back to counting content chunks (`"usage": false` in the result, less exact). Runs in the project venv: it only needs the `openai` package.
 """
 
 from __future__ import annotations
@@ -52,13 +53,22 @@ async def _one(client: AsyncOpenAI, i: int, model: str, max_tokens: int, extra_b
 
 
 async def run_load_async(base_url: str, models: list[str], max_tokens: int, api_key: str | None = None, *,
-                         extra_body: dict[str, Any] | None = None, timeout: float = 900.0) -> dict[str, Any]:
+                         extra_body: dict[str, Any] | None = None, timeout: float = 900.0,
+                         concurrency: int | None = None) -> dict[str, Any]:
     """Async form of `run_load` (same arguments and result)."""
     body = {"ignore_eos": True} if extra_body is None else extra_body
     client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+    # Waiters on an asyncio.Semaphore are woken first in, first out, and the coroutines below reach
+    # it in index order, so request i starts before request i+1.
+    gate = asyncio.Semaphore(concurrency or len(models))
+
+    async def limited(i: int, model: str) -> dict[str, Any]:
+        async with gate:
+            return await _one(client, i, model, max_tokens, body)
+
     try:
         start = time.perf_counter()
-        results = await asyncio.gather(*(_one(client, i, m, max_tokens, body) for i, m in enumerate(models)))
+        results = await asyncio.gather(*(limited(i, m) for i, m in enumerate(models)))
         wall = time.perf_counter() - start
     finally:
         await client.close()
@@ -67,6 +77,7 @@ async def run_load_async(base_url: str, models: list[str], max_tokens: int, api_
     total = sum(tokens)
     return {
         "requests": len(results),
+        "concurrency": min(concurrency or len(models), len(models)),
         "max_tokens": max_tokens,
         "completion_tokens": total,
         "wall_s": round(wall, 3),
@@ -82,7 +93,8 @@ async def run_load_async(base_url: str, models: list[str], max_tokens: int, api_
 
 
 def run_load(base_url: str, models: list[str], max_tokens: int, api_key: str | None = None, *,
-             extra_body: dict[str, Any] | None = None, timeout: float = 900.0) -> dict[str, Any]:
+             extra_body: dict[str, Any] | None = None, timeout: float = 900.0,
+             concurrency: int | None = None) -> dict[str, Any]:
     """Send len(models) chat requests at once (request i: `messages(i)` to `models[i]`) and wait for all.
 
     base_url: the server's OpenAI root, e.g. "http://127.0.0.1:8000/v1".
@@ -90,12 +102,13 @@ def run_load(base_url: str, models: list[str], max_tokens: int, api_key: str | N
     max_tokens: tokens to generate per request (EOS ignored, so each should return exactly this many).
     api_key:  bearer token if the server wants one.
     extra_body: extra JSON fields of every request; default {"ignore_eos": True}.
+    concurrency: at most this many requests in flight (a closed loop in index order); default all.
 
-    Returns a dict: requests, max_tokens, completion_tokens (sum of usage.completion_tokens),
+    Returns a dict: requests, concurrency, max_tokens, completion_tokens (sum of usage.completion_tokens),
     wall_s (first request sent -> last stream closed), tok_s = completion_tokens / wall_s,
     ttft_p50_s / ttft_max_s (send -> first content chunk), latency_max_s, tokens (per request),
     exact (every request returned exactly max_tokens tokens), usage (server sent usage),
     sample (start of request 0's text). Raises on any failed request.
     """
     return asyncio.run(run_load_async(base_url, models, max_tokens, api_key, extra_body=extra_body,
-                                      timeout=timeout))
+                                      timeout=timeout, concurrency=concurrency))

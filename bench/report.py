@@ -11,12 +11,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.targets import TARGETS, is_met, parse, target_row  # noqa: E402
+
 README_START = "<!-- bench:start (bench/run_all.py --readme rewrites this block) -->"
 README_END = "<!-- bench:end -->"
 
 SERVING_LABELS = {
     "loraswap_base": "loraswap, base model (8 adapters registered)",
     "loraswap_8": "**loraswap, 8 adapters mixed**",
+    "loraswap_64_distinct": "loraswap, 64 distinct adapters on 64 slots",
     "loraswap_32_on_8": "loraswap, 32 adapters on 8 slots",
     "peft_switching": "transformers + PEFT server, `set_adapter` per request",
     "peft_mixed_batch": "PEFT mixed-batch `generate(adapter_names=...)`",
@@ -34,10 +41,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-# loraswap point, vLLM point, what is compared: loraswap / vLLM-CPU tok/s across two processes of one run.
+# loraswap point, vLLM point, target key: loraswap / vLLM-CPU tok/s across two processes of one run.
 CROSS_RUN_PAIRS = (
-    ("loraswap_base", "vllm_lora_off", "base model, vLLM with LoRA disabled"),
-    ("loraswap_8", "vllm_lora_on_8", "8 adapters"),
+    ("loraswap_base", "vllm_lora_off", "base_vs_vllm_lora_off"),
+    ("loraswap_8", "vllm_lora_on_8", "mixed8_vs_vllm_mixed8"),
 )
 
 
@@ -64,13 +71,13 @@ def vllm_note(parts: dict[str, Any]) -> str | None:
             + (f"; within its run, against vLLM with LoRA disabled: {', '.join(own)}." if own else "."))
 
 
-def missed_by(value: float, target: float | str) -> str | None:
+def missed_by(value: float | None, target: float | str) -> str | None:
     """How far a value is from its target, e.g. "12% below 0.85"; None when the target is met.
     A bare number is a lower bound; strings are ">= x", "> x", "<= x", "< x" or "== x"."""
-    op, _, bound_text = (">=", "", str(target)) if isinstance(target, (int, float)) else str(target).partition(" ")
-    bound = float(bound_text)
-    met = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound, "==": value == bound}[op]
-    if met:
+    if value is None:
+        return "not measured in this run"
+    op, bound = parse(target)
+    if is_met(value, target):
         return None
     if op == "==" or bound == 0:
         return f"off by {abs(value - bound):g}"
@@ -78,18 +85,59 @@ def missed_by(value: float, target: float | str) -> str | None:
     return f"{gap:.0f}% {'below' if op in ('>=', '>') else 'above'} {bound:g}"
 
 
+def not_measured(key: str, parts: dict[str, Any]) -> dict[str, Any]:
+    """The placeholder row of a keyed target no part reported, saying why."""
+    part = TARGETS[key].part
+    if part not in parts:
+        why = f"{part} not run"
+    elif "error" in parts[part]:
+        why = f"{part} failed: {parts[part]['error']}"
+    else:
+        why = f"{part} ran without this point"
+    return target_row(key, None, why=why)
+
+
 def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every part's targets plus the cross-run vLLM ones, each with `missed_by` (None when met)."""
+    """Issue 17's targets first, in bench/targets.py's order, each either measured or marked as not
+    measured in this run; then every other target a part reported. Each row gets `missed_by`
+    (None when met)."""
     found = [dict(t) for p in parts.values() for t in p.get("summary", {}).get("targets", [])]
     serving = {r["point"]: r.get("tok_s") for r in serving_rows(parts)}
-    for mine, theirs, label in CROSS_RUN_PAIRS:
+    for mine, theirs, key in CROSS_RUN_PAIRS:
         if serving.get(mine) and serving.get(theirs):
-            value = round(serving[mine] / serving[theirs], 2)
-            found.append({"metric": f"loraswap / vLLM-CPU tok/s, {label} (cross-run: same `make bench` invocation, "
-                                    "different processes)", "value": value, "target": "> 1", "met": value > 1})
-    for t in found:
+            found.append(target_row(key, round(serving[mine] / serving[theirs], 2)))
+    keyed = {t["key"]: t for t in found if t.get("key") in TARGETS}
+    ordered = [keyed.get(key) or not_measured(key, parts) for key in TARGETS]
+    ordered += [t for t in found if t.get("key") not in TARGETS]
+    for t in ordered:
+        t["met"] = None if t["value"] is None else is_met(t["value"], t["target"])
         t["missed_by"] = missed_by(t["value"], t["target"])
-    return found
+    return ordered
+
+
+def met_cell(t: dict[str, Any]) -> str:
+    if t["value"] is None:
+        return f"not measured in this run ({t['why']})" if t.get("why") else "not measured in this run"
+    return "yes" if t["met"] else f"**no**: {t['missed_by']}"
+
+
+def itl_lines(itl: dict[str, Any]) -> list[str]:
+    """bench/long_prompt_itl.py's rows: the running streams' inter-token gaps while long prompts arrive."""
+    s = itl.get("summary", {})
+    lines = ["", f"**Long prompts arriving: {s.get('streams')} streams decoding while {s.get('long_prompts')} prompts "
+             f"of {s.get('long_prompt_tokens')} tokens arrive** (inter-token gaps of the running streams, ms; window = "
+             "first long prompt sent .. last long prompt's first token)", "",
+             "| server flags | gap p50 before | window p50 | window p99 | window max | window p99 / p50 before | "
+             "window p99 / p50 | whole run p50 | p99 | max | long prompts' TTFT p50 / max (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in itl.get("rows", []):
+        b, w, a = r["before"], r["window"], r["whole"]
+        flags = f": `{r['flags']}`" if r["flags"] else " (the server's own step budget)"
+        lines.append(f"| {r['label']}{flags} | {_fmt(b['p50_ms'])} | {_fmt(w['p50_ms'])} | "
+                     f"{_fmt(w['p99_ms'])} | {_fmt(w['max_ms'])} | {_fmt(r['p99_window_vs_p50_before'], 2)} | "
+                     f"{_fmt(w['p99_vs_p50'], 2)} | {_fmt(a['p50_ms'])} | {_fmt(a['p99_ms'])} | {_fmt(a['max_ms'])} | "
+                     f"{_fmt(r['long_ttft_p50_s'], 2)} / {_fmt(r['long_ttft_max_s'], 2)} |")
+    return lines
 
 
 def markdown(merged: dict[str, Any]) -> str:
@@ -133,7 +181,9 @@ def markdown(merged: dict[str, Any]) -> str:
                   "| system | tok/s | vs loraswap base | vs PEFT switching | TTFT p50 (s) |", "|---|---:|---:|---:|---:|"]
         for r in serving:
             label = SERVING_LABELS.get(r["point"], r["point"])
-            if r.get("requests") and r["requests"] != burst:  # the serial PEFT server gets fewer
+            if r.get("concurrency") and r["requests"] != r["concurrency"]:  # a closed loop, not one burst
+                label += f" ({r['requests']} requests, {r['concurrency']} in flight)"
+            elif r.get("requests") and r["requests"] != burst:  # the serial PEFT server gets fewer
                 label += f" (first {r['requests']} of the {burst} requests, served one at a time)"
             lines.append(f"| {label} | {_fmt(r.get('tok_s'))} | "
                          f"{_fmt(r.get('vs_loraswap_base'), 2)} | {_fmt(r.get('vs_peft_switching'), 1)} | "
@@ -149,11 +199,11 @@ def markdown(merged: dict[str, Any]) -> str:
                   f"| PEFT `hotswap_adapter_from_state_dict` (in memory) | {hot['peft_hotswap_from_state_dict_ms_median']} |",
                   f"| PEFT `hotswap_adapter` (from files) | {hot['peft_hotswap_ms_median']} |",
                   f"| PEFT `load_adapter` + `set_adapter` | {hot['peft_load_adapter_ms_median']} |"]
+    if parts.get("long_prompt_itl", {}).get("rows"):
+        lines += itl_lines(parts["long_prompt_itl"])
     found = targets(parts)
-    if found:
-        lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
-        lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | "
-                  f"{'yes' if t['met'] else '**no**: ' + str(t['missed_by'])} |" for t in found]
+    lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
+    lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {met_cell(t)} |" for t in found]
     return "\n".join(lines) + "\n"
 
 

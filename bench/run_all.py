@@ -5,8 +5,14 @@ disturb the next), then merges their JSON into bench/results/<date>-<host>.json 
 Markdown tables and the PNG plot next to it (bench/report.py). With --readme, the README's
 benchmark block is replaced by the new tables.
 
-    .venv/bin/python bench/run_all.py            # full: under 20 minutes on 2 cores, builds the vLLM env
-    .venv/bin/python bench/run_all.py --quick    # a few minutes: fewer tokens, no vLLM, no compile
+    .venv/bin/python bench/run_all.py            # full: ~21 minutes on 2 cores, builds the vLLM env
+    .venv/bin/python bench/run_all.py --quick    # ~5 minutes: fewer tokens, no vLLM, no compile, one ITL row
+
+(Estimates: the last full run took 17 minutes and the last quick one 2.3, before the 64-adapter
+point of serving_compare and bench/long_prompt_itl.py were added.)
+
+Every target of bench/targets.py appears in the report's Targets table, measured or marked "not
+measured in this run" (in --quick: the vLLM ones and compiled vs eager).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def parts(quick: bool, scratch: Path) -> list[tuple[str, list[str]]]:
         ("engine_compare", [*q, "--limits", str(scratch / "machine_limits.json"), "--hf-compile-limit", "120"]),
         ("hotswap_compare", [*q]),
         ("serving_compare", [*q]),
+        ("long_prompt_itl", [*q]),
     ]
     if not quick:  # vLLM's environment (~3.5 GB) is built by the full benchmark only
         out.append(("vllm_baseline", ["--build-env"]))
