@@ -34,7 +34,7 @@ token (sent -> first content chunk), p50 and max. The client shares the cores wi
 gaps include the client's own scheduling.
 
 Rows: "defaults" (the server's own --prefill-chunk and, where it has it, --max-num-batched-tokens)
-and "budget N" (default 128): `--max-num-batched-tokens N` when `loraswap serve --help` lists it,
+and "budget N" (default 512): `--max-num-batched-tokens N` when `loraswap serve --help` lists it,
 else `--prefill-chunk N` (a server without it prefills one chunk per step); `--budget-flags` sets
 them, e.g. "--max-num-batched-tokens {n} --prefill-chunk {n}".
 
@@ -79,7 +79,7 @@ LONG_TOKENS = 1500
 LONG_MAX_TOKENS = 8
 READY_TOKENS = 16
 MIN_STREAM_TOKENS = 128
-BUDGET = 128
+BUDGET = 512
 READY_TIMEOUT_S = 300.0
 RUN_TIMEOUT_S = 900.0
 BUDGET_FLAG = "--max-num-batched-tokens"

@@ -55,10 +55,12 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
     max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
     prefill_chunk: int = Field(
-        default=512, ge=16, description="Prompt tokens in one prefill chunk; a long prompt takes several steps."
+        default=64, ge=16,
+        description="Prompt tokens in one prefill chunk (chunk boundaries are fixed per prompt, so its numbers never "
+        "depend on what shares its steps); small chunks cost little, since a step's chunks share one forward.",
     )
     max_num_batched_tokens: int = Field(
-        default=256,
+        default=128,
         ge=16,
         le=65536,
         description="Tokens one engine step may carry: the decode tokens of running requests plus prompt "

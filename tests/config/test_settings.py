@@ -138,7 +138,7 @@ def test_flags_parse_into_settings(tmp_path: Path) -> None:
     assert (s.request_timeout, s.log_level, s.persist_lora_modules) == (2.5, "debug", True)
     assert s.admin_token is not None and s.admin_token.get_secret_value() == "t"
     assert (s.quantize_lm_head, s.max_num_batched_tokens) == (False, 1024)
-    assert Settings().max_num_batched_tokens == 256
+    assert Settings().max_num_batched_tokens == 128
 
 
 def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
