@@ -30,7 +30,7 @@ class SlotCounters:
 
 
 @dataclass
-class Placement:
+class SlotGrant:
     slot: int
     load: bool  # the caller must write the adapter into the slot before use
     evicted: str | None = None
@@ -53,7 +53,7 @@ class SlotTable:
     def _evictable(state: SlotState) -> bool:
         return state.refs == 0 and not state.pinned
 
-    def acquire(self, name: str) -> Placement | None:
+    def acquire(self, name: str) -> SlotGrant | None:
         """Reserve a slot holding `name` for one row; None if every slot is busy with others."""
         self._clock += 1
         slot = self._where.get(name)
@@ -66,7 +66,7 @@ class SlotTable:
             state.refs += 1
             state.last_used = self._clock
             self.counters.hits += 1
-            return Placement(slot=slot, load=False)
+            return SlotGrant(slot=slot, load=False)
         free = [i for i, s in enumerate(self.slots) if self._evictable(s)]
         if not free or slot is not None:  # a retiring copy must drain before it is reloaded
             self.counters.waits += 1
@@ -82,7 +82,7 @@ class SlotTable:
         state.retiring = name in self._retired
         self._where[name] = slot
         self.counters.loads += 1
-        return Placement(slot=slot, load=True, evicted=evicted)
+        return SlotGrant(slot=slot, load=True, evicted=evicted)
 
     def release(self, slot: int) -> bool:
         """One row stopped using the slot. True when the caller must now clear it (it was

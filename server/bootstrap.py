@@ -136,16 +136,7 @@ def build_service(settings: Settings) -> CompletionService:
     warm_up(engine)
     engine.start()
     log.info("model ready in %.1f s", time.monotonic() - start)
-    service = CompletionService(
-        engine,
-        tokenizer,
-        catalog,
-        model_name=name,
-        max_model_len=settings.max_model_len,
-        vocab_size=cfg.vocab_size,
-        request_timeout=settings.request_timeout,
-    )
-    service.admin = AdminService(
+    admin = AdminService(
         catalog, engine, adapter_roots=settings.adapter_roots, max_upload_bytes=int(settings.max_upload_mb * 1e6),
         model_info={
             "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
@@ -155,6 +146,16 @@ def build_service(settings: Settings) -> CompletionService:
                        "lora_row_bytes_max": row_bytes_max},
             "lora_slots": slots.info(),
         },
+    )
+    service = CompletionService(
+        engine,
+        tokenizer,
+        catalog,
+        model_name=name,
+        max_model_len=settings.max_model_len,
+        vocab_size=cfg.vocab_size,
+        request_timeout=settings.request_timeout,
+        admin=admin,
     )
     return service
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.slot_table import Placement, SlotTable
+from adapters.slot_table import SlotGrant, SlotTable
 from server.detokenize import Decoder
 from server.engine_slots import EngineSlots
 from server.engine_view import SlotView
@@ -366,7 +366,7 @@ class Engine:
         if self.slot_table is not None:  # unloaded versions stay marked only while queued rows need them
             self.slot_table.prune_retired(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter)
 
-    def _load(self, item: _Waiting, placement: Placement) -> bool:
+    def _load(self, item: _Waiting, placement: SlotGrant) -> bool:
         """Write the request's adapter into its slot; on failure answer the request, return False."""
         name = item.seq.request.adapter
         assert name is not None and self.slots is not None

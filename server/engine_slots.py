@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from adapters.slot_table import Placement, SlotTable
+from adapters.slot_table import SlotGrant, SlotTable
 from server.engine_view import SlotView
 from server.errors import ConflictError, SlotsBusyError
 from server.runner import ModelRunner
@@ -22,7 +22,7 @@ class EngineSlots:
         self.runner = runner
         self.on_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
 
-    def acquire(self, key: str) -> Placement | None:
+    def acquire(self, key: str) -> SlotGrant | None:
         return self.table.acquire(key)
 
     def write(self, slot: int, weights: Any) -> None:

@@ -64,11 +64,13 @@ class CompletionService:
         max_model_len: int,
         vocab_size: int,
         request_timeout: float | None = None,
+        admin: Any = None,
     ) -> None:
+        """`admin`: the AdminService (server/admin.py) the admin routes use; None: no admin API."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.catalog = catalog
-        self.admin: Any = None  # the AdminService (server/admin.py), set by bootstrap
+        self.admin = admin
         self.metrics: ServerMetrics | None = None  # set by the app (ServerMetrics.attach); None: not measured
         self.model_name = model_name
         self.max_model_len = max_model_len
