@@ -10,6 +10,8 @@ memory does not double. Tied weights stay dense because the embedding reads them
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +31,9 @@ def onednn_packing_available() -> bool:
 # Packed weights by handle. Inductor cannot take a oneDNN (opaque layout) tensor as a graph
 # input, so a compiled step reaches them through this opaque op: the graph sees a small handle
 # tensor (an input like any weight, so every layer shares one graph) and a result of known shape.
-_PACKED: list[torch.Tensor] = []
+# Weak values: a model that goes away takes its packed weights with it.
+_PACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 @torch.library.custom_op("loraswap::packed_linear", mutates_args=())
@@ -95,8 +99,9 @@ class Linear(nn.Linear):
         if self.quantized is not None or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.register_buffer("handle", torch.tensor(len(_PACKED)), persistent=False)
-        _PACKED.append(self.packed)
+        handle = next(_HANDLES)
+        _PACKED[handle] = self.packed
+        self.register_buffer("handle", torch.tensor(handle), persistent=False)
         if not keep_dense:
             self.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
 

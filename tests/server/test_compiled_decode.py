@@ -2,10 +2,12 @@
 
 The slots have rank 32 and the adapters ranks 3 to 20, so without the fixed rank window the
 window would follow the loaded ranks (8, 16, 32) and recompile; the eager engine the compiled one
-is compared with runs the chunked product, not the compiled dense one."""
+is compared with runs the row-resident product, not the compiled dense one. Both run on oneDNN-
+packed weights where the build has them (the compiled graph reaches them through an opaque op)."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from adapters.slot_bank import SlotBank
 from adapters.slot_table import SlotTable
 from server.engine import Engine
+from server.linear import Linear, onednn_packing_available
 from server.runner import ModelRunner, kv_buckets
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
@@ -79,3 +82,16 @@ def test_warm_up_compiles_every_shape_then_nothing_recompiles(
         eager_engine.submit(r, eager)
     eager_engine.run_until_idle()
     assert compiled.tokens == eager.tokens
+
+
+@pytest.mark.skipif(not onednn_packing_available(), reason="no oneDNN weight packing in this torch build")
+def test_packed_weights_are_released_with_their_model(tiny_dir: Path) -> None:
+    """The compiled graph finds packed weights by handle; the registry must not keep them alive."""
+    from server import linear
+
+    model = build_model(tiny_dir, dtype=torch.float32, device="cpu", max_rows=2, max_len=64)
+    handles = [int(m.handle) for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
+    assert handles and all(h in linear._PACKED for h in handles)
+    del model
+    gc.collect()
+    assert not any(h in linear._PACKED for h in handles)
