@@ -34,6 +34,17 @@ def causal_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None
 
 
 @dataclass(frozen=True)
+class DecodeSpan:
+    """Consecutive rows of the decode block that attend over the same window: block rows
+    [start, end), cache positions [0, kv_len)."""
+
+    start: int
+    end: int
+    kv_len: int
+    mask: torch.Tensor  # [end - start, 1, 1, kv_len] bool
+
+
+@dataclass(frozen=True)
 class PrefillChunk:
     """Consecutive prompt tokens of one row: flat tokens [offset, offset + length)."""
 
@@ -51,8 +62,7 @@ class ForwardBatch:
     write_rows: torch.Tensor  # [T] int64, cache row each token's key and value go to
     decode_start: int
     decode_rows: int  # D: flat tokens [0, D) are the decode block
-    decode_kv_len: int
-    decode_mask: torch.Tensor | None  # [D, 1, 1, decode_kv_len] bool
+    decode_spans: tuple[DecodeSpan, ...] = ()  # cover [0, D) in order
     chunks: tuple[PrefillChunk, ...] = ()
     lora: LoraBatch | None = None
 
@@ -68,7 +78,7 @@ class ForwardBatch:
             tokens=move(self.tokens),
             positions=move(self.positions),
             write_rows=move(self.write_rows),
-            decode_mask=None if self.decode_mask is None else move(self.decode_mask),
+            decode_spans=tuple(replace(span, mask=move(span.mask)) for span in self.decode_spans),
             chunks=tuple(replace(c, mask=move(c.mask)) for c in self.chunks),
             lora=None if self.lora is None else self.lora.to(device),
         )
@@ -84,13 +94,37 @@ class ChunkSpec:
     kv_len: int
 
 
+def decode_spans(windows: Sequence[int | None], max_spans: int) -> list[tuple[int, int, int]]:
+    """Split a decode block into runs of consecutive rows by attention window, (start, end,
+    kv_len) each, so short rows do not attend over the longest row's window. `windows[r]`: the
+    window row r needs (None: a padding row, which joins whichever run it is in). More than
+    `max_spans` runs become one run over the widest window (each run is a call per layer)."""
+    spans: list[list[int | None]] = []  # [start, end, window or None while only padding]
+    for row, window in enumerate(windows):
+        last = spans[-1] if spans else None
+        if last is not None and (window is None or last[2] is None or last[2] == window):
+            last[1] = row + 1
+            if last[2] is None:
+                last[2] = window
+        else:
+            spans.append([row, row + 1, window])
+    widest = max((w for w in windows if w is not None), default=None)
+    if widest is None:
+        return []
+    if len(spans) > max_spans:
+        return [(0, len(windows), widest)]
+    return [(int(start), int(end), widest if window is None else int(window))  # type: ignore[arg-type]
+            for start, end, window in spans]
+
+
 def build_forward_batch(
     *,
     decode_start: int = 0,
     decode_tokens: torch.Tensor | None = None,  # [D] on the device (last sampled tokens)
     decode_positions: Sequence[int] = (),  # D host values
     decode_write_rows: Sequence[int] = (),  # D host values (padding rows: the scratch row)
-    decode_kv_len: int = 0,
+    decode_kv_len: int = 0,  # one window for the whole block, unless `spans` are given
+    spans: Sequence[tuple[int, int, int]] = (),  # (start, end, kv_len) runs covering the block
     chunks: Sequence[ChunkSpec] = (),
     sliding_window: int | None,
     device: torch.device,
@@ -119,7 +153,11 @@ def build_forward_batch(
         parts.append(tensor(prompt))
     tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T]
     d = len(decode_positions)
-    decode_mask = causal_mask(position_t[:d, None], decode_kv_len, sliding_window) if d else None
+    runs = list(spans) if spans else ([(0, d, decode_kv_len)] if d else [])
+    decode = tuple(
+        DecodeSpan(start, end, kv_len, causal_mask(position_t[start:end, None], kv_len, sliding_window))
+        for start, end, kv_len in runs
+    )
     specs = tuple(
         PrefillChunk(
             row=chunk.row, offset=off, length=len(chunk.token_ids), kv_len=chunk.kv_len,
@@ -129,5 +167,5 @@ def build_forward_batch(
     )
     return ForwardBatch(
         tokens=tokens, positions=position_t, write_rows=tensor(write_rows), decode_start=decode_start,
-        decode_rows=d, decode_kv_len=decode_kv_len, decode_mask=decode_mask, chunks=specs, lora=lora,
+        decode_rows=d, decode_spans=decode, chunks=specs, lora=lora,
     )

@@ -13,7 +13,8 @@ inputs follow it there, once per boundary, not once per layer).
 A forward pass runs a `ForwardBatch` (server/forward_batch.py): every token the engine scheduled
 in one step, flat, with its position and cache row; a decode block of contiguous rows, one token
 each, and prompt chunks of one row each. Projections, norms and the MLP run over all tokens
-at once; attention runs per kind (batched over the decode block, per chunk for prompts).
+at once; attention runs per kind (batched over each run of decode rows that shares a window,
+per chunk for prompts).
 """
 
 from __future__ import annotations
@@ -115,13 +116,12 @@ class Attention(nn.Module):
         write_tokens(k_cache, k, batch.write_rows, batch.positions)
         write_tokens(v_cache, v, batch.write_rows, batch.positions)
         outs: list[torch.Tensor] = []
-        if batch.decode_rows:
-            d, first = batch.decode_rows, batch.decode_start
-            keys = k_cache[first : first + d, :, : batch.decode_kv_len]  # a view
-            values = v_cache[first : first + d, :, : batch.decode_kv_len]
-            assert batch.decode_mask is not None
-            out = decode_attention(q[:d, :, None], keys, values, batch.decode_mask)  # [D, heads, 1, hd]
-            outs.append(out.reshape(d, cfg.q_size))
+        for span in batch.decode_spans:  # runs of decode rows, each over its own window
+            first, n = batch.decode_start + span.start, span.end - span.start
+            keys = k_cache[first : first + n, :, : span.kv_len]  # a view
+            values = v_cache[first : first + n, :, : span.kv_len]
+            out = decode_attention(q[span.start : span.end, :, None], keys, values, span.mask)  # [n, heads, 1, hd]
+            outs.append(out.reshape(n, cfg.q_size))
         for chunk in batch.chunks:  # one row each, so a chunk never mixes rows whatever the kernel
             qc = q[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, n, hd]
             keys = k_cache[chunk.row : chunk.row + 1, :, : chunk.kv_len]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapters.lora_layer import PADDING
-from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch
+from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch, decode_spans
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 from server.shapes import power_of_two_bucket
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
+MAX_DECODE_SPANS = 4  # attention calls per layer for the decode block, at most
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
 
 
@@ -164,6 +165,13 @@ class ModelRunner:
         positions = [self.positions[row] if row in decoding else 0 for row in range(block)]
         write_rows = [row if row in decoding else self.scratch_row for row in range(block)]
         kv_len = kv_bucket(max((self.positions[row] for row in decode_rows), default=0) + 1, self.max_len)
+        # Unpacked (fixed-shape, compiled) decode keeps one window; otherwise each run of rows
+        # attends over its own, so short rows do not pay for the longest one.
+        spans: list[tuple[int, int, int]] = []
+        if block and not self.fixed_rows:
+            windows = [kv_bucket(self.positions[row] + 1, self.max_len) if row in decoding else None
+                       for row in range(block)]
+            spans = decode_spans(windows, MAX_DECODE_SPANS)
         specs = [ChunkSpec(c.row, c.token_ids, c.start, kv_bucket(c.start + len(c.token_ids), self.max_len))
                  for c in chunks]
         lora = None
@@ -176,7 +184,7 @@ class ModelRunner:
             lora = self.bank.route(slots, segments, device=self.device)
         return build_forward_batch(
             decode_tokens=self.last_tokens[:block] if block else None, decode_positions=positions,
-            decode_write_rows=write_rows, decode_kv_len=kv_len, chunks=specs,
+            decode_write_rows=write_rows, decode_kv_len=kv_len, spans=spans, chunks=specs,
             sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
         )
 
