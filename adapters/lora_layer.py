@@ -52,7 +52,7 @@ class LoraBatch:
     decode_tokens: int = 0
     row_slots: tuple[int, ...] = ()  # slot of each decode-block row
     onehot: torch.Tensor | None = None  # [D, K+1] in the model dtype; the last column is the null slot
-    rows: bool = False  # the decode block uses the row-resident weights (RowWeights)
+    rows: bool = False  # the decode block uses the row-resident weights (LoraSlots.a_rows, b_rows)
     active: torch.Tensor | None = None  # [n] with `rows`: only these block rows (None: all of them)
     segments: tuple[Segment, ...] = ()
 
@@ -143,23 +143,23 @@ class LoraSlots(nn.Module):
         return [self.a_rows[row], *(b[row] for b in self.b_rows)]
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        """y # [T, out] + every part's delta for x # [T, in]."""
+        """y # [T, out] + every part's delta for x # [T, in]. `y` is the projection's own fresh
+        output, so the deltas are added in place."""
         d = lora.decode_tokens
         if lora.onehot is not None:
             h = lora_shrink(x[:d, None], self.a, lora.onehot, lora.window)  # [D, 1, K+1, window, P]
             deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
             # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
-            delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
-            y = y + delta if d == y.shape[0] else torch.cat([y[:d] + delta, y[d:]])
+            y[:d] += (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
         elif lora.rows:
             assert self.a_rows is not None
             if lora.active is None:  # every block row: rows on the null slot hold zeros
-                y = torch.cat([y[:d] + lora_rows(x[:d], self.a_rows[:d], [b[:d] for b in self.b_rows]), y[d:]])
+                y[:d] += lora_rows(x[:d], self.a_rows[:d], [b[:d] for b in self.b_rows])
             else:  # a few rows: their weights gathered (a copy of theirs only)
                 idx = lora.active
                 a_sel = self.a_rows.index_select(0, idx)
                 b_sel = [b.index_select(0, idx) for b in self.b_rows]
-                y = y.index_add(0, idx, lora_rows(x.index_select(0, idx), a_sel, b_sel))
-        for offset, length, slot in lora.segments:  # y is this forward's own tensor: add in place
+                y.index_add_(0, idx, lora_rows(x.index_select(0, idx), a_sel, b_sel))
+        for offset, length, slot in lora.segments:
             y[offset : offset + length] += lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)
         return y

@@ -30,7 +30,8 @@ from server.detokenize import Decoder
 from server.engine_slots import EngineSlots
 from server.engine_view import SlotView
 from server.errors import EngineStoppedError, QueueFullError
-from server.runner import NON_FINITE, ModelRunner, PromptChunk
+from server.forward_batch import PromptChunk
+from server.runner import NON_FINITE, ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
 from server.sequence import GenerationRequest, RequestOutput, Sequence
 
@@ -95,7 +96,6 @@ class Engine:
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
-        self.slot_table = slot_table
         self.slots = None if slot_table is None else EngineSlots(slot_table, runner)
         self.adapter_weights = adapter_weights
         self.max_waiting = max_waiting
@@ -186,6 +186,10 @@ class Engine:
         return out
 
     @property
+    def slot_table(self) -> SlotTable | None:
+        return None if self.slots is None else self.slots.table
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 
@@ -253,17 +257,17 @@ class Engine:
                 self._cancel(item.request_id)
             elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
                 try:
-                    result = item.fn()
+                    result, error = item.fn(), None
                 except Exception as exc:  # reported to the caller, the engine keeps going
-                    self._publish()
-                    item.future.set_exception(exc)
-                else:
-                    self._publish()  # the caller's next read sees what its command did
+                    result, error = None, exc
+                self._publish()  # the caller's next read sees what its command did
+                if error is None:
                     item.future.set_result(result)
+                else:
+                    item.future.set_exception(error)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                self._publish()
                 return
 
     def step(self) -> None:

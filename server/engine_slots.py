@@ -3,7 +3,6 @@ runner writes, kept in step. Engine thread only; other threads read `SlotView`s.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,8 +11,6 @@ from adapters.slot_table import SlotGrant, SlotTable
 from server.engine_view import SlotView
 from server.errors import ConflictError, SlotsBusyError
 from server.runner import ModelRunner
-
-log = logging.getLogger("loraswap.engine")
 
 
 class EngineSlots:

@@ -32,7 +32,7 @@ class SlotView:
         resident = table.resident()
         return cls(
             resident=MappingProxyType(resident),
-            pinned=frozenset(key for key in resident if table.is_pinned(key)),
+            pinned=frozenset(s.name for s in table.slots if s.pinned and s.name is not None),
             references=tuple(table.references()),
             loads=counters.loads, evictions=counters.evictions, hits=counters.hits, waits=counters.waits,
             waiting_adapters=tuple(sorted(set(waiting))),

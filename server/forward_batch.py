@@ -13,7 +13,7 @@ and values go to the cache's scratch row, never to a row that anyone reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -85,13 +85,14 @@ class ForwardBatch:
 
 
 @dataclass(frozen=True)
-class ChunkSpec:
-    """A prompt chunk as the scheduler sees it (host values)."""
+class PromptChunk:
+    """Prompt tokens of one row to write at positions start.. in a step, as the scheduler sees
+    them (host values); on the prompt's last chunk the row's first token is sampled."""
 
     row: int
     token_ids: Sequence[int]
-    start: int  # position of its first token
-    kv_len: int
+    start: int
+    last: bool
 
 
 def decode_spans(windows: Sequence[int | None], max_spans: int) -> list[tuple[int, int, int]]:
@@ -123,9 +124,9 @@ def build_forward_batch(
     decode_tokens: torch.Tensor | None = None,  # [D] on the device (last sampled tokens)
     decode_positions: Sequence[int] = (),  # D host values
     decode_write_rows: Sequence[int] = (),  # D host values (padding rows: the scratch row)
-    decode_kv_len: int = 0,  # one window for the whole block, unless `spans` are given
-    spans: Sequence[tuple[int, int, int]] = (),  # (start, end, kv_len) runs covering the block
-    chunks: Sequence[ChunkSpec] = (),
+    spans: Sequence[tuple[int, int, int]] = (),  # (start, end, kv_len) runs covering the decode block
+    chunks: Sequence[PromptChunk] = (),
+    window: Callable[[int], int],  # cache positions a chunk attends over, from the positions it needs
     sliding_window: int | None,
     device: torch.device,
     lora: LoraBatch | None = None,
@@ -134,15 +135,10 @@ def build_forward_batch(
     positions: list[int] = list(decode_positions)
     write_rows: list[int] = list(decode_write_rows)
     prompt: list[int] = []
-    placed: list[tuple[ChunkSpec, int]] = []
-    offset = len(positions)
     for chunk in chunks:
-        n = len(chunk.token_ids)
-        placed.append((chunk, offset))
         prompt.extend(chunk.token_ids)
-        positions.extend(range(chunk.start, chunk.start + n))
-        write_rows.extend([chunk.row] * n)
-        offset += n
+        positions.extend(range(chunk.start, chunk.start + len(chunk.token_ids)))
+        write_rows.extend([chunk.row] * len(chunk.token_ids))
 
     def tensor(values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
@@ -152,20 +148,18 @@ def build_forward_batch(
     if prompt:
         parts.append(tensor(prompt))
     tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T]
-    d = len(decode_positions)
-    runs = list(spans) if spans else ([(0, d, decode_kv_len)] if d else [])
     decode = tuple(
         DecodeSpan(start, end, kv_len, causal_mask(position_t[start:end, None], kv_len, sliding_window))
-        for start, end, kv_len in runs
+        for start, end, kv_len in spans
     )
-    specs = tuple(
-        PrefillChunk(
-            row=chunk.row, offset=off, length=len(chunk.token_ids), kv_len=chunk.kv_len,
-            mask=causal_mask(position_t[None, off : off + len(chunk.token_ids)], chunk.kv_len, sliding_window),
-        )
-        for chunk, off in placed
-    )
+    specs = []
+    offset = len(decode_positions)
+    for chunk in chunks:
+        n, kv_len = len(chunk.token_ids), window(chunk.start + len(chunk.token_ids))
+        mask = causal_mask(position_t[None, offset : offset + n], kv_len, sliding_window)
+        specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, mask=mask))
+        offset += n
     return ForwardBatch(
         tokens=tokens, positions=position_t, write_rows=tensor(write_rows), decode_start=decode_start,
-        decode_rows=d, decode_spans=decode, chunks=specs, lora=lora,
+        decode_rows=len(decode_positions), decode_spans=decode, chunks=tuple(specs), lora=lora,
     )

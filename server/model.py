@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch
+from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import KVCache, write_tokens
 from server.linear import Linear, onednn_packing_available, tensor_bytes
 from server.model_config import ModelConfig
@@ -338,17 +338,15 @@ class Transformer(nn.Module):
         batch, seq = tokens.shape
         rows = range(row_start, row_start + batch)
         host_positions = positions.tolist()
-        window = self.cfg.sliding_window
+        common = {"window": lambda needed: kv_len, "sliding_window": self.cfg.sliding_window, "device": tokens.device}
         if seq == 1:
             fb = build_forward_batch(
                 decode_start=row_start, decode_tokens=tokens[:, 0], decode_positions=[p[0] for p in host_positions],
-                decode_write_rows=rows, decode_kv_len=kv_len, sliding_window=window, device=tokens.device,
-                lora=lora,
+                decode_write_rows=rows, spans=[(0, batch, kv_len)], lora=lora, **common,
             )
         else:
-            chunks = [ChunkSpec(row, ids, pos[0], kv_len) for row, ids, pos in zip(rows, tokens.tolist(), host_positions)]
-            fb = build_forward_batch(chunks=chunks, sliding_window=window, device=tokens.device,
-                                     lora=None if lora is None else lora.per_row_tokens(seq))
+            chunks = [PromptChunk(row, ids, pos[0], last=False) for row, ids, pos in zip(rows, tokens.tolist(), host_positions)]
+            fb = build_forward_batch(chunks=chunks, lora=None if lora is None else lora.per_row_tokens(seq), **common)
         return self.forward_batch(fb).view(batch, seq, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from adapters.lora_layer import PADDING
-from server.forward_batch import ChunkSpec, ForwardBatch, build_forward_batch, decode_spans
+from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch, decode_spans
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 from server.shapes import power_of_two_bucket
@@ -57,17 +57,6 @@ class CompileCounter:
 
         self.graphs += 1
         return compile_fx(gm, example_inputs)
-
-
-@dataclass(frozen=True)
-class PromptChunk:
-    """Prompt tokens of one row to write at positions start.. this step; on the prompt's last
-    chunk the row's first token is sampled."""
-
-    row: int
-    token_ids: Sequence[int]
-    start: int
-    last: bool
 
 
 class ModelRunner:
@@ -159,32 +148,33 @@ class ModelRunner:
 
     # ---- building forwards -----------------------------------------------------------------
     def _batch(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk], block: int) -> ForwardBatch:
-        """The forward of decode rows (a block of rows [0, block)) and prompt chunks."""
+        """The forward of decode rows (a block of rows [0, block)) and prompt chunks. Rows of the
+        block that do not decode are padding: position 0, the scratch row, no adapter, any window."""
         decoding = set(decode_rows)
-        padding = [row for row in range(block) if row not in decoding]
-        positions = [self.positions[row] if row in decoding else 0 for row in range(block)]
-        write_rows = [row if row in decoding else self.scratch_row for row in range(block)]
-        kv_len = kv_bucket(max((self.positions[row] for row in decode_rows), default=0) + 1, self.max_len)
-        # Unpacked (fixed-shape, compiled) decode keeps one window; otherwise each run of rows
-        # attends over its own, so short rows do not pay for the longest one.
-        spans: list[tuple[int, int, int]] = []
-        if block and not self.fixed_rows:
-            windows = [kv_bucket(self.positions[row] + 1, self.max_len) if row in decoding else None
-                       for row in range(block)]
-            spans = decode_spans(windows, MAX_DECODE_SPANS)
-        specs = [ChunkSpec(c.row, c.token_ids, c.start, kv_bucket(c.start + len(c.token_ids), self.max_len))
-                 for c in chunks]
+        positions, write_rows, windows, slots = [], [], [], []
+        for row in range(block):
+            if row in decoding:
+                positions.append(self.positions[row])
+                write_rows.append(row)
+                windows.append(kv_bucket(self.positions[row] + 1, self.max_len))
+                slots.append(self.slots[row])
+            else:
+                positions.append(0)
+                write_rows.append(self.scratch_row)
+                windows.append(None)
+                slots.append(PADDING)
+        # Each run of rows attends over its own window, so short rows do not pay for the longest;
+        # fixed-shape (compiled) decode keeps one window for the whole block.
+        spans = decode_spans(windows, 1 if self.fixed_rows else MAX_DECODE_SPANS)
         lora = None
         if self.bank is not None:
-            slots = list(self.slots[:block])
-            for row in padding:  # padding computes nothing it does not need
-                slots[row] = PADDING
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
             segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
             lora = self.bank.route(slots, segments, device=self.device)
         return build_forward_batch(
             decode_tokens=self.last_tokens[:block] if block else None, decode_positions=positions,
-            decode_write_rows=write_rows, decode_kv_len=kv_len, spans=spans, chunks=specs,
+            decode_write_rows=write_rows, spans=spans, chunks=chunks,
+            window=lambda needed: kv_bucket(needed, self.max_len),
             sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
         )
 
@@ -198,9 +188,10 @@ class ModelRunner:
         None when no token of the step is sampled."""
         block = self._block(decode_rows)
         if not self.fixed_rows:  # every kernel is per token: one forward for everything
-            hidden = self.model.forward_batch(self._batch(decode_rows, chunks, block))  # [T, hidden]
-            ends = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
-            wanted = list(decode_rows) + [end - 1 for c, end in zip(chunks, itertools.islice(ends, 1, None)) if c.last]
+            batch = self._batch(decode_rows, chunks, block)
+            hidden = self.model.forward_batch(batch)  # [T, hidden]
+            ends = [spec.offset + spec.length - 1 for spec, chunk in zip(batch.chunks, chunks) if chunk.last]
+            wanted = list(decode_rows) + ends
             if not wanted:
                 return None
             return self.model.logits(hidden[torch.tensor(wanted, dtype=torch.int64, device=self.device)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from server.runner import PromptChunk
+from server.forward_batch import PromptChunk
 from server.sequence import Sequence
 
 

@@ -14,10 +14,10 @@ import torch
 from adapters.slot_bank import SlotBank
 from adapters.slot_table import SlotTable
 from server.engine import Engine
-from server.forward_batch import ForwardBatch
 from server.linear import onednn_packing_available
 from server.model import Transformer
-from server.runner import ModelRunner, PromptChunk
+from server.forward_batch import ForwardBatch, PromptChunk
+from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
