@@ -1,11 +1,20 @@
-"""Typed adapter errors; server/api/errors.py maps them to HTTP statuses."""
+"""Typed adapter errors; server/api/errors.py maps them to HTTP statuses.
+
+The root of every loraswap error lives here, in the lowest layer, so that `adapters/` never
+imports `server/` (server/errors.py re-exports it).
+"""
 
 from __future__ import annotations
 
-from server.errors import LoraswapError
-
-
 MAX_LISTED = 50
+
+
+class LoraswapError(Exception):
+    """Base class of every error loraswap raises on purpose."""
+
+
+class SlotBudgetError(LoraswapError):
+    """The LoRA memory budget (--lora-memory) holds no slot."""
 
 
 class AdapterError(LoraswapError):

@@ -23,18 +23,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from adapters.host import LoraHost, TargetModule
 from adapters.lora_layer import PADDING, LoraBatch, LoraSlots, Segment
 from adapters.validation import AdapterWeights, SlotSpec
-from server.linear import Linear
-from server.model import Transformer
-from server.shapes import power_of_two_bucket
+from adapters.shapes import power_of_two_bucket
 
 MIN_RANK_WINDOW = 8
 
 
 class SlotBank(nn.Module):
     def __init__(
-        self, model: Transformer, *, num_slots: int, max_rank: int, fixed_window: bool = False,
+        self, model: LoraHost, *, num_slots: int, max_rank: int, fixed_window: bool = False,
     ) -> None:
         super().__init__()
         if num_slots < 1 or max_rank < 1:
@@ -48,12 +47,12 @@ class SlotBank(nn.Module):
         self._module_ranks: list[dict[str, int]] = [{} for _ in range(num_slots)]
         self._window = self._compute_window()  # read every step; recomputed only on writes
         self._slot_writes = [0] * num_slots  # per slot: row copies made before a write are stale
-        self._max_rows = model.cache.max_rows if model.cache is not None else 0
+        self._max_rows = model.max_rows
         self._row_window = 0  # window the row-resident weights were allocated for (0: not yet)
         self._row_tags: list[tuple[int, int] | None] = []  # per row: (slot, its writes) held; None = zeros
         self._slot_modules: list[LoraSlots] = []
-        self.dtype = model.model.embed_tokens.weight.dtype
-        by_module: dict[Linear, list[tuple[str, int, int]]] = defaultdict(list)
+        self.dtype = model.compute_dtype
+        by_module: dict[TargetModule, list[tuple[str, int, int]]] = defaultdict(list)
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}

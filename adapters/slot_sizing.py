@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from server.errors import UnsupportedModelError
+from adapters.errors import SlotBudgetError
 
 MAX_AUTO_SLOTS = 1024  # `auto` never sizes more: the slot table is scanned per admission
 # Under --compile the step is dense over every slot ([B, K+1] one-hot routing), so its cost grows
@@ -119,7 +119,7 @@ def plan_slots(
         return SlotPlan(requested, rank, per_slot_bytes, None, "flag")
     held = budget_bytes // per_slot_bytes - 1
     if held < 1:
-        raise UnsupportedModelError(
+        raise SlotBudgetError(
             f"--lora-memory {format_bytes(budget_bytes)} holds no LoRA slot: one slot of rank {rank} takes "
             f"{format_bytes(per_slot_bytes)} and the null slot as much again, so at least "
             f"{format_bytes(bank_bytes(per_slot_bytes, 1))} ({bank_bytes(per_slot_bytes, 1)} bytes) is needed; "

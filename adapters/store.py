@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 from adapters.durable import fsync_dir, step, write_synced
 from adapters.store_locks import StagingArea, clean_dead, exclusive
-from server.errors import LoraswapError
+from adapters.errors import LoraswapError
 
 # The two files of a PEFT adapter (adapters/peft_format.py reads them).
 CONFIG_FILE = "adapter_config.json"

@@ -5,9 +5,8 @@ The HTTP layer maps these types (never their messages) to status codes in `serve
 
 from __future__ import annotations
 
-
-class LoraswapError(Exception):
-    """Base class of every error loraswap raises on purpose."""
+# The root lives in the lowest layer (adapters/errors.py); re-exported for the server's modules.
+from adapters.errors import LoraswapError as LoraswapError
 
 
 class InvalidRequestError(LoraswapError):

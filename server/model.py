@@ -198,6 +198,15 @@ class Transformer(nn.Module):
         self.lm_head.to_empty(device=placement.lm_head)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def max_rows(self) -> int:
+        """Cache rows allocated (0 before allocate())."""
+        return 0 if self.cache is None else self.cache.max_rows
+
+    @property
     def home_device(self) -> torch.device:
         """The embedding's device: token ids come in and logits go out there."""
         return self.model.embed_tokens.weight.device

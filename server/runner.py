@@ -17,7 +17,7 @@ from adapters.lora_layer import PADDING
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch, decode_spans
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
-from server.shapes import power_of_two_bucket
+from adapters.shapes import power_of_two_bucket
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch

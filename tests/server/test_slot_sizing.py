@@ -25,7 +25,7 @@ from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
 from server.device_map import lora_slot_bytes, projection_shapes
-from server.errors import UnsupportedModelError
+from adapters.errors import SlotBudgetError
 from server.linear import tensor_bytes
 from server.model_config import load_model_config
 from server.weights import build_model
@@ -93,7 +93,7 @@ def test_auto_under_compile_is_capped_and_says_why() -> None:
 
 
 def test_a_budget_below_one_slot_fails_with_what_one_slot_needs() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"one slot of rank 8 takes 1000 B .* at least 1.95 KiB \(2000 bytes\)"):
+    with pytest.raises(SlotBudgetError, match=r"one slot of rank 8 takes 1000 B .* at least 1.95 KiB \(2000 bytes\)"):
         plan_slots("auto", budget_bytes=1999, per_slot_bytes=1000, rank=RANK, compiled=False)
 
 
@@ -111,7 +111,7 @@ def test_too_small_a_budget_fails_before_loading(tiny_llama_dir: Path, tmp_path:
     per = tiny_slot_bytes(tiny_llama_dir)
     conf = Settings(model=str(tiny_llama_dir), device="cpu", max_num_seqs=2, max_model_len=64,
                     max_lora_rank=RANK, lora_memory=2 * per - 1, data_dir=tmp_path)
-    with pytest.raises(UnsupportedModelError, match=f"holds no LoRA slot.*{2 * per} bytes"):
+    with pytest.raises(SlotBudgetError, match=f"holds no LoRA slot.*{2 * per} bytes"):
         build_service(conf)
 
 
