@@ -97,8 +97,11 @@ def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persiste
 class AdapterCatalog:
     def __init__(
         self, store: AdapterStore, spec: SlotSpec, *, base_name: str, max_cpu: int,
-        run_store: AdapterStore | None = None,
+        run_store: AdapterStore | None = None, on_disk_load: Callable[[float], None] | None = None,
+        on_retired: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_disk_load(seconds)` hears how long each disk read took (metrics); `on_retired(key)`
+        is told of versions another process replaced or deleted (the server unloads them)."""
         self.store = store  # persistent: --data-dir
         self.run_store = run_store  # this process's start-up adapters, or None
         self.spec = spec
@@ -111,12 +114,10 @@ class AdapterCatalog:
         self._stores: dict[str, AdapterStore] = {}  # name -> the store holding its versions
         self._usage: dict[str, Usage] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()  # key -> weights, LRU order
-        # CPU-cache lookups by resolve() (for /metrics), and an optional hook timing disk loads.
-        self.cache_hits = 0
+        self.cache_hits = 0  # CPU-cache lookups by resolve() (for /metrics)
         self.cache_misses = 0
-        self.on_disk_load: Callable[[float], None] | None = None
-        # Versions that another process replaced or deleted: the server unloads them (bootstrap).
-        self.on_retired: Callable[[str], None] | None = None
+        self.on_disk_load = on_disk_load
+        self.on_retired = on_retired
         self._generation = -1  # the store generation _current reflects
         self._sync()
 

@@ -56,7 +56,7 @@ def churn(cycles: int, on_mark: Callable[[int, float], object] | None = None) ->
     forms = [adapter_files(seed) for seed in range(FORMS)]
     with tempfile.TemporaryDirectory() as data:
         settings = Settings(max_num_seqs=4, max_model_len=256, max_loras=4, max_lora_rank=8, data_dir=Path(data))
-        app = create_app(lambda: build_service(settings))
+        app = create_app(lambda metrics: build_service(settings, metrics))
         with TestClient(app, client=("127.0.0.1", 40000)) as client:
             while client.get("/ready").status_code != 200:
                 time.sleep(0.2)

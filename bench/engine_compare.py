@@ -97,7 +97,7 @@ def build_engine(tok: Any, *, rows: int, compile: bool) -> tuple[Any, float]:
     from server.weights import build_model
 
     model = build_model(model_dir(), dtype=torch.float32, device="cpu", max_rows=rows, max_len=MAX_LEN)
-    engine = Engine(ModelRunner(model, None, compile=compile), tok, eos_ids=frozenset(), max_waiting=4096)
+    engine = Engine(ModelRunner(model, None, compile=compile), eos_ids=frozenset(), max_waiting=4096)
     start = time.perf_counter()
     engine.runner.warm_up()  # compiles every decode graph (no-op when eager)
     return engine, time.perf_counter() - start

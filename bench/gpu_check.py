@@ -39,11 +39,6 @@ CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hi
               num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-class NoText:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
-
-
 def make_checkpoint(folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -136,7 +131,7 @@ def engine_for(folder: Path, adapters: list[Path], *, compile: bool, rows: int) 
     model = build_model(folder, dtype=torch.bfloat16, device="cuda", max_rows=rows, max_len=512)
     bank = SlotBank(model, num_slots=8, max_rank=16, fixed_window=compile)
     store = {f"ad{i}": validate(read_adapter_dir(p, f"ad{i}"), bank.spec(), f"ad{i}") for i, p in enumerate(adapters)}
-    engine = Engine(ModelRunner(model, bank, compile=compile), NoText(), eos_ids=frozenset(), slot_table=SlotTable(8),
+    engine = Engine(ModelRunner(model, bank, compile=compile), eos_ids=frozenset(), slot_table=SlotTable(8),
                     adapter_weights=store.__getitem__, max_waiting=4096)
     return engine, store
 

@@ -160,7 +160,7 @@ def recompile_check(folders: list[Path], swaps: int) -> dict[str, Any]:
     names = list(weights)
     tok = AutoTokenizer.from_pretrained(model_dir())
     runner = ModelRunner(model, bank, compile=True)
-    engine = Engine(runner, tok, eos_ids=frozenset(), slot_table=SlotTable(1), adapter_weights=weights.__getitem__)
+    engine = Engine(runner, eos_ids=frozenset(), slot_table=SlotTable(1), adapter_weights=weights.__getitem__)
     start = time.perf_counter()
     runner.warm_up()
     warm_s = time.perf_counter() - start

@@ -43,7 +43,7 @@ from server.engine import Engine
 from server.model_source import resolve_model
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest, TokenOutput
 from server.weights import build_model
 
 MAX_ROWS = 64
@@ -106,7 +106,7 @@ class ClosedLoop:
             sampling=SamplingParams(temperature=0), ignore_eos=True, adapter=self.adapters[client],
         )
 
-        def sink(event: RequestOutput) -> None:  # runs on the engine thread
+        def sink(event: TokenOutput) -> None:  # runs on the engine thread
             now = time.perf_counter()
             if event.token_ids and timing.first is None:
                 timing.first = now
@@ -151,7 +151,7 @@ def build_engine(compile: bool) -> tuple[Engine, list[list[int]], float]:
     bank = SlotBank(model, num_slots=SLOTS, max_rank=RANK, fixed_window=compile)
     store = random_adapters(bank, 32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    engine = Engine(ModelRunner(model, bank, compile=compile), tokenizer, eos_ids=frozenset(),
+    engine = Engine(ModelRunner(model, bank, compile=compile), eos_ids=frozenset(),
                     slot_table=SlotTable(SLOTS), adapter_weights=store.__getitem__, max_waiting=4096)
     start = time.perf_counter()
     engine.runner.warm_up()

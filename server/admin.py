@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from adapters.catalog import AdapterCatalog, AdapterVersion
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, Staged
-from server.engine import Engine
+from server.engine_client import EngineClient
 from server.errors import InvalidRequestError, ModelSourceError, PathNotAllowedError, UpstreamError
 from server.model_source import hub_model_dir
 
@@ -60,7 +60,7 @@ class AdminService:
     def __init__(
         self,
         catalog: AdapterCatalog,
-        engine: Engine,
+        engine: EngineClient,
         *,
         adapter_roots: Sequence[Path],
         max_upload_bytes: int,
@@ -115,9 +115,13 @@ class AdminService:
         return self.status(name)
 
     # ---- reading -------------------------------------------------------------------------
-    def status(self, name: str) -> dict[str, Any]:
+    def status(self, name: str, slots: dict[str, tuple[int, bool]] | None = None) -> dict[str, Any]:
+        """An adapter's versions, where it is (slot, CPU cache or disk) and how it is used.
+        `slots`: the engine's slot states, when the caller already asked for them."""
         info = self.catalog.get(name)
-        slot, pinned = self.engine.adapter_slot(info.key)
+        if slots is None:
+            slots = self._wait(self.engine.adapter_slots())  # asked on the engine thread
+        slot, pinned = slots.get(info.key, (None, False))
         tier = "slot" if slot is not None else "cpu" if self.catalog.in_cpu_cache(info.key) else "disk"
         usage = self.catalog.usage(name)
         return {
@@ -129,7 +133,8 @@ class AdminService:
         }
 
     def list(self) -> list[dict[str, Any]]:
-        return [self.status(info.name) for info in self.catalog.all()]
+        slots = self._wait(self.engine.adapter_slots())  # one question for every adapter
+        return [self.status(info.name, slots) for info in self.catalog.all()]
 
     @staticmethod
     def _wait(future: Any) -> Any:

@@ -1,4 +1,8 @@
-"""Build a ready-to-serve CompletionService from Settings: resolve, load, allocate, warm up."""
+"""Build a ready-to-serve CompletionService from Settings: resolve, load, allocate, warm up.
+
+The one place where the application's parts are built and wired: the engine core, the adapter
+catalog (which unloads retired versions through the engine), the admin service and the
+completion service, each given its collaborators and metrics hooks at construction."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from server.device_map import describe, estimate_part_sizes, lora_slot_bytes, re
 from server.engine import Engine
 from server.errors import UnsupportedModelError
 from server.linear import tensor_bytes
+from server.metrics import ServerMetrics
 from server.model_config import ModelConfig, eos_ids, load_model_config
 from server.model_source import EMBEDDED_NAME, resolve_model
 from server.placement import PartSizes, Placement
@@ -68,7 +73,8 @@ def served_name(settings: Settings, folder: Path) -> str:
     return settings.model.rstrip("/") if not Path(settings.model).expanduser().is_dir() else folder.name
 
 
-def build_service(settings: Settings) -> CompletionService:
+def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> CompletionService:
+    """`metrics`: the app's metrics (request timelines, adapter load times); None: not measured."""
     from transformers import AutoTokenizer
 
     start = time.monotonic()
@@ -111,28 +117,28 @@ def build_service(settings: Settings) -> CompletionService:
                  row_bytes_max / 1e6, settings.max_num_seqs, settings.max_lora_rank)
     bank = SlotBank(model, num_slots=slots.count, max_rank=slots.rank, fixed_window=settings.compile)
     name = served_name(settings, folder)
-    # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
-    # in a temp folder that goes with the process.
-    run_store = None if settings.persist_lora_modules or not settings.lora_modules else AdapterStore.temporary()
-    catalog = AdapterCatalog(
-        AdapterStore(data_dir(settings)), bank.spec(), base_name=name, max_cpu=settings.max_cpu_loras,
-        run_store=run_store,
-    )
-    for adapter_name, path in settings.lora_modules.items():
-        load_adapter(catalog, adapter_name, Path(path).expanduser(), persist=settings.persist_lora_modules)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
         ModelRunner(model, bank, compile=settings.compile),
-        tokenizer,
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         slot_table=SlotTable(slots.count),
         # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,
+        on_slot_load=None if metrics is None else metrics.observe_slot_load,
     )
-    # A version another process sharing the store replaced or deleted leaves its slot here too.
-    catalog.on_retired = engine.unload_adapter
+    # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
+    # in a temp folder that goes with the process.
+    run_store = None if settings.persist_lora_modules or not settings.lora_modules else AdapterStore.temporary()
+    catalog = AdapterCatalog(
+        AdapterStore(data_dir(settings)), bank.spec(), base_name=name, max_cpu=settings.max_cpu_loras,
+        run_store=run_store, on_disk_load=None if metrics is None else metrics.observe_disk_load,
+        # A version another process sharing the store replaced or deleted leaves its slot here too.
+        on_retired=engine.unload_adapter,
+    )
+    for adapter_name, path in settings.lora_modules.items():
+        load_adapter(catalog, adapter_name, Path(path).expanduser(), persist=settings.persist_lora_modules)
     warm_up(engine)
     engine.start()
     log.info("model ready in %.1f s", time.monotonic() - start)
@@ -156,6 +162,7 @@ def build_service(settings: Settings) -> CompletionService:
         vocab_size=cfg.vocab_size,
         request_timeout=settings.request_timeout,
         admin=admin,
+        metrics=metrics,
     )
     return service
 

@@ -101,7 +101,7 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     app = create_app(
-        lambda: build_service(settings),
+        lambda metrics: build_service(settings, metrics),
         on_load_failure=on_failure,
         admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

@@ -1,4 +1,4 @@
-"""The generation loop: admits requests into cache rows, runs one forward per step, emits text.
+"""The engine core: admits requests into cache rows, runs one forward per step, emits token ids.
 
 Runs on its own thread so the HTTP event loop never waits on tensor work. Each iteration:
 1. take new requests and cancellations from the inbox;
@@ -7,8 +7,11 @@ Runs on its own thread so the HTTP event loop never waits on tensor work. Each i
    prompt chunks, oldest admitted request first, while they fit `max_num_batched_tokens`;
 4. run them as one forward (server/runner.py) and hand each sampled token to its request.
 Requests join and leave between iterations, so a long prompt never stalls running streams for
-more than one chunk. Events go to each request's sink, a callable the caller supplies (the HTTP
-layer bridges it into asyncio).
+more than one chunk. Its client interface is narrow (server/engine_client.py): token ids and
+sampling parameters in, `TokenOutput`s out through each request's sink (called on this thread;
+the service bridges it into asyncio), cancels with a reason, and slot commands and slot reads
+that run on this thread between steps. Text, stop strings and per-token metrics are the
+service's (server/service.py, server/text_stream.py).
 """
 
 from __future__ import annotations
@@ -26,18 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.slot_table import SlotGrant, SlotTable
-from server.detokenize import Decoder
+from server.engine_client import Sink
 from server.engine_slots import EngineSlots
-from server.engine_view import SlotView
+from server.engine_view import EngineSnapshot
 from server.errors import EngineStoppedError, QueueFullError
 from server.forward_batch import PromptChunk
 from server.runner import NON_FINITE, ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
-from server.sequence import GenerationRequest, RequestOutput, Sequence
+from server.sequence import FinishReason, GenerationRequest, Sequence, TokenOutput
 
 log = logging.getLogger("loraswap.engine")
 
-Sink = Callable[[RequestOutput], None]
 STALL_S = 120.0  # a step this long with work pending means the engine is stuck
 
 
@@ -50,6 +52,7 @@ class _Submit:
 @dataclass(frozen=True)
 class _Cancel:
     request_id: str
+    reason: FinishReason
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,6 @@ class Engine:
     def __init__(
         self,
         runner: ModelRunner,
-        tokenizer: Decoder,
         *,
         eos_ids: frozenset[int],
         prefill_chunk: int = 512,
@@ -80,13 +82,14 @@ class Engine:
         adapter_weights: Callable[[str], Any] | None = None,
         max_waiting: int = 1024,
         max_wait_s: float = 2.0,
+        on_slot_load: Callable[[float], None] | None = None,
     ) -> None:
         """`slot_table` enables adapter requests: a request's adapter (its `adapter_weights`, or
-        else `adapter_weights(key)`) is written into a slot on admission when it is not resident. `max_waiting` bounds the queue
-        (QueueFullError beyond it). A request that has waited `max_wait_s` for a slot stops
-        everyone behind it from being admitted until it gets one (no starvation)."""
+        else `adapter_weights(key)`) is written into a slot on admission when it is not resident.
+        `max_waiting` bounds the queue (QueueFullError beyond it). A request that has waited
+        `max_wait_s` for a slot stops everyone behind it from being admitted until it gets one
+        (no starvation). `on_slot_load(seconds)` hears how long each slot write took."""
         self.runner = runner
-        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.prefill_chunk = prefill_chunk
         # Tokens one step may carry (decode tokens and prompt chunks); default: one chunk. A
@@ -96,7 +99,7 @@ class Engine:
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
-        self.slots = None if slot_table is None else EngineSlots(slot_table, runner)
+        self.slots = None if slot_table is None else EngineSlots(slot_table, runner, on_slot_load)
         self.adapter_weights = adapter_weights
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
@@ -109,14 +112,13 @@ class Engine:
         self._free_rows = list(range(self.max_rows))  # a heap: the lowest free row goes first
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        # How requests ended in the engine ("abort": cancelled; counted where it happens, so a
-        # cancel that never reaches the engine shows), and the tokens it sampled. Fixed keys: read
-        # from other threads while the engine thread counts.
+        # How requests ended in the engine ("abort": cancelled; "stop" includes the stop strings
+        # the service found and cancelled with that reason), and the tokens it sampled.
         self.finished: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0}
         self.generated_tokens = 0
         self._heartbeat = time.monotonic()  # end of the engine loop's last iteration
         self._problem: str | None = None  # set by _check_rows
-        self._slot_view: SlotView | None = None
+        self._snapshot = EngineSnapshot()
         self._publish()
 
     # ---- public, thread-safe -------------------------------------------------------------
@@ -131,8 +133,10 @@ class Engine:
             self._pending += 1
         self._inbox.put(_Submit(request, sink))
 
-    def cancel(self, request_id: str) -> None:
-        self._inbox.put(_Cancel(request_id))
+    def cancel(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """End a request (queued or running) and free its row. `reason`: how it counts; the
+        service cancels with "stop" when it finds a stop string in the text."""
+        self._inbox.put(_Cancel(request_id, reason))
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run fn() on the engine thread between two steps; its result or exception lands in the
@@ -154,6 +158,11 @@ class Engine:
         `retire=False` for the current version (see SlotTable.unload)."""
         return self.call(lambda: self.slots.unload_now(key, retire) if self.slots is not None else None)
 
+    def adapter_slots(self) -> Future[dict[str, tuple[int, bool]]]:
+        """Adapter version key -> (slot, pinned) of every resident version, read on the engine
+        thread between two steps."""
+        return self.call(lambda: {} if self.slots is None else self.slots.states())
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
         self._thread.start()
@@ -165,25 +174,9 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, object]:
-        """Scheduler counters for /ready (read from another thread: plain ints and copies)."""
-        out: dict[str, object] = {"running": len(self._running), "waiting": self._pending}
-        out["finished"] = dict(self.finished)
-        out["generated_tokens"] = self.generated_tokens
-        out["compile"] = {
-            "enabled": self.runner.compiled,
-            "graphs": self.runner.compile_counter.graphs,
-            "recompilations": self.runner.recompilations,
-        }
-        if self.slot_table is not None:
-            view = self._slot_view
-            out["slots"] = view.as_dict() if view is not None else {}
-            admitted = self.wait_stats.admitted
-            out["adapter_wait_s"] = {
-                "admitted": admitted,
-                "mean": self.wait_stats.total_wait_s / admitted if admitted else 0.0,
-                "max": self.wait_stats.max_wait_s,
-            }
-        return out
+        """Scheduler counters for /ready and /metrics: the snapshot of the last step (never the
+        engine's live state), plus the requests submitted and not yet admitted."""
+        return {"waiting": self._pending, **self._snapshot.as_dict()}
 
     @property
     def slot_table(self) -> SlotTable | None:
@@ -193,18 +186,21 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
-    def adapter_slot(self, key: str) -> tuple[int | None, bool]:
-        """(slot, pinned) of an adapter version as of the last step or slot command."""
-        view = self._slot_view
-        if view is None:
-            return None, False
-        return view.resident.get(key), key in view.pinned
-
     def _publish(self) -> None:
-        """Replace the view other threads read (engine thread only)."""
+        """Replace the snapshot other threads read (engine thread only)."""
+        slots = wait = None
         if self.slots is not None:
-            waiting = (w.seq.request.adapter for w in self._waiting if w.seq.request.adapter is not None)
-            self._slot_view = self.slots.view(waiting)
+            slots = self.slots.view(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter is not None)
+            admitted = self.wait_stats.admitted
+            wait = {"admitted": admitted, "mean": self.wait_stats.total_wait_s / admitted if admitted else 0.0,
+                    "max": self.wait_stats.max_wait_s}
+        runner = self.runner
+        self._snapshot = EngineSnapshot(
+            running=len(self._running), generated_tokens=self.generated_tokens, finished=dict(self.finished),
+            compile={"enabled": runner.compiled, "graphs": runner.compile_counter.graphs,
+                     "recompilations": runner.recompilations},
+            slots=slots, adapter_wait_s=wait,
+        )
 
     def _need_slots(self) -> EngineSlots:
         if self.slots is None:
@@ -239,7 +235,7 @@ class Engine:
             return "the engine is shutting down"
         if self._thread is not None and not self._thread.is_alive():
             return "the engine thread has stopped"
-        busy = bool(self._running) or self._pending > 0
+        busy = self._snapshot.running > 0 or self._pending > 0
         if busy and time.monotonic() - self._heartbeat > STALL_S:
             return f"the engine has not finished a step in {STALL_S:.0f} s"
         return self._problem
@@ -251,10 +247,10 @@ class Engine:
             return
         while True:
             if isinstance(item, _Submit):
-                seq = Sequence(item.request, self.tokenizer, eos_ids=self.eos_ids, max_len=self.max_len)
+                seq = Sequence(item.request, eos_ids=self.eos_ids, max_len=self.max_len)
                 self._waiting.append(_Waiting(seq, item.sink))
             elif isinstance(item, _Cancel):
-                self._cancel(item.request_id)
+                self._cancel(item.request_id, item.reason)
             elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
                 try:
                     result, error = item.fn(), None
@@ -294,8 +290,9 @@ class Engine:
         started = [seq for seq, chunk in chunks if chunk.last]
         for seq in started:
             self._prefilling.remove(seq)
+        now = time.monotonic()
         for seq, token in zip(decoding + started, tokens, strict=True):
-            self._deliver(seq, token)
+            self._deliver(seq, token, now)
 
     def _step_apart(self, decoding: list[Sequence], chunks: list[tuple[Sequence, PromptChunk]]) -> None:
         """The step's decode rows alone (their failure is nobody's in particular: it reaches the
@@ -316,7 +313,7 @@ class Engine:
                 continue
             self._finish_step([], [(seq, chunk)], tokens)
 
-    def _deliver(self, seq: Sequence, token: int) -> None:
+    def _deliver(self, seq: Sequence, token: int, now: float) -> None:
         """Hand one sampled token to its request; whatever goes wrong there ends that request
         alone (its row and slot go back), never the step or the other rows."""
         if token == NON_FINITE:
@@ -324,7 +321,7 @@ class Engine:
                             "overflow); it was stopped")
             return
         try:
-            self._emit(seq, seq.append(token))
+            self._emit(seq, seq.append(token, now))
         except Exception as exc:
             log.exception("request %s failed", seq.request_id)
             self._fail(seq, str(exc))
@@ -409,7 +406,7 @@ class Engine:
             return
         self._prefilling.append(seq)
 
-    def _emit(self, seq: Sequence, event: RequestOutput) -> None:
+    def _emit(self, seq: Sequence, event: TokenOutput) -> None:
         sink = self._running[seq.request_id][1]
         self.generated_tokens += len(event.token_ids)
         if seq.finished:
@@ -417,7 +414,7 @@ class Engine:
             self._release(seq)
         sink(event)
 
-    def _count(self, event: RequestOutput) -> RequestOutput:
+    def _count(self, event: TokenOutput) -> TokenOutput:
         """Record how a request ended; returns the event. Called before the request's row or
         queue place is given back, so a reader that sees it gone also sees it counted."""
         if event.finish_reason is not None:
@@ -436,16 +433,16 @@ class Engine:
         heapq.heappush(self._free_rows, seq.row)
         self._running.pop(seq.request_id, None)
 
-    def _cancel(self, request_id: str) -> None:
+    def _cancel(self, request_id: str, reason: FinishReason) -> None:
         for item in list(self._waiting):
             if item.seq.request_id == request_id:
-                event = self._count(item.seq.abort())
+                event = self._count(item.seq.abort(reason))
                 self._dequeue(item)
                 item.sink(event)
                 return
         if request_id in self._running:
             seq, sink = self._running[request_id]
-            event = self._count(seq.abort())
+            event = self._count(seq.abort(reason))
             self._release(seq)
             sink(event)
 

@@ -14,10 +14,11 @@ from server.runner import ModelRunner
 
 
 class EngineSlots:
-    def __init__(self, table: SlotTable, runner: ModelRunner) -> None:
+    def __init__(self, table: SlotTable, runner: ModelRunner, on_load: Callable[[float], None] | None = None) -> None:
+        """`on_load(seconds)` is told how long each slot write took (metrics)."""
         self.table = table
         self.runner = runner
-        self.on_load: Callable[[float], None] | None = None  # metrics hook: seconds per slot write
+        self.on_load = on_load
 
     def acquire(self, key: str) -> SlotGrant | None:
         return self.table.acquire(key)
@@ -64,3 +65,8 @@ class EngineSlots:
 
     def view(self, waiting: Iterable[str]) -> SlotView:
         return SlotView.of(self.table, waiting)
+
+    def states(self) -> dict[str, tuple[int, bool]]:
+        """Adapter version key -> (slot, pinned), for every resident version."""
+        pinned = {s.name for s in self.table.slots if s.pinned and s.name is not None}
+        return {key: (slot, key in pinned) for key, slot in self.table.resident().items()}

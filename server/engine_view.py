@@ -1,15 +1,16 @@
-"""What other threads may know of the engine's slots: an immutable view the engine thread
-publishes after every step and every slot command.
+"""What other threads may know of the engine: immutable snapshots the engine thread publishes
+after every step and every slot command.
 
-The slot table and the queue belong to the engine thread; admin reads, `/ready` and `/metrics`
-read this view instead (replacing a reference is atomic), so they never see a half-updated
-table and never wait for a step.
+The slot table, the rows and the counters belong to the engine thread. `/ready` and `/metrics`
+read the last `EngineSnapshot` (replacing a reference is atomic): they never see a half-updated
+table and never wait for a step, so they answer even when a step hangs. Admin reads ask the
+engine itself, through its queue (`Engine.adapter_slots`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from adapters.slot_table import SlotTable
@@ -45,3 +46,24 @@ class SlotView:
             "evictions": self.evictions, "hits": self.hits, "waits": self.waits,
             "waiting_adapters": list(self.waiting_adapters),
         }
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    running: int = 0
+    generated_tokens: int = 0
+    finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
+    compile: Mapping[str, object] = field(default_factory=dict)
+    slots: SlotView | None = None
+    adapter_wait_s: Mapping[str, float] | None = None  # admitted, mean, max
+
+    def as_dict(self) -> dict[str, object]:
+        """The scheduler block of /ready (what /metrics reads)."""
+        out: dict[str, object] = {
+            "running": self.running, "finished": dict(self.finished), "generated_tokens": self.generated_tokens,
+            "compile": dict(self.compile),
+        }
+        if self.slots is not None:
+            out["slots"] = self.slots.as_dict()
+            out["adapter_wait_s"] = dict(self.adapter_wait_s or {})
+        return out

@@ -1,19 +1,20 @@
 """Prometheus metrics and the per-request log line.
 
 Two sources. Per-request events (tokens, latencies, how a request ended) are pushed by a
-`RequestTracker` that the CompletionService creates for each engine request. Engine state
-(queue, rows, slots, compile graphs) is pulled at scrape time from `Engine.stats()` by
+`RequestTracker` that the CompletionService creates for each engine request and feeds on the
+event loop, with the times the engine stamped on its events. Engine state (queue, rows, slots,
+compile graphs, the adapter CPU cache) is pulled at scrape time from the service's `stats()` by
 `EngineCollector`, so the engine loop does no metrics work. Every app has its own registry
-(tests build many apps in one process). No HTTP and no tensors here.
+(tests build many apps in one process). No HTTP and no tensors here; the service imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,10 +26,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from adapters.catalog import key_name
-from server.sequence import FinishReason, GenerationRequest, RequestOutput
+from server.sequence import FinishReason, GenerationRequest
 
-if TYPE_CHECKING:
-    from server.service import CompletionService
+# What the collector reads at scrape time: the loaded service's stats(), or None while loading.
+StatsSource = Callable[[], Mapping[str, object] | None]
 
 request_log = logging.getLogger("loraswap.requests")
 
@@ -57,10 +58,10 @@ def _number(value: object) -> float:
 
 
 class ServerMetrics:
-    """The metrics of one app. `service` returns the loaded CompletionService, or None while
+    """The metrics of one app. `stats` returns the loaded service's counters, or None while
     the model loads (engine metrics are then left out)."""
 
-    def __init__(self, service: Callable[[], CompletionService | None]) -> None:
+    def __init__(self, stats: StatsSource) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         # `model` is what clients put in the `model` field: the served base name or an adapter
@@ -81,15 +82,10 @@ class ServerMetrics:
                                       buckets=LOAD_BUCKETS, registry=r)
         self.http_requests = Counter("loraswap_http_requests", "HTTP requests by route template and status code.",
                                      ["route", "code"], registry=r)
-        r.register(EngineCollector(service))
-
-    def attach(self, service: CompletionService) -> CompletionService:
-        """Hook a freshly built service (and its engine and catalog) up to these metrics."""
-        service.metrics = self
-        if service.engine.slots is not None:
-            service.engine.slots.on_load = self.adapter_load.labels("slot").observe
-        service.catalog.on_disk_load = self.adapter_load.labels("disk").observe
-        return service
+        r.register(EngineCollector(stats))
+        # Hooks the engine and the catalog are built with (seconds per load).
+        self.observe_slot_load = self.adapter_load.labels("slot").observe
+        self.observe_disk_load = self.adapter_load.labels("disk").observe
 
     def track(self, request: GenerationRequest, base_name: str) -> RequestTracker:
         model = base_name if request.adapter is None else key_name(request.adapter)
@@ -101,9 +97,9 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """One engine request's timeline. `on_event` runs on the engine thread (from the sink),
-    `finish` once on the event loop; a lock keeps the two consistent, and events after
-    `finish` (a cancelled request's last tokens) are not counted: the client never got them."""
+    """One engine request's timeline, fed on the event loop: `on_tokens` per engine event (with
+    the time the engine produced it), `finish` once. Tokens after `finish` (a cancelled
+    request's last ones) are not counted: the client never got them."""
 
     def __init__(self, metrics: ServerMetrics, request_id: str, model: str, prompt_tokens: int) -> None:
         self.metrics = metrics
@@ -115,37 +111,31 @@ class RequestTracker:
         self.last_token = 0.0
         self.generated = 0
         self.done = False
-        self._lock = threading.Lock()
-        # Label children looked up once: on_event runs per token on the engine thread.
+        # Label children looked up once: on_tokens runs per token.
         self._prompt_tokens = metrics.prompt_tokens.labels(model)
         self._generation_tokens = metrics.generation_tokens.labels(model)
 
-    def on_event(self, event: RequestOutput) -> None:
-        count = len(event.token_ids)
-        if not count:
+    def on_tokens(self, count: int, now: float) -> None:
+        """`count` tokens the engine produced at `now` (time.monotonic())."""
+        if not count or self.done:
             return
-        now = time.monotonic()
         m = self.metrics
-        with self._lock:
-            if self.done:
-                return
-            if self.first_token is None:
-                self.first_token = now
-                m.ttft.observe(now - self.start)
-                self._prompt_tokens.inc(self.prompt_tokens)  # the prefill is complete
-            else:
-                m.itl.observe((now - self.last_token) / count)
-            self.last_token = now
-            self.generated += count
-            self._generation_tokens.inc(count)
+        if self.first_token is None:
+            self.first_token = now
+            m.ttft.observe(max(0.0, now - self.start))
+            self._prompt_tokens.inc(self.prompt_tokens)  # the prefill is complete
+        else:
+            m.itl.observe(max(0.0, now - self.last_token) / count)
+        self.last_token = now
+        self.generated += count
+        self._generation_tokens.inc(count)
 
     def finish(self, status: RequestStatus) -> None:
         """Count the request and write its log line (idempotent)."""
-        with self._lock:
-            if self.done:
-                return
-            self.done = True
-            generated, first_token = self.generated, self.first_token
+        if self.done:
+            return
+        self.done = True
+        generated, first_token = self.generated, self.first_token
         latency = time.monotonic() - self.start
         self.metrics.requests.labels(self.model, status).inc()
         self.metrics.latency.observe(latency)
@@ -165,21 +155,21 @@ class RequestTracker:
 
 
 class EngineCollector:
-    """Gauges and counters read from `Engine.stats()` and the adapter catalog at scrape time."""
+    """Gauges and counters read at scrape time from the service's `stats()`: the engine's
+    snapshot and the adapter CPU cache."""
 
-    def __init__(self, service: Callable[[], CompletionService | None]) -> None:
-        self._service = service
+    def __init__(self, stats: StatsSource) -> None:
+        self._stats = stats
 
     def describe(self) -> list[Metric]:
         return []  # names vary with the engine's configuration; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        service = self._service()
+        stats = self._stats()
         yield GaugeMetricFamily("loraswap_model_ready", "1 once the model is loaded and serving.",
-                                value=0 if service is None else 1)
-        if service is None:
+                                value=0 if stats is None else 1)
+        if stats is None:
             return
-        stats = service.engine.stats()
         yield GaugeMetricFamily("loraswap_num_requests_running", "Requests holding a cache row.", value=_number(stats["running"]))
         yield GaugeMetricFamily("loraswap_num_requests_waiting", "Requests submitted and not yet admitted.",
                                 value=_number(stats["waiting"]))
@@ -191,7 +181,9 @@ class EngineCollector:
                                   value=_number(compile_stats["graphs"]))
         yield CounterMetricFamily("loraswap_compile_recompilations", "Graphs compiled after warm-up.",
                                   value=_number(compile_stats["recompilations"]))
-        yield from _cache_metrics(service.catalog.cache_hits, service.catalog.cache_misses)
+        cache = stats.get("adapter_cpu_cache")
+        if isinstance(cache, Mapping):
+            yield from _cache_metrics(int(_number(cache["hits"])), int(_number(cache["misses"])))
         slots = stats.get("slots")
         if isinstance(slots, dict):
             yield from _slot_metrics(slots)

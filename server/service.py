@@ -1,8 +1,12 @@
-"""Text-level generation service between the HTTP routes and the engine.
+"""Text-level generation service between the HTTP routes and the engine core.
 
-Turns prompts and chat messages into token ids, checks them against the context, submits
-requests to the engine and exposes each request's events as an async iterator. It holds no
-tensors and knows nothing of HTTP.
+A route makes one call here (`submit_completion`, `submit_chat`) and reads the events back: the
+service resolves the `model` field, turns prompts and chat messages into token ids, checks them
+against the context, fans a request out into one engine request per choice, submits them, and
+returns each choice's events as an async iterator. The core's token events come back on the
+event loop, where the service detokenizes them, applies stop strings (a stop string becomes a
+cancel of the core request) and records per-token metrics, so none of that runs on the engine
+thread. No tensors here and no HTTP.
 """
 
 from __future__ import annotations
@@ -11,23 +15,20 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.catalog import AdapterCatalog, AdapterRef
 from adapters.errors import AdapterNotFoundError
-from server.engine import Engine
-from server.errors import (
-    ContextLengthError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    RequestTimeoutError,
-)
+from server.engine_client import EngineClient
+from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import RequestTracker, ServerMetrics, finish_status
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest, TokenOutput
+from server.text_stream import RequestOutput, TextStream
 
 _counter = itertools.count()
+MAX_CHOICES = 256  # prompts x n in one request
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,17 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    adapter: AdapterRef | None = None
+    n: int = 1  # choices per prompt; sample i of a seeded request uses seed + i
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A submitted request: the name it was served under and one event stream per choice
+    (prompt-major: choice i is prompt i // n, sample i % n)."""
+
+    model: str
+    streams: list[RequestEvents]
+    prompt_ids: list[list[int]]
 
 
 def check_text(text: str, param: str) -> None:
@@ -56,7 +67,7 @@ def check_text(text: str, param: str) -> None:
 class CompletionService:
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineClient,
         tokenizer: Any,
         catalog: AdapterCatalog,
         *,
@@ -65,17 +76,47 @@ class CompletionService:
         vocab_size: int,
         request_timeout: float | None = None,
         admin: Any = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
-        """`admin`: the AdminService (server/admin.py) the admin routes use; None: no admin API."""
+        """`admin`: the AdminService (server/admin.py) the admin routes use; None: no admin API.
+        `metrics`: where request timelines are recorded; None: not measured."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.catalog = catalog
         self.admin = admin
-        self.metrics: ServerMetrics | None = None  # set by the app (ServerMetrics.attach); None: not measured
+        self.metrics = metrics
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.request_timeout = request_timeout
+
+    def stats(self) -> dict[str, object]:
+        """The engine's counters and the adapter CPU cache's (for /ready and /metrics)."""
+        cache = {"hits": self.catalog.cache_hits, "misses": self.catalog.cache_misses}
+        return {**self.engine.stats(), "adapter_cpu_cache": cache}
+
+    # ---- the two entry points of the routes ------------------------------------------------
+    async def submit_completion(self, model: str | None, prompts: Sequence[str | Sequence[int]],
+                                options: GenerationOptions) -> Generation:
+        """Every prompt x n choices of a /v1/completions request, submitted."""
+        if not prompts:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        self._check_choices(len(prompts), options.n)
+        served, adapter = await self.check_model(model)
+        # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
+        ids = await asyncio.to_thread(lambda: [self.encode_prompt(p) for p in prompts])
+        return self._submit_all(served, ids, options, adapter)
+
+    async def submit_chat(self, model: str | None, messages: list[dict[str, str]],
+                          options: GenerationOptions) -> Generation:
+        """The n choices of a /v1/chat/completions request, submitted."""
+        self._check_choices(1, options.n)
+        served, adapter = await self.check_model(model)
+        ids = await asyncio.to_thread(self.encode_chat, messages)
+        return self._submit_all(served, [ids], options, adapter)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
 
     # ---- names ---------------------------------------------------------------------------
     async def check_model(self, name: str | None) -> tuple[str, AdapterRef | None]:
@@ -94,11 +135,18 @@ class CompletionService:
             # tenants' adapter names from an error (GET /v1/models lists them where allowed).
             raise ModelNotFoundError(f"The model `{name[:200]}` does not exist.") from None
 
+    @staticmethod
+    def _check_choices(prompts: int, n: int) -> None:
+        if prompts * n > MAX_CHOICES:
+            raise InvalidRequestError(f"{prompts} prompts x n={n} is more than {MAX_CHOICES} completions",
+                                      param="prompt")
+
     # ---- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            # An empty string is an empty prompt, even where the tokenizer would add a BOS token.
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -127,7 +175,8 @@ class CompletionService:
             raise InvalidRequestError("the prompt is empty", param="messages")
         return ids
 
-    def build_request(self, prompt_ids: list[int], options: GenerationOptions) -> GenerationRequest:
+    def build_request(self, prompt_ids: list[int], options: GenerationOptions,
+                      adapter: AdapterRef | None = None) -> GenerationRequest:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if options.max_tokens is None else options.max_tokens
         if room < 1 or max_tokens > room:
@@ -140,44 +189,63 @@ class CompletionService:
         bad_stop = [t for t in options.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
+        for stop in options.stop:
+            check_text(stop, "stop")
+        sampling = options.sampling
+        if sampling.top_k > self.vocab_size:  # a top_k past the vocabulary keeps it all
+            sampling = replace(sampling, top_k=self.vocab_size)
         return GenerationRequest(
             request_id=f"{uuid.uuid4().hex[:16]}-{next(_counter)}",
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=options.sampling,
-            stop=options.stop,
+            sampling=sampling,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
-            adapter=None if options.adapter is None else options.adapter.key,
-            adapter_weights=None if options.adapter is None else options.adapter.weights,
+            adapter=None if adapter is None else adapter.key,
+            adapter_weights=None if adapter is None else adapter.weights,
         )
 
+    def fan_out(self, prompts: list[list[int]], options: GenerationOptions,
+                adapter: AdapterRef | None = None) -> list[GenerationRequest]:
+        """One engine request per (prompt, sample); sample i of a seeded request uses seed + i.
+        Every request is checked before any is submitted."""
+        requests = []
+        for ids in prompts:
+            for i in range(options.n):
+                sampling = options.sampling
+                if sampling.seed is not None and i:
+                    sampling = replace(sampling, seed=sampling.seed + i)
+                requests.append(self.build_request(ids, replace(options, sampling=sampling), adapter))
+        return requests
+
     # ---- running -------------------------------------------------------------------------
-    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[RequestEvents]:
-        """Submit every request now, so that a full queue (429) or a shutdown (503) is raised
-        before any response is sent; if one fails, those already submitted are cancelled. Returns
-        each request's events; closing them (the routes do, in a `finally`) cancels what has not
-        finished, whether or not it was ever read."""
+    def _submit_all(self, served: str, prompts: list[list[int]], options: GenerationOptions,
+                    adapter: AdapterRef | None) -> Generation:
+        """Submit every choice now, so that a full queue (429) or a shutdown (503) is raised
+        before any response is sent; if one fails, those already submitted are cancelled.
+        Closing a stream (the routes do, in a `finally`) cancels what has not finished, whether
+        or not it was ever read."""
+        requests = self.fan_out(prompts, options, adapter)
         loop = asyncio.get_running_loop()
         streams: list[RequestEvents] = []
         try:
             for request in requests:
-                streams.append(self._submit(request, loop))
+                streams.append(self._submit(request, options.stop, loop))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
-        return streams
+        return Generation(served, streams, prompts)
 
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestEvents:
+    def _submit(self, request: GenerationRequest, stop: tuple[str, ...],
+                loop: asyncio.AbstractEventLoop) -> RequestEvents:
         tracker = None if self.metrics is None else self.metrics.track(request, self.model_name)
-        stream = RequestEvents(self.engine, request, tracker, self.request_timeout)
+        stream = RequestEvents(self.engine, request, TextStream(self.tokenizer, request.prompt_ids, stop),
+                               tracker, self.request_timeout)
 
-        def sink(event: RequestOutput) -> None:  # called on the engine thread
-            if tracker is not None:  # timestamps taken here, when the engine emits the token
-                tracker.on_event(event)
+        def sink(event: TokenOutput) -> None:  # on the engine thread: hand over, nothing more
             try:
-                loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+                loop.call_soon_threadsafe(stream.deliver, event)
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
@@ -189,21 +257,35 @@ class CompletionService:
 
 
 class RequestEvents:
-    """The events of one submitted request, read once with `async for`. `close()` is idempotent
-    and cancels the engine request unless it finished: a generator's `finally` alone would not
-    run for a stream that was never started (a client gone before the body was sent)."""
+    """The events of one submitted request, read once with `async for`. The core's token events
+    arrive through `deliver`, on the event loop. `close()` is idempotent and cancels the engine
+    request unless it finished: a generator's `finally` alone would not run for a stream that
+    was never started (a client gone before the body was sent)."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest, tracker: RequestTracker | None,
-                 timeout: float | None) -> None:
+    def __init__(self, engine: EngineClient, request: GenerationRequest, text: TextStream,
+                 tracker: RequestTracker | None, timeout: float | None) -> None:
         self.engine = engine
         self.request = request
+        self.text = text
         self.tracker = tracker
         self.timeout = timeout
         self.queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
         self.timer: asyncio.TimerHandle | None = None
-        self._finished = False
+        self._finished = False  # the reader saw the last event
         self._timed_out = False
         self._closed = False
+
+    def deliver(self, out: TokenOutput) -> None:
+        """One core event (event loop): metrics, text, stop strings. Once the text has finished
+        (a stop string, or the core's last event), later core events are dropped."""
+        if self.text.finished or self._closed:
+            return
+        if self.tracker is not None:
+            self.tracker.on_tokens(len(out.token_ids), out.time)
+        event = self.text.feed(out)
+        if self.text.stopped_by_string:  # the core does not know: end it there too
+            self.engine.cancel(self.request.request_id, "stop")
+        self.queue.put_nowait(event)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -229,6 +311,7 @@ class RequestEvents:
         if self.timer is not None:
             self.timer.cancel()
         if not self._finished:  # the client went away, the task was cancelled or the timeout fired
-            self.engine.cancel(self.request.request_id)
+            if not self.text.finished:  # else the core has finished it or been told to
+                self.engine.cancel(self.request.request_id)
             if self.tracker is not None:
                 self.tracker.finish("timeout" if self._timed_out else "cancelled")

@@ -22,13 +22,14 @@ from server.service import CompletionService
 
 log = logging.getLogger("loraswap.api")
 
-ServiceFactory = Callable[[], CompletionService]
+# Builds the service with the app's metrics, which it wires into the engine and the catalog.
+ServiceFactory = Callable[[ServerMetrics], CompletionService]
 
 
 class ServiceHolder:
     """Loads the service on a background thread so /health answers while the model loads."""
 
-    def __init__(self, factory: ServiceFactory, on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, factory: Callable[[], CompletionService], on_failure: Callable[[str], None] | None = None) -> None:
         self.factory = factory
         self.on_failure = on_failure
         self.service: CompletionService | None = None
@@ -61,9 +62,8 @@ def create_app(
 ) -> FastAPI:
     """`admin_token`: bearer token of the admin routes (None: loopback clients only);
     `api_key`: bearer token the inference routes require (None: open)."""
-    metrics = ServerMetrics(lambda: holder.service)
-    # Hooked up before the holder publishes the service, so no request goes unmeasured.
-    holder = ServiceHolder(lambda: metrics.attach(factory()), on_load_failure)
+    metrics = ServerMetrics(lambda: None if holder.service is None else holder.service.stats())
+    holder = ServiceHolder(lambda: factory(metrics), on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,12 +87,12 @@ def create_app(
     @app.get("/ready", response_model=None)
     async def ready() -> JSONResponse:
         if holder.service is not None:
-            engine = holder.service.engine
-            problem = engine.health()  # loaded, but unable to take work: not ready
-            body = {"status": "ready" if problem is None else "unhealthy", "model": holder.service.model_name}
+            service = holder.service
+            problem = service.engine.health()  # loaded, but unable to take work: not ready
+            body = {"status": "ready" if problem is None else "unhealthy", "model": service.model_name}
             if problem is not None:
                 body["error"] = problem
-            return JSONResponse({**body, **engine.stats()}, status_code=200 if problem is None else 503)
+            return JSONResponse({**body, **service.stats()}, status_code=200 if problem is None else 503)
         if holder.error is not None:
             return JSONResponse({"status": "failed", "error": holder.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)

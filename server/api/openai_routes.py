@@ -14,7 +14,6 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from adapters.catalog import AdapterRef
 from server.api.errors import error_body
 from server.api.schemas import (
     ChatChoice,
@@ -32,18 +31,12 @@ from server.api.schemas import (
     Usage,
     _SamplingFields,
 )
-from server.errors import (
-    GenerationFailedError,
-    InvalidRequestError,
-    LoadFailedError,
-    NotReadyError,
-)
+from server.errors import GenerationFailedError, LoadFailedError, NotReadyError
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
-from server.service import CompletionService, GenerationOptions, RequestEvents, check_text
+from server.service import CompletionService, GenerationOptions, RequestEvents
+from server.text_stream import RequestOutput
 
 router = APIRouter()
-MAX_CHOICES = 256  # prompts x n in one request
 
 
 def get_service(request: Request) -> CompletionService:
@@ -56,34 +49,17 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def _options(body: _SamplingFields, max_tokens: int | None, adapter: AdapterRef | None, vocab_size: int) -> GenerationOptions:
-    for stop in body.stop or ():
-        check_text(stop, "stop")
+def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions:
     return GenerationOptions(
-        adapter=adapter,
         max_tokens=max_tokens,
         sampling=SamplingParams(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=min(max(0, body.top_k), vocab_size),  # a top_k past the vocabulary keeps it all
-            seed=body.seed,
+            temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
         ),
         stop=tuple(body.stop or ()),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
+        n=body.n,
     )
-
-
-def _fan_out(service: CompletionService, prompts: list[list[int]], body: _SamplingFields, options: GenerationOptions) -> list[GenerationRequest]:
-    """One engine request per (prompt, sample); sample i of a seeded request uses seed + i."""
-    requests = []
-    for ids in prompts:
-        for i in range(body.n):
-            sampling = options.sampling
-            if sampling.seed is not None and i:
-                sampling = replace(sampling, seed=sampling.seed + i)
-            requests.append(service.build_request(ids, replace(options, sampling=sampling)))
-    return requests
 
 
 def _usage(finals: list[RequestOutput], n: int) -> Usage:
@@ -212,22 +188,14 @@ class _ClosingStream(StreamingResponse):
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
-    model, adapter = await service.check_model(body.model)
     raw = body.prompt
-    if not raw:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    if isinstance(raw, str) or isinstance(raw[0], int):
-        raw = [raw]  # type: ignore[list-item]
-    if len(raw) * body.n > MAX_CHOICES:
-        raise InvalidRequestError(f"{len(raw)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="prompt")
-    # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
-    prompts = await asyncio.to_thread(lambda: [service.encode_prompt(p) for p in raw])  # type: ignore[arg-type]
-    requests = _fan_out(service, prompts, body, _options(body, body.max_tokens, adapter, service.vocab_size))
-    decoded = await asyncio.to_thread(lambda: [service.tokenizer.decode(ids) for ids in prompts]) if body.echo else (
-        [""] * len(prompts)
-    )
-    echoes = [text for text in decoded for _ in range(body.n)]
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    gen = await service.submit_completion(body.model, prompts, _options(body, body.max_tokens))  # type: ignore[arg-type]
+    model, completion_id = gen.model, f"cmpl-{uuid.uuid4().hex}"
+    echoes = [""] * len(gen.streams)
+    if body.echo:
+        decoded = await asyncio.to_thread(lambda: [service.decode(ids) for ids in gen.prompt_ids])
+        echoes = [text for text in decoded for _ in range(body.n)]
 
     if body.stream:
         def chunk(index: int, event: RequestOutput | None) -> BaseModel | None:
@@ -244,9 +212,9 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         def usage_chunk(usage: Usage) -> BaseModel:
             return CompletionResponse(id=completion_id, model=model, choices=[], usage=usage)
 
-        return _event_stream(service.submit_all(requests), body, chunk, usage_chunk)
+        return _event_stream(gen.streams, body, chunk, usage_chunk)
 
-    results = await _collect_all(http_request, service.submit_all(requests))
+    results = await _collect_all(http_request, gen.streams)
     choices = [
         CompletionChoice(index=i, text=echoes[i] + text, finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)
@@ -256,12 +224,10 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
-    model, adapter = await service.check_model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = await asyncio.to_thread(service.encode_chat, messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    requests = _fan_out(service, [prompt], body, _options(body, max_tokens, adapter, service.vocab_size))
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    options = _options(body, body.max_completion_tokens or body.max_tokens)
+    gen = await service.submit_chat(body.model, messages, options)
+    model, completion_id = gen.model, f"chatcmpl-{uuid.uuid4().hex}"
 
     if body.stream:
         def chunk(index: int, event: RequestOutput | None) -> BaseModel:
@@ -277,9 +243,9 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
         def usage_chunk(usage: Usage) -> BaseModel:
             return ChatCompletionChunk(id=completion_id, model=model, choices=[], usage=usage)
 
-        return _event_stream(service.submit_all(requests), body, chunk, usage_chunk)
+        return _event_stream(gen.streams, body, chunk, usage_chunk)
 
-    results = await _collect_all(http_request, service.submit_all(requests))
+    results = await _collect_all(http_request, gen.streams)
     choices = [
         ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=final.finish_reason)
         for i, (text, final) in enumerate(results)

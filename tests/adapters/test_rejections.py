@@ -521,7 +521,7 @@ def llama_adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def client(tiny_llama_dir: Path, llama_adapter_dir: Path) -> Iterator[TestClient]:
     settings = http_settings(tiny_llama_dir, {"good": str(llama_adapter_dir)})
-    app = create_app(lambda: build_service(settings))
+    app = create_app(lambda metrics: build_service(settings, metrics))
     with TestClient(app) as test_client:
         deadline = time.monotonic() + 120
         while True:

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from server.sequence import RequestOutput
-
-
-class NoText:
-    """A tokenizer whose every decode is empty: for tests that look at token ids only."""
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
+from server.sequence import TokenOutput
 
 
 class Collector:
@@ -17,10 +10,10 @@ class Collector:
 
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
-        self.final: dict[str, RequestOutput] = {}
+        self.final: dict[str, TokenOutput] = {}
         self.order: list[str] = []
 
-    def __call__(self, event: RequestOutput) -> None:
+    def __call__(self, event: TokenOutput) -> None:
         self.tokens.setdefault(event.request_id, []).extend(event.token_ids)
         if event.finished:
             self.final[event.request_id] = event

@@ -17,7 +17,7 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 
 
 def random_adapters(bank: SlotBank, count: int, ranks: list[int] | None = None) -> dict[str, AdapterWeights]:
@@ -41,7 +41,7 @@ def make_engine(folder: Path, *, rows: int, slots: int, adapters: int, **kwargs:
     bank = SlotBank(model, num_slots=slots, max_rank=8)
     store = random_adapters(bank, adapters)
     engine = Engine(
-        ModelRunner(model, bank), NoText(), eos_ids=frozenset(), slot_table=SlotTable(slots),
+        ModelRunner(model, bank), eos_ids=frozenset(), slot_table=SlotTable(slots),
         adapter_weights=store.__getitem__, **kwargs,  # type: ignore[arg-type]
     )
     return engine, store

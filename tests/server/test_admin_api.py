@@ -49,7 +49,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(tiny_llama_dir: Path, roots: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     conf = settings(tiny_llama_dir, tmp_path_factory.mktemp("data"), adapter_roots=[roots])
-    app = create_app(lambda: build_service(conf), admin_token=TOKEN)
+    app = create_app(lambda metrics: build_service(conf, metrics), admin_token=TOKEN)
     with TestClient(app, client=("203.0.113.9", 5000)) as test_client:  # a remote address
         yield ready(test_client)
 
@@ -116,7 +116,7 @@ def test_model_info_reports_slots_given_by_the_flag(client: TestClient) -> None:
 
 def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_path: Path) -> None:
     conf = settings(tiny_llama_dir, tmp_path / "data", api_key="inference-key")
-    app = create_app(lambda: build_service(conf), api_key="inference-key")
+    app = create_app(lambda metrics: build_service(conf, metrics), api_key="inference-key")
     with TestClient(app, client=("203.0.113.9", 5000)) as remote:
         ready(remote)
         error(remote.get("/admin/adapters"), 403, "loopback")
@@ -124,7 +124,7 @@ def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_pat
         assert remote.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1},
                            headers={"Authorization": "Bearer inference-key"}).status_code == 200
         assert remote.get("/health").status_code == 200
-    local_app = create_app(lambda: build_service(settings(tiny_llama_dir, tmp_path / "data2")))
+    local_app = create_app(lambda metrics: build_service(settings(tiny_llama_dir, tmp_path / "data2"), metrics))
     with TestClient(local_app, client=LOOPBACK) as local:
         ready(local)
         assert local.get("/admin/adapters").json() == {"adapters": []}
@@ -301,12 +301,12 @@ def test_bad_forms_and_names(client: TestClient, adapters: dict[str, Path]) -> N
 
 def test_catalog_survives_a_restart(tiny_llama_dir: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
     conf = settings(tiny_llama_dir, tmp_path / "data")
-    app = create_app(lambda: build_service(conf))
+    app = create_app(lambda metrics: build_service(conf, metrics))
     with TestClient(app, client=LOOPBACK) as first:
         ready(first)
         version = first.put("/admin/adapters/keep", files=files(adapters["one"])).json()["version"]
         answer = greedy(first, "keep")
-    app = create_app(lambda: build_service(conf))
+    app = create_app(lambda metrics: build_service(conf, metrics))
     with TestClient(app, client=LOOPBACK) as second:
         ready(second)
         status = second.get("/admin/adapters/keep").json()

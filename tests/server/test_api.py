@@ -169,7 +169,7 @@ def tiny_settings(folder: Path) -> Settings:
 @pytest.fixture(scope="module")
 def client(tiny_llama_dir: Path) -> Iterator[TestClient]:
     settings = tiny_settings(tiny_llama_dir)
-    app = create_app(lambda: build_service(settings))
+    app = create_app(lambda metrics: build_service(settings, metrics))
     with TestClient(app) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -218,7 +218,7 @@ def test_not_ready_while_loading() -> None:
     started = threading.Event()
     release = threading.Event()
 
-    def blocking_factory() -> CompletionService:
+    def blocking_factory(_metrics: object) -> CompletionService:
         started.set()
         release.wait(60)
         raise RuntimeError("released by the test")
@@ -247,7 +247,7 @@ def test_not_ready_while_loading() -> None:
 def test_ready_reports_a_failed_load() -> None:
     failures: list[str] = []
 
-    def failing_factory() -> CompletionService:
+    def failing_factory(_metrics: object) -> CompletionService:
         raise RuntimeError("weights are corrupt")
 
     app = create_app(failing_factory, on_load_failure=failures.append)
@@ -267,7 +267,7 @@ def test_ready_reports_a_failed_load() -> None:
 
 
 def test_inference_after_a_failed_load_says_it_failed() -> None:
-    def failing_factory() -> CompletionService:
+    def failing_factory(_metrics: object) -> CompletionService:
         raise RuntimeError("weights are corrupt")
 
     app = create_app(failing_factory)

@@ -21,7 +21,7 @@ from server.runner import ModelRunner, kv_buckets
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 from tests.server.test_adapter_scheduling import random_adapters
 from tests.server.test_quantization import force_avx512bf16
 
@@ -36,7 +36,7 @@ def make_engine(folder: Path, *, compile: bool, quantization: str | None = None)
     bank = SlotBank(model, num_slots=2, max_rank=MAX_RANK, fixed_window=compile)
     store = random_adapters(bank, 4, ranks=RANKS)
     return Engine(
-        ModelRunner(model, bank, compile=compile), NoText(), eos_ids=frozenset(),
+        ModelRunner(model, bank, compile=compile), eos_ids=frozenset(),
         slot_table=SlotTable(2), adapter_weights=store.__getitem__,
     )
 

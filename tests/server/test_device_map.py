@@ -152,7 +152,7 @@ def test_boundaries_are_where_consecutive_layers_change_device(tiny_llama_dir: P
 
 
 def serve(settings: Settings) -> TestClient:
-    return TestClient(create_app(lambda: build_service(settings)), client=("127.0.0.1", 40000))  # admin: loopback
+    return TestClient(create_app(lambda metrics: build_service(settings, metrics)), client=("127.0.0.1", 40000))  # admin: loopback
 
 
 def test_server_with_a_json_map_serves_and_reports_it(tiny_llama_dir: Path, tmp_path: Path) -> None:

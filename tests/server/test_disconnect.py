@@ -30,7 +30,7 @@ MAX_TOKENS = 100
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     conf = Settings(model=str(tiny_llama_dir), max_num_seqs=2, max_model_len=256,
                     data_dir=tmp_path_factory.mktemp("data"))
-    app = create_app(lambda: build_service(conf))
+    app = create_app(lambda metrics: build_service(conf, metrics))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), daemon=True)
@@ -59,9 +59,9 @@ class CancelSeen:
         self.event = threading.Event()
         engine.cancel = self._cancel
 
-    def _cancel(self, request_id: str) -> None:
+    def _cancel(self, request_id: str, reason: str = "abort") -> None:
         self.event.set()
-        self.real(request_id)
+        self.real(request_id, reason)
 
     def restore(self) -> None:
         self.engine.cancel = self.real

@@ -10,7 +10,8 @@ import torch
 from server.engine import Engine
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest, TokenOutput
+from server.text_stream import TextStream
 from server.weights import build_model
 
 QUESTIONS = [
@@ -50,14 +51,16 @@ def test_logits_match_transformers(reference, native, smollm_tokenizer) -> None:
 
 
 def test_greedy_batch_is_token_identical(reference, native, smollm_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    engine = Engine(ModelRunner(native), smollm_tokenizer, eos_ids=frozenset({2}), prefill_chunk=16)
+    engine = Engine(ModelRunner(native), eos_ids=frozenset({2}), prefill_chunk=16)
     prompts = [chat_ids(smollm_tokenizer, q) for q in QUESTIONS]
     tokens: dict[str, list[int]] = {}
     texts: dict[str, str] = {}
 
-    def sink(event: RequestOutput) -> None:
+    streams = {str(i): TextStream(smollm_tokenizer, prompt) for i, prompt in enumerate(prompts)}
+
+    def sink(event: TokenOutput) -> None:  # the engine gives token ids; the text side detokenizes
         tokens.setdefault(event.request_id, []).extend(event.token_ids)
-        texts[event.request_id] = texts.get(event.request_id, "") + event.text
+        texts[event.request_id] = texts.get(event.request_id, "") + streams[event.request_id].feed(event).text
 
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(str(i), prompt, max_tokens=24, sampling=SamplingParams(temperature=0))

@@ -12,14 +12,14 @@ from server.engine import Engine
 from server.errors import EngineStoppedError
 from server.runner import ModelRunner, kv_bucket, row_bucket
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest, TokenOutput
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 
 
 def make_engine(folder: Path, *, rows: int = 4, max_len: int = 64, chunk: int = 512) -> Engine:
     model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=rows, max_len=max_len)
-    return Engine(ModelRunner(model), NoText(), eos_ids=frozenset(), prefill_chunk=chunk)
+    return Engine(ModelRunner(model), eos_ids=frozenset(), prefill_chunk=chunk)
 
 
 def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerationRequest:
@@ -109,7 +109,7 @@ def test_background_thread_serves_and_stops(tiny_dir: Path) -> None:
     done = threading.Event()
     got = Collector()
 
-    def sink(event: RequestOutput) -> None:
+    def sink(event: TokenOutput) -> None:
         got(event)
         if event.finished:
             done.set()
@@ -121,3 +121,20 @@ def test_background_thread_serves_and_stops(tiny_dir: Path) -> None:
     assert engine._thread is not None and not engine._thread.is_alive()
     with pytest.raises(EngineStoppedError):
         engine.submit(greedy("u", [4]), sink)
+
+
+def test_the_engine_implements_the_client_interface() -> None:
+    """What the service, the admin API and a future remote replica rely on (server/engine_client.py):
+    every method, with the same parameters, defaults and kinds."""
+    import inspect
+
+    from server.engine_client import EngineClient
+
+    methods = [name for name, value in vars(EngineClient).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert {"submit", "cancel", "adapter_slots", "stats", "health"} <= set(methods)
+    for name in methods:
+        wanted = inspect.signature(getattr(EngineClient, name)).parameters
+        got = inspect.signature(getattr(Engine, name)).parameters
+        assert [(p.name, p.kind, p.default) for p in got.values()] == [
+            (p.name, p.kind, p.default) for p in wanted.values()
+        ], name

@@ -21,7 +21,7 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 from tests.server.test_adapter_scheduling import random_adapters
 from tests.server.test_batch_invariance import LogitTap
 
@@ -54,7 +54,7 @@ def make_engine(folder: Path, *, slots: int = 0, budget: int | None = None, chun
                 pack: bool = True) -> Engine:
     model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=256, pack=pack)
     bank = SlotBank(model, num_slots=slots, max_rank=8) if slots else None
-    engine = Engine(ModelRunner(model, bank), NoText(), eos_ids=frozenset(), prefill_chunk=chunk,
+    engine = Engine(ModelRunner(model, bank), eos_ids=frozenset(), prefill_chunk=chunk,
                     max_num_batched_tokens=budget, slot_table=SlotTable(slots) if slots else None)
     if bank is not None:
         engine.adapter_weights = random_adapters(bank, slots).__getitem__

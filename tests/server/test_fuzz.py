@@ -24,7 +24,7 @@ from tests.server.test_admin_api import AUTH, TOKEN, ready
 EXAMPLES = 50  # per route and generation mode; derandomized, so every run sends the same requests
 BODY_EXAMPLES = 100  # the two generation routes, whose bodies have the most fields
 # The schema is the app's own; building the app loads nothing, so it is read at collection time.
-SCHEMA = schemathesis.openapi.from_dict(create_app(lambda: None).openapi())  # type: ignore[arg-type, return-value]
+SCHEMA = schemathesis.openapi.from_dict(create_app(lambda metrics: None).openapi())  # type: ignore[arg-type, return-value]
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 
@@ -33,7 +33,7 @@ def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     conf = Settings(model=str(tiny_llama_dir), max_num_seqs=4, max_model_len=64, max_loras=2, max_lora_rank=8,
                     data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[tmp_path_factory.mktemp("roots")],
                     max_upload_mb=0.5, request_timeout=30)
-    with TestClient(create_app(lambda: build_service(conf), admin_token=TOKEN)) as test_client:
+    with TestClient(create_app(lambda metrics: build_service(conf, metrics), admin_token=TOKEN)) as test_client:
         yield ready(test_client)
 
 

@@ -50,7 +50,7 @@ def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     roots = tmp_path_factory.mktemp("roots")
     conf = Settings(model=str(tiny_llama_dir), max_num_seqs=ROWS, max_model_len=128, max_loras=2, max_lora_rank=8,
                     data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=0.2, adapter_roots=[roots])
-    app = create_app(lambda: build_service(conf), admin_token=TOKEN)
+    app = create_app(lambda metrics: build_service(conf, metrics), admin_token=TOKEN)
     with TestClient(app) as test_client:
         yield ready(test_client)
 

@@ -20,7 +20,7 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 
 ROWS = 4
 
@@ -29,7 +29,7 @@ def make_engine(folder: Path, adapters: dict[str, AdapterWeights] | None = None)
     model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=ROWS, max_len=64)
     bank = SlotBank(model, num_slots=2, max_rank=8)
     store = adapters or {}
-    return Engine(ModelRunner(model, bank), NoText(), eos_ids=frozenset(), slot_table=SlotTable(2),
+    return Engine(ModelRunner(model, bank), eos_ids=frozenset(), slot_table=SlotTable(2),
                   adapter_weights=store.__getitem__)
 
 
@@ -165,10 +165,10 @@ def test_an_exception_in_one_request_fails_only_that_request(
 
         real_append = TextSequence.append
 
-        def append(self: TextSequence, token: int):  # type: ignore[no-untyped-def]
+        def append(self: TextSequence, token: int, now: float):  # type: ignore[no-untyped-def]
             if self.request_id == "bad" and len(self.output_ids) == 2:
                 raise RuntimeError("boom in append")
-            return real_append(self, token)
+            return real_append(self, token, now)
 
         monkeypatch.setattr(TextSequence, "append", append)
     got = run(engine, greedy("bad", [90, 5, 6]), greedy("ok", [4, 5, 6]))

@@ -25,7 +25,7 @@ from server.bootstrap import build_service
 from server.cli import build_parser, settings_from_args
 from server.logs import JsonFormatter, TextFormatter
 from server.metrics import EngineCollector, ServerMetrics
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest
 from server.service import CompletionService
 from tests.adapters.helpers import write_random_adapter
 from tests.server.test_api import SERVED_NAME, wait_idle, wait_ready
@@ -63,7 +63,7 @@ def serving(tiny_llama_dir: Path, root: Path) -> Iterator[TestClient]:
     # One slot and one CPU-cache entry: every switch between A and B is a load (and an eviction).
     settings = Settings(model=str(tiny_llama_dir), max_num_seqs=4, max_model_len=128, max_loras=1,
                         max_lora_rank=8, max_cpu_loras=1, lora_modules=adapters, data_dir=root / "data")
-    app = create_app(lambda: build_service(settings))
+    app = create_app(lambda metrics: build_service(settings, metrics))
     with TestClient(app) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -204,7 +204,7 @@ def test_log_format_flag_and_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_metrics_need_no_api_key_and_answer_while_loading() -> None:
     release = threading.Event()
 
-    def blocking_factory() -> CompletionService:
+    def blocking_factory(_metrics: object) -> CompletionService:
         release.wait(60)
         raise RuntimeError("released by the test")
 
@@ -222,26 +222,12 @@ def test_metrics_need_no_api_key_and_answer_while_loading() -> None:
         release.set()
 
 
-class _StubEngine:
-    def __init__(self, stats: dict[str, object]) -> None:
-        self.stats_value = stats
-
-    def stats(self) -> dict[str, object]:
-        return self.stats_value
-
-
-class _StubService:
-    def __init__(self, stats: dict[str, object]) -> None:
-        self.engine = _StubEngine(stats)
-        self.catalog = type("Catalog", (), {"cache_hits": 0, "cache_misses": 0})()
-
-
 def test_lora_requests_info_describes_the_current_state() -> None:
     slots = {"resident": {"A@0011": 0, "B@0022": 1}, "references": [2, 0, 0], "loads": 2, "evictions": 0,
              "hits": 1, "waits": 3, "waiting_adapters": ["C@0033", "A@0011"]}
     stats: dict[str, object] = {"running": 2, "waiting": 2, "slots": slots,
                                 "compile": {"enabled": False, "graphs": 0, "recompilations": 0}}
-    collector = EngineCollector(lambda: _StubService(stats))  # type: ignore[arg-type, return-value]
+    collector = EngineCollector(lambda: stats)
 
     def info() -> list[tuple[dict[str, str], float]]:
         (family,) = [f for f in collector.collect() if f.name == "vllm:lora_requests_info"]
@@ -257,10 +243,10 @@ def test_lora_requests_info_describes_the_current_state() -> None:
 def test_a_cancelled_request_stops_counting_tokens() -> None:
     metrics = ServerMetrics(lambda: None)
     tracker = metrics.track(GenerationRequest("r1", [1, 2, 3], max_tokens=10, adapter="A@0011"), BASE)
-    tracker.on_event(RequestOutput("r1", "", [7]))
-    tracker.on_event(RequestOutput("r1", "", [8]))
+    tracker.on_tokens(1, time.monotonic())
+    tracker.on_tokens(1, time.monotonic())
     tracker.finish("cancelled")
-    tracker.on_event(RequestOutput("r1", "", [9]))  # emitted before the engine saw the cancel
+    tracker.on_tokens(1, time.monotonic())  # emitted before the engine saw the cancel
     tracker.finish("cancelled")  # idempotent
     r = metrics.registry
     assert r.get_sample_value("loraswap_requests_total", {"model": "A", "status": "cancelled"}) == 1

@@ -12,7 +12,7 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.server.fakes import Collector, NoText
+from tests.server.fakes import Collector
 from tests.server.families import FAMILIES, make_family
 
 
@@ -39,7 +39,7 @@ def test_greedy_generation_is_token_identical(family: str, tmp_path: Path) -> No
     reference = make_family(family, tmp_path, seed=3)
     ours = build_model(tmp_path, dtype=torch.float32, device="cpu", max_rows=4, max_len=64)
     # Small prefill chunks so prompts span several chunks; rows of different lengths together.
-    engine = Engine(ModelRunner(ours), NoText(), eos_ids=frozenset(), prefill_chunk=5)
+    engine = Engine(ModelRunner(ours), eos_ids=frozenset(), prefill_chunk=5)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [40] * 7]
     got = Collector()
     for i, prompt in enumerate(prompts):

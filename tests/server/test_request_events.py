@@ -7,21 +7,27 @@ from __future__ import annotations
 import asyncio
 
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, RequestOutput
+from server.sequence import GenerationRequest, TokenOutput
 from server.service import RequestEvents
+from server.text_stream import RequestOutput, TextStream
 
 
 class RecordingEngine:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
 
-    def cancel(self, request_id: str) -> None:
-        self.cancelled.append(request_id)
+    def cancel(self, request_id: str, reason: str = "abort") -> None:
+        self.cancelled.append(request_id if reason == "abort" else f"{request_id}:{reason}")
 
 
-def stream(engine: RecordingEngine) -> RequestEvents:
+class Letters:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def stream(engine: RecordingEngine, stop: tuple[str, ...] = ()) -> RequestEvents:
     request = GenerationRequest("r1", [1, 2, 3], max_tokens=4, sampling=SamplingParams(temperature=0))
-    return RequestEvents(engine, request, None, None)  # type: ignore[arg-type]
+    return RequestEvents(engine, request, TextStream(Letters(), [], stop), None, None)  # type: ignore[arg-type]
 
 
 def test_closing_an_unread_stream_cancels_its_request_once() -> None:
@@ -56,3 +62,20 @@ def test_leaving_mid_stream_cancels_the_request() -> None:
     engine = RecordingEngine()
     asyncio.run(read_one())
     assert engine.cancelled == ["r1"]
+
+
+def test_a_stop_string_cancels_the_core_request_once_and_drops_what_follows() -> None:
+    async def feed() -> list[RequestOutput]:
+        events = stream(engine, stop=("b",))
+        for i, ch in enumerate("abcd", 1):  # the core goes on until it hears of the cancel
+            events.deliver(TokenOutput("r1", [ord(ch)], completion_tokens=i))
+        events.deliver(TokenOutput("r1", [], finished=True, finish_reason="stop", completion_tokens=4))
+        got = [event async for event in events]
+        events.close()
+        return got
+
+    engine = RecordingEngine()
+    got = asyncio.run(feed())
+    assert [(e.text, e.finished, e.finish_reason) for e in got] == [("a", False, None), ("", True, "stop")]
+    assert got[-1].completion_tokens == 2
+    assert engine.cancelled == ["r1:stop"]

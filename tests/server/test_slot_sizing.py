@@ -124,7 +124,7 @@ def test_admin_model_reports_slots_sized_by_memory(
                     max_lora_rank=RANK, lora_memory=budget, data_dir=tmp_path)
     assert conf.max_loras == "auto"
     caplog.set_level(logging.INFO, logger="loraswap")
-    with TestClient(create_app(lambda: build_service(conf)), client=("127.0.0.1", 40000)) as client:
+    with TestClient(create_app(lambda metrics: build_service(conf, metrics)), client=("127.0.0.1", 40000)) as client:
         ready = wait_ready(client)
         info = client.get("/admin/model").json()
     assert info["lora_slots"] == {"count": 3, "rank": RANK, "bytes_per_slot": per, "bytes": 4 * per,

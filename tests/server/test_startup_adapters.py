@@ -34,7 +34,7 @@ def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def serving(model: Path, data: Path, **extra: Any) -> Iterator[TestClient]:
     conf = Settings(model=str(model), max_num_seqs=2, max_model_len=64, max_loras=2, max_lora_rank=8,
                     data_dir=data, **extra)
-    with TestClient(create_app(lambda: build_service(conf), admin_token=TOKEN)) as client:
+    with TestClient(create_app(lambda metrics: build_service(conf, metrics), admin_token=TOKEN)) as client:
         yield ready(client)
 
 

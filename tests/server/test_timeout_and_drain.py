@@ -24,8 +24,9 @@ from tests.server.test_api import wait_idle
 @pytest.fixture(scope="module")
 def slow_client(tiny_llama_dir: Path) -> Iterator[TestClient]:
     """A tiny model whose decode steps take 50 ms, with a 0.5 s request timeout."""
-    def factory():  # type: ignore[no-untyped-def]
-        service = build_service(Settings(model=str(tiny_llama_dir), max_num_seqs=2, max_model_len=128, request_timeout=0.5))
+    def factory(metrics):  # type: ignore[no-untyped-def]
+        settings = Settings(model=str(tiny_llama_dir), max_num_seqs=2, max_model_len=128, request_timeout=0.5)
+        service = build_service(settings, metrics)
         runner = service.engine.runner
         fast_step = runner.step
 

@@ -23,7 +23,7 @@ PARTY_IDS = [10813, 232, 227]  # the embedded tokenizer spells 🎉 as 3 byte-le
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     folder = make_cycle_llama(tmp_path_factory.mktemp("cycle") / "party", PARTY_IDS)
     settings = Settings(model=str(folder), max_num_seqs=2, max_model_len=64)
-    with TestClient(create_app(lambda: build_service(settings))) as test_client:
+    with TestClient(create_app(lambda metrics: build_service(settings, metrics))) as test_client:
         wait_ready(test_client)
         yield test_client
 
