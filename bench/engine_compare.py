@@ -5,8 +5,8 @@ workload's chat prompts (bench.common.messages(i) for i < batch, rendered by the
 encoded as the server does), `NEW_TOKENS` greedy tokens per request with EOS ignored, all `batch`
 requests submitted at once.
 
-- loraswap: the Engine the server runs (scheduler, prefill chunks, sampling, detokenisation), in
-  process without HTTP, stepped on this thread until idle; eager = oneDNN-packed weights and
+- loraswap: the Engine the server runs (scheduler, prefill chunks, sampling; it returns token
+  ids, detokenization is the service's), in process without HTTP, stepped on this thread until idle; eager = oneDNN-packed weights and
   `max_num_seqs` 32; `--compile` = ModelRunner(compile=True), packed weights too (reached through an opaque op), and
   max_num_seqs = batch (compiled decode always runs over all rows), `runner.warm_up()` first
   (its time is reported, not counted);

@@ -1,7 +1,7 @@
 """Throughput and time to first token of the engine against concurrency and the number of adapters.
 
 The embedded SmolLM2-135M in float32, driven in process through the same Engine the server runs
-(scheduler, slot table, sampling, detokenisation; no HTTP, so the client does not compete with the
+(scheduler, slot table, sampling; token ids out: no detokenization, no HTTP, so the client does not compete with the
 engine for the two cores). Closed loop: `c` clients each send `ROUNDS` requests back to back
 (a ~35-token chat prompt, `NEW_TOKENS` greedy tokens, EOS ignored).
 
