@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
     max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
     prefill_chunk: int = Field(
-        default=64, ge=16,
+        default=32, ge=16,
         description="Prompt tokens in one prefill chunk (chunk boundaries are fixed per prompt, so its numbers never "
         "depend on what shares its steps); small chunks cost little, since a step's chunks share one forward.",
     )
@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Tokens one engine step may carry: the decode tokens of running requests plus prompt "
         "chunks, which are never longer (vLLM's name). Smaller keeps running streams smoother while long "
         "prompts arrive, larger gives those prompts their first token sooner.",
+    )
+    long_prefill_token_threshold: int = Field(
+        default=256, ge=0, le=1 << 20,
+        description="Prompts longer than this are long (vLLM's name): while requests are decoding, a step carries "
+        "at most one chunk of long prompts, so running streams keep their pace while long prompts arrive; "
+        "0: long prompts fill the step budget like short ones.",
     )
     max_loras: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
         default="auto",

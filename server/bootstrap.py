@@ -123,6 +123,7 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
         eos_ids=eos_token_ids(folder, cfg.eos_token_ids, tokenizer),
         prefill_chunk=settings.prefill_chunk,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        long_prefill_token_threshold=settings.long_prefill_token_threshold,
         slot_table=SlotTable(slots.count),
         # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,

@@ -78,6 +78,7 @@ class Engine:
         eos_ids: frozenset[int],
         prefill_chunk: int = 512,
         max_num_batched_tokens: int | None = None,
+        long_prefill_token_threshold: int = 0,
         slot_table: SlotTable | None = None,
         adapter_weights: Callable[[str], Any] | None = None,
         max_waiting: int = 1024,
@@ -96,6 +97,8 @@ class Engine:
         # chunk never exceeds the budget, so a step goes over it by at most the decode tokens.
         self.max_num_batched_tokens = max_num_batched_tokens or prefill_chunk
         self.chunk_size = min(prefill_chunk, self.max_num_batched_tokens)
+        # Prompts longer than this put one chunk in all into a step while rows decode (0: off).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
@@ -272,7 +275,8 @@ class Engine:
         fit the step's token budget."""
         self._admit()
         decoding = [seq for seq, _ in self._running.values() if seq.prefilled == seq.prompt_len]
-        chunks = schedule_chunks(self._prefilling, self.chunk_size, self.max_num_batched_tokens - len(decoding))
+        chunks = schedule_chunks(self._prefilling, self.chunk_size, self.max_num_batched_tokens - len(decoding),
+                                 long_prompt=self.long_prefill_token_threshold, decoding=bool(decoding))
         if decoding or chunks:
             try:
                 tokens = self.runner.step([seq.row for seq in decoding], [chunk for _, chunk in chunks])

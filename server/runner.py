@@ -33,6 +33,14 @@ def kv_bucket(needed: int, max_len: int) -> int:
     return power_of_two_bucket(needed, floor=MIN_KV_BUCKET, cap=max_len)
 
 
+def chunk_window(needed: int, max_len: int) -> int:
+    """Attention window of a prompt chunk that ends at position `needed` - 1: rounded up to a
+    multiple of 64 only. Prompt chunks always run eager, so their windows make no compiled
+    graphs, and a chunk late in a long prompt would read up to twice the keys it needs under a
+    power-of-two bucket. A function of the chunk alone, so its numbers never depend on others."""
+    return min(max_len, -(-needed // MIN_KV_BUCKET) * MIN_KV_BUCKET)
+
+
 def row_bucket(needed: int, max_rows: int) -> int:
     """Rows a decode step runs over when the highest active row is needed - 1."""
     return power_of_two_bucket(needed, cap=max_rows)
@@ -174,7 +182,7 @@ class ModelRunner:
         return build_forward_batch(
             decode_tokens=self.last_tokens[:block] if block else None, decode_positions=positions,
             decode_write_rows=write_rows, spans=spans, chunks=chunks,
-            window=lambda needed: kv_bucket(needed, self.max_len),
+            window=lambda needed: chunk_window(needed, self.max_len),
             sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
         )
 

@@ -22,14 +22,23 @@ class WaitStats:
         self.max_wait_s = max(self.max_wait_s, waited)
 
 
-def schedule_chunks(prefilling: Iterable[Sequence], chunk_size: int, budget: int) -> list[tuple[Sequence, PromptChunk]]:
+def schedule_chunks(prefilling: Iterable[Sequence], chunk_size: int, budget: int, *, long_prompt: int = 0,
+                    decoding: bool = False) -> list[tuple[Sequence, PromptChunk]]:
     """Whole prompt chunks, oldest admitted request first, while they fit `budget` tokens; the
     oldest always gets one, so prompts advance however many rows decode. Chunk boundaries are
     fixed per request (multiples of `chunk_size`) whatever else is scheduled, so a prompt's
     numbers never depend on its neighbours; many short prompts share one step, and a long one
-    yields the step to running streams after each chunk."""
+    yields the step to running streams after each chunk. While rows are `decoding`, prompts longer
+    than `long_prompt` tokens (0: no limit) put at most one chunk in all into a step: a step then
+    costs the decode rows plus one chunk, so running streams keep their pace while long prompts
+    arrive; short prompts still share the rest of the budget."""
     out: list[tuple[Sequence, PromptChunk]] = []
+    limit_long = decoding and long_prompt > 0
+    long_taken = False
     for seq in prefilling:
+        is_long = limit_long and seq.prompt_len > long_prompt
+        if is_long and long_taken:
+            continue
         start = seq.prefilled
         while start < seq.prompt_len:
             size = min(chunk_size, seq.prompt_len - start)
@@ -39,4 +48,7 @@ def schedule_chunks(prefilling: Iterable[Sequence], chunk_size: int, budget: int
             out.append((seq, PromptChunk(seq.row, ids, start, start + size == seq.prompt_len)))
             budget -= size
             start += size
+            if is_long:
+                long_taken = True
+                break
     return out

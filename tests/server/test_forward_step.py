@@ -51,11 +51,12 @@ def forwards(model: Transformer) -> Iterator[list[ForwardBatch]]:
 
 
 def make_engine(folder: Path, *, slots: int = 0, budget: int | None = None, chunk: int = 512,
-                pack: bool = True) -> Engine:
+                pack: bool = True, long_prompt: int = 0) -> Engine:
     model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=4, max_len=256, pack=pack)
     bank = SlotBank(model, num_slots=slots, max_rank=8) if slots else None
     engine = Engine(ModelRunner(model, bank), eos_ids=frozenset(), prefill_chunk=chunk,
-                    max_num_batched_tokens=budget, slot_table=SlotTable(slots) if slots else None)
+                    max_num_batched_tokens=budget, slot_table=SlotTable(slots) if slots else None,
+                    long_prefill_token_threshold=long_prompt)
     if bank is not None:
         engine.adapter_weights = random_adapters(bank, slots).__getitem__
     return engine
@@ -112,6 +113,31 @@ def test_a_prompt_token_budget_paces_long_prompts_behind_running_streams(tiny_di
     assert all(len(got.tokens[f"s{i}"]) - before[f"s{i}"] == 5 for i in range(3))  # one token per step each
     engine.run_until_idle()
     assert len(got.tokens["long"]) == 2
+
+
+@needs_packing
+def test_long_prompts_arriving_take_one_chunk_per_step_while_streams_decode(tiny_dir: Path) -> None:
+    def serve(engine: Engine, record: bool) -> tuple[Collector, list[int]]:
+        got = Collector()
+        engine.submit(greedy("s", prompt(1, 4), n=30), got)
+        engine._drain_inbox(block=False)
+        engine.step()
+        for i in range(2):
+            engine.submit(greedy(f"long{i}", prompt(5 + i, 60), n=2), got)
+        engine.submit(greedy("short", prompt(9, 10), n=2), got)
+        engine._drain_inbox(block=False)
+        with forwards(engine.runner.model) as seen:
+            for _ in range(3):
+                engine.step()
+        engine.run_until_idle()
+        return got, [b.num_tokens - b.decode_rows for b in seen] if record else []
+
+    got, prompt_tokens = serve(make_engine(tiny_dir, budget=64, chunk=16, long_prompt=32), True)
+    # One 16-token chunk of the oldest long prompt, and the short prompt whole, per step.
+    assert prompt_tokens == [16 + 10, 16, 16]
+    unlimited, prompt_tokens = serve(make_engine(tiny_dir, budget=64, chunk=16), True)
+    assert prompt_tokens[0] == 60  # without the limit the first long prompt fills the budget: all of it
+    assert got.tokens == unlimited.tokens  # the same tokens however the chunks were scheduled
 
 
 def test_a_step_reads_back_only_the_sampled_tokens(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
