@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import queue
 import random
 import threading
 import time
@@ -30,9 +29,10 @@ from typing import Any
 
 from adapters.slot_table import SlotGrant, SlotTable
 from server.engine_client import Sink
+from server.engine_inbox import Call, Cancel, Inbox, Submit
 from server.engine_slots import EngineSlots
 from server.engine_view import EngineSnapshot
-from server.errors import EngineStoppedError, QueueFullError
+from server.errors import EngineStoppedError
 from server.forward_batch import PromptChunk
 from server.runner import NON_FINITE, ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
@@ -41,26 +41,6 @@ from server.sequence import FinishReason, GenerationRequest, Sequence, TokenOutp
 log = logging.getLogger("loraswap.engine")
 
 STALL_S = 120.0  # a step this long with work pending means the engine is stuck
-
-
-@dataclass(frozen=True)
-class _Submit:
-    request: GenerationRequest
-    sink: Sink
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    request_id: str
-    reason: FinishReason
-
-
-@dataclass(frozen=True)
-class _Call:
-    """Work that must run on the engine thread between steps (slot changes from the admin API)."""
-
-    fn: Callable[[], Any]
-    future: Future[Any]
 
 
 @dataclass
@@ -101,14 +81,11 @@ class Engine:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_rows = runner.max_rows
         self.max_len = runner.max_len
-        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | None] = queue.SimpleQueue()
+        self._inbox = Inbox(max_waiting)
         self.slots = None if slot_table is None else EngineSlots(slot_table, runner, on_slot_load)
         self.adapter_weights = adapter_weights
-        self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
         self.wait_stats = WaitStats()
-        self._pending = 0  # submitted and not yet admitted or cancelled
-        self._pending_lock = threading.Lock()
         self._waiting: deque[_Waiting] = deque()
         self._prefilling: deque[Sequence] = deque()
         self._running: dict[str, tuple[Sequence, Sink]] = {}  # admitted, by request id
@@ -130,23 +107,17 @@ class Engine:
             raise EngineStoppedError("the engine is shutting down")
         if request.adapter is not None and self.slot_table is None:
             raise ValueError("this engine has no LoRA slots")
-        with self._pending_lock:
-            if self._pending >= self.max_waiting:
-                raise QueueFullError(f"{self._pending} requests are already waiting; retry shortly")
-            self._pending += 1
-        self._inbox.put(_Submit(request, sink))
+        self._inbox.submit(request, sink)
 
     def cancel(self, request_id: str, reason: FinishReason = "abort") -> None:
         """End a request (queued or running) and free its row. `reason`: how it counts; the
         service cancels with "stop" when it finds a stop string in the text."""
-        self._inbox.put(_Cancel(request_id, reason))
+        self._inbox.cancel(request_id, reason)
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run fn() on the engine thread between two steps; its result or exception lands in the
         future (the slot tensors and the slot table are only ever touched from that thread)."""
-        future: Future[Any] = Future()
-        self._inbox.put(_Call(fn, future))
-        return future
+        return self._inbox.call(fn)
 
     def load_adapter(self, key: str, weights: Any, *, pin: bool) -> Future[int]:
         """Write an adapter version into a slot now (if not resident) and pin or unpin it."""
@@ -172,14 +143,14 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        self._inbox.put(None)
+        self._inbox.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, object]:
         """Scheduler counters for /ready and /metrics: the snapshot of the last step (never the
         engine's live state), plus the requests submitted and not yet admitted."""
-        return {"waiting": self._pending, **self._snapshot.as_dict()}
+        return {"waiting": self._inbox.pending, **self._snapshot.as_dict()}
 
     @property
     def slot_table(self) -> SlotTable | None:
@@ -238,36 +209,21 @@ class Engine:
             return "the engine is shutting down"
         if self._thread is not None and not self._thread.is_alive():
             return "the engine thread has stopped"
-        busy = self._snapshot.running > 0 or self._pending > 0
+        busy = self._snapshot.running > 0 or self._inbox.pending > 0
         if busy and time.monotonic() - self._heartbeat > STALL_S:
             return f"the engine has not finished a step in {STALL_S:.0f} s"
         return self._problem
 
     def _drain_inbox(self, *, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if isinstance(item, _Submit):
+        for item in self._inbox.take(block=block):
+            if isinstance(item, Submit):
                 seq = Sequence(item.request, eos_ids=self.eos_ids, max_len=self.max_len)
                 self._waiting.append(_Waiting(seq, item.sink))
-            elif isinstance(item, _Cancel):
+            elif isinstance(item, Cancel):
                 self._cancel(item.request_id, item.reason)
-            elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():
-                try:
-                    result, error = item.fn(), None
-                except Exception as exc:  # reported to the caller, the engine keeps going
-                    result, error = None, exc
+            elif isinstance(item, Call):
+                item.run()
                 self._publish()  # the caller's next read sees what its command did
-                if error is None:
-                    item.future.set_result(result)
-                else:
-                    item.future.set_exception(error)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def step(self) -> None:
         """One scheduling iteration (also callable directly, without the thread, in tests): admit,
@@ -391,8 +347,7 @@ class Engine:
 
     def _dequeue(self, item: _Waiting) -> None:
         self._waiting.remove(item)
-        with self._pending_lock:
-            self._pending -= 1
+        self._inbox.left_queue()
 
     def _start(self, item: _Waiting, slot: int | None, now: float) -> None:
         seq = item.seq
