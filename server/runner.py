@@ -41,11 +41,6 @@ def chunk_window(needed: int, max_len: int) -> int:
     return min(max_len, -(-needed // MIN_KV_BUCKET) * MIN_KV_BUCKET)
 
 
-def row_bucket(needed: int, max_rows: int) -> int:
-    """Rows a decode step runs over when the highest active row is needed - 1."""
-    return power_of_two_bucket(needed, cap=max_rows)
-
-
 def kv_buckets(max_len: int) -> list[int]:
     """Every attention window decode can use (the shapes a compiled decode is warmed up on)."""
     buckets = [kv_bucket(1, max_len)]
@@ -73,7 +68,7 @@ class ModelRunner:
 
     Batch invariance: a row's logits are bit-identical whichever rows and chunks share its step.
     With oneDNN-packed weights (float32 CPU) every kernel computes each token on its own, so one
-    forward carries everything and decode runs over a power-of-two bucket of rows. Otherwise
+    forward carries everything and decode runs over the rows up to the last decoding one. Otherwise
     (unpacked weights: GPUs, quantized, `compile=True`) a matmul's kernel depends on its row
     count, so the decode block always runs over all rows, a fixed shape, and each prompt chunk
     runs as a forward of its own. `compile=True` compiles that fixed-shape decode (one graph per
@@ -189,7 +184,9 @@ class ModelRunner:
     def _block(self, decode_rows: Sequence[int]) -> int:
         if not decode_rows:
             return 0
-        return self.max_rows if self.fixed_rows else row_bucket(max(decode_rows) + 1, self.max_rows)
+        # Packed weights compute each token on its own: the block ends at the last decoding row
+        # (rows below it that do not decode, e.g. prompts still prefilling, are its only padding).
+        return self.max_rows if self.fixed_rows else max(decode_rows) + 1
 
     def _logits(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk]) -> torch.Tensor | None:
         """Logits # [n, V] of the decode rows, then of the prompts' last tokens (last chunks);

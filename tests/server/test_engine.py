@@ -10,7 +10,7 @@ import torch
 
 from server.engine import Engine
 from server.errors import EngineStoppedError
-from server.runner import ModelRunner, kv_bucket, row_bucket
+from server.runner import ModelRunner, kv_bucket
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, TokenOutput
 from server.weights import build_model
@@ -28,7 +28,6 @@ def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerationRequest:
 
 def test_buckets() -> None:
     assert kv_bucket(1, 2048) == 64 and kv_bucket(65, 2048) == 128 and kv_bucket(3000, 2048) == 2048
-    assert row_bucket(3, 16) == 4 and row_bucket(9, 12) == 12
 
 
 def test_chunked_prefill_and_sharing_rows_change_nothing(tiny_dir: Path) -> None:
