@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 from adapters.errors import SlotBudgetError
+from adapters.host import TargetModule, TargetPart
 
 MAX_AUTO_SLOTS = 1024  # `auto` never sizes more: the slot table is scanned per admission
 # Under --compile the step is dense over every slot ([B, K+1] one-hot routing), so its cost grows
@@ -40,21 +41,9 @@ class FusedShape(NamedTuple):
     parts: int  # Hugging Face projections fused in the module
 
 
-class _Module(Protocol):
-    in_features: int
-
-
-class _Part(Protocol):
-    """What `server.model.LinearPart` offers: the fused module and this part's output slice."""
-
-    module: _Module
-    start: int
-    end: int
-
-
-def fused_shapes(parts: Mapping[str, _Part]) -> list[FusedShape]:
+def fused_shapes(parts: Mapping[str, TargetPart]) -> list[FusedShape]:
     """The fused modules behind `model.linear_parts()`, grouped as the slot bank groups them."""
-    grouped: dict[_Module, list[_Part]] = {}
+    grouped: dict[TargetModule, list[TargetPart]] = {}
     for part in parts.values():
         grouped.setdefault(part.module, []).append(part)
     return [

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapters.slot_table import SlotGrant, SlotTable
@@ -165,15 +165,13 @@ class Engine:
         slots = wait = None
         if self.slots is not None:
             slots = self.slots.view(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter is not None)
-            admitted = self.wait_stats.admitted
-            wait = {"admitted": admitted, "mean": self.wait_stats.total_wait_s / admitted if admitted else 0.0,
-                    "max": self.wait_stats.max_wait_s}
+            wait = replace(self.wait_stats)
         runner = self.runner
         self._snapshot = EngineSnapshot(
             running=len(self._running), generated_tokens=self.generated_tokens, finished=dict(self.finished),
             compile={"enabled": runner.compiled, "graphs": runner.compile_counter.graphs,
                      "recompilations": runner.recompilations},
-            slots=slots, adapter_wait_s=wait,
+            slots=slots, wait=wait,
         )
 
     def _need_slots(self) -> EngineSlots:

@@ -68,5 +68,4 @@ class EngineSlots:
 
     def states(self) -> dict[str, tuple[int, bool]]:
         """Adapter version key -> (slot, pinned), for every resident version."""
-        pinned = {s.name for s in self.table.slots if s.pinned and s.name is not None}
-        return {key: (slot, key in pinned) for key, slot in self.table.resident().items()}
+        return {key: (slot, self.table.is_pinned(key)) for key, slot in self.table.resident().items()}

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from adapters.slot_table import SlotTable
+from server.scheduling import WaitStats
 
 
 @dataclass(frozen=True)
 class SlotView:
     resident: Mapping[str, int]  # adapter version key -> slot
-    pinned: frozenset[str]
     references: tuple[int, ...]  # running rows per slot
     loads: int
     evictions: int
@@ -33,7 +33,6 @@ class SlotView:
         resident = table.resident()
         return cls(
             resident=MappingProxyType(resident),
-            pinned=frozenset(s.name for s in table.slots if s.pinned and s.name is not None),
             references=tuple(table.references()),
             loads=counters.loads, evictions=counters.evictions, hits=counters.hits, waits=counters.waits,
             waiting_adapters=tuple(sorted(set(waiting))),
@@ -55,7 +54,7 @@ class EngineSnapshot:
     finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
     compile: Mapping[str, object] = field(default_factory=dict)
     slots: SlotView | None = None
-    adapter_wait_s: Mapping[str, float] | None = None  # admitted, mean, max
+    wait: WaitStats | None = None  # how long adapter requests waited for a slot (a copy)
 
     def as_dict(self) -> dict[str, object]:
         """The scheduler block of /ready (what /metrics reads)."""
@@ -63,7 +62,9 @@ class EngineSnapshot:
             "running": self.running, "finished": dict(self.finished), "generated_tokens": self.generated_tokens,
             "compile": dict(self.compile),
         }
-        if self.slots is not None:
+        if self.slots is not None and self.wait is not None:  # an engine with LoRA slots
             out["slots"] = self.slots.as_dict()
-            out["adapter_wait_s"] = dict(self.adapter_wait_s or {})
+            wait = self.wait
+            out["adapter_wait_s"] = {"admitted": wait.admitted, "max": wait.max_wait_s,
+                                     "mean": wait.total_wait_s / wait.admitted if wait.admitted else 0.0}
         return out

@@ -183,13 +183,13 @@ class EngineCollector:
                                   value=_number(compile_stats["recompilations"]))
         cache = stats.get("adapter_cpu_cache")
         if isinstance(cache, Mapping):
-            yield from _cache_metrics(int(_number(cache["hits"])), int(_number(cache["misses"])))
+            yield from _cache_metrics(_number(cache["hits"]), _number(cache["misses"]))
         slots = stats.get("slots")
         if isinstance(slots, dict):
             yield from _slot_metrics(slots)
 
 
-def _cache_metrics(hits: int, misses: int) -> Iterator[Metric]:
+def _cache_metrics(hits: float, misses: float) -> Iterator[Metric]:
     yield CounterMetricFamily("loraswap_adapter_cpu_cache_hits", "Adapter lookups served from the CPU cache.", value=hits)
     yield CounterMetricFamily("loraswap_adapter_cpu_cache_misses", "Adapter lookups read from disk.", value=misses)
     yield GaugeMetricFamily("loraswap_adapter_cpu_cache_hit_ratio", "hits / (hits + misses); 0 before any lookup.",

@@ -186,19 +186,11 @@ class CompletionService:
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                 param="max_tokens" if room >= 1 else "prompt",
             )
-        bad_stop = [t for t in options.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stop:
-            raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
-        for stop in options.stop:
-            check_text(stop, "stop")
-        sampling = options.sampling
-        if sampling.top_k > self.vocab_size:  # a top_k past the vocabulary keeps it all
-            sampling = replace(sampling, top_k=self.vocab_size)
         return GenerationRequest(
             request_id=f"{uuid.uuid4().hex[:16]}-{next(_counter)}",
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=sampling,
+            sampling=options.sampling,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
             adapter=None if adapter is None else adapter.key,
@@ -209,6 +201,7 @@ class CompletionService:
                 adapter: AdapterRef | None = None) -> list[GenerationRequest]:
         """One engine request per (prompt, sample); sample i of a seeded request uses seed + i.
         Every request is checked before any is submitted."""
+        options = self._checked(options)
         requests = []
         for ids in prompts:
             for i in range(options.n):
@@ -217,6 +210,18 @@ class CompletionService:
                     sampling = replace(sampling, seed=sampling.seed + i)
                 requests.append(self.build_request(ids, replace(options, sampling=sampling), adapter))
         return requests
+
+    def _checked(self, options: GenerationOptions) -> GenerationOptions:
+        """The options with what is the same for every choice checked once: stop token ids in
+        the vocabulary, stop strings encodable, top_k past the vocabulary clamped (it keeps all)."""
+        bad_stop = [t for t in options.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
+        for stop in options.stop:
+            check_text(stop, "stop")
+        if options.sampling.top_k <= self.vocab_size:
+            return options
+        return replace(options, sampling=replace(options.sampling, top_k=self.vocab_size))
 
     # ---- running -------------------------------------------------------------------------
     def _submit_all(self, served: str, prompts: list[list[int]], options: GenerationOptions,
@@ -280,9 +285,9 @@ class RequestEvents:
         (a stop string, or the core's last event), later core events are dropped."""
         if self.text.finished or self._closed:
             return
-        if self.tracker is not None:
-            self.tracker.on_tokens(len(out.token_ids), out.time)
         event = self.text.feed(out)
+        if self.tracker is not None:  # the tokens the client gets (none past a stop string)
+            self.tracker.on_tokens(len(event.token_ids), out.time)
         if self.text.stopped_by_string:  # the core does not know: end it there too
             self.engine.cancel(self.request.request_id, "stop")
         self.queue.put_nowait(event)
