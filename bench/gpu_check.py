@@ -114,8 +114,8 @@ def device_map_check(folder: Path, adapter: Path) -> dict[str, Any]:
         devices = sorted({str(t.device) for t in bank.buffers()})
         del model, bank
         torch.cuda.empty_cache()
-    sizes = estimate_part_sizes(cfg, dtype_bytes=2, quantization=None, quantize_lm_head=False, max_rows=64,
-                                max_len=512, num_slots=8, max_rank=16)
+    sizes = estimate_part_sizes(cfg, dtype_bytes=2, quantization=None, quantize_lm_head=False, kv_blocks=2048,
+                                block_size=16, num_slots=8, max_rank=16)
     auto = resolve_device_map("auto", cfg, lambda: sizes)
     out = {
         "split": split.to_json(), "split_boundaries": split.boundaries(), "split_slot_devices": devices,

@@ -76,18 +76,19 @@ def _ready(url: str) -> bool:
 
 @contextmanager
 def serve(label: str, command: list[str], port: int, ready_path: str, log: Path, *,
-          env: Mapping[str, str] | None = None, timeout: float) -> Iterator[dict[str, Any]]:
+          env: Mapping[str, str] | None = None, timeout: float, cwd: Path | None = None) -> Iterator[dict[str, Any]]:
     """Starts `command` (which must listen on 127.0.0.1:`port`) in its own session, with its output in
     `log`; polls GET http://127.0.0.1:{port}{ready_path} until it answers 200 and yields
     {"url": "http://127.0.0.1:{port}/v1", "startup_s"}. Raises with the log's tail when the process
-    exits or `timeout` seconds pass first. The process group is always stopped on the way out."""
+    exits or `timeout` seconds pass first. The process group is always stopped on the way out.
+    `cwd`: where it runs (default the repository root)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"starting {label} on :{port} (log {log})", flush=True)
     start = time.perf_counter()
     with open(log, "w") as out:
         out.write(" ".join(command) + "\n")
         out.flush()
-        proc = subprocess.Popen(die_with_parent(command), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        proc = subprocess.Popen(die_with_parent(command), stdout=out, stderr=subprocess.STDOUT, cwd=str(cwd or ROOT),
                                 start_new_session=True, env=None if env is None else dict(env))
     try:
         base = f"http://127.0.0.1:{port}"

@@ -12,7 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,8 +52,24 @@ class Settings(BaseSettings):
         description="auto (spread over the visible GPUs), cpu, cuda, cuda:N or a JSON file mapping parts and "
         "layer ranges to devices; overrides device.",
     )
-    max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Rows decoded together.")
-    max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per row.")
+    max_num_seqs: int = Field(
+        default=16, ge=1, le=1024,
+        description="Requests running at once, at most (a cap: their KV memory comes from kv_cache_memory).",
+    )
+    max_model_len: int = Field(default=2048, ge=16, description="Prompt plus output tokens per request.")
+    # The default is kept as written so --help shows it that way; validation turns it into bytes.
+    kv_cache_memory: int = Field(
+        default="1GiB",  # type: ignore[assignment]
+        validate_default=True,
+        description="Memory of the paged KV cache, all layers: bytes, or a size such as 512MiB or 4GiB. "
+        "Requests take blocks of it as they grow; it is never made larger than max_num_seqs requests of "
+        "max_model_len need. 1GiB holds about 23,300 positions of the embedded SmolLM2-135M in float32.",
+    )
+    block_size: int = Field(default=16, ge=1, le=1024, description="Positions per KV-cache block.")
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Share the KV blocks of a common prompt prefix between requests of the same adapter version.",
+    )
     prefill_chunk: int = Field(
         default=32, ge=16,
         description="Prompt tokens in one prefill chunk (chunk boundaries are fixed per prompt, so its numbers never "
@@ -147,10 +163,10 @@ class Settings(BaseSettings):
             return pairs
         return value
 
-    @field_validator("lora_memory", mode="before")
+    @field_validator("lora_memory", "kv_cache_memory", mode="before")
     @classmethod
-    def _bytes(cls, value: object) -> int:
-        return parse_bytes(value)
+    def _bytes(cls, value: object, info: ValidationInfo) -> int:
+        return parse_bytes(value, name=info.field_name or "lora_memory")
 
     @field_validator("model", "served_model_name", "admin_token", "api_key", "device_map", mode="before")
     @classmethod

@@ -23,7 +23,8 @@ from config.settings import Settings
 from server.admin import AdminService
 from server.device_map import describe, estimate_part_sizes, lora_slot_bytes, resolve_device_map
 from server.engine import Engine
-from server.errors import UnsupportedModelError
+from server.errors import KVCacheBudgetError, UnsupportedModelError
+from server.kv_cache import kv_bytes_per_token, pool_blocks
 from server.linear import tensor_bytes
 from server.metrics import ServerMetrics
 from server.model_config import ModelConfig, eos_ids, load_model_config
@@ -91,6 +92,7 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
     device = pick_device(settings.device) if placement is None else main_device(placement)
     dtype = pick_dtype(settings.dtype, device)
     slots = slot_plan(settings, cfg, dtype.itemsize)  # before loading: a budget too small fails fast
+    kv_blocks = kv_plan(settings, cfg, dtype.itemsize)
     log.info("loading %s (%s, %s on %s)", folder, cfg.model_type, dtype, device)
     if placement is not None:
         log.info("device map: %s", json.dumps(describe(placement)))
@@ -104,11 +106,16 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
         quantization=quantization,
         quantize_lm_head=settings.quantize_lm_head,
         placement=placement,
+        kv_blocks=kv_blocks,
+        block_size=settings.block_size,
     )
     footprint = model.memory_footprint()
-    log.info("weights: decoder projections %.1f MB (%s), other %.1f MB; KV cache %.1f MB",
-             footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6,
-             footprint["kv_cache_bytes"] / 1e6)
+    log.info("weights: decoder projections %.1f MB (%s), other %.1f MB",
+             footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6)
+    log.info("KV cache: %d blocks of %d positions = %d tokens in %.1f MB (%d requests of %d tokens at most; "
+             "prefix caching %s)", kv_blocks, settings.block_size, kv_blocks * settings.block_size,
+             footprint["kv_cache_bytes"] / 1e6, settings.max_num_seqs, settings.max_model_len,
+             "on" if settings.enable_prefix_caching else "off")
     log.info("%s", slots.describe())
     # Eager decode keeps a copy of each row's slot (its loaded rank window), allocated on first use.
     row_bytes_max = 0 if settings.compile else settings.max_num_seqs * slots.bytes_per_slot
@@ -128,6 +135,8 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
         # Every request carries its version's weights (the catalog resolves them on accept).
         max_waiting=settings.max_waiting,
         on_slot_load=None if metrics is None else metrics.observe_slot_load,
+        prefix_caching=settings.enable_prefix_caching,
+        base_name=name,
     )
     # Adapters named at start are this run's unless --persist-lora-modules: a store of their own,
     # in a temp folder that goes with the process.
@@ -152,6 +161,9 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
             "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers()),
                        "lora_row_bytes_max": row_bytes_max},
             "lora_slots": slots.info(),
+            "kv_cache": {"blocks": kv_blocks, "block_size": settings.block_size,
+                         "tokens": kv_blocks * settings.block_size, "bytes": footprint["kv_cache_bytes"],
+                         "prefix_caching": settings.enable_prefix_caching},
         },
     )
     service = CompletionService(
@@ -180,6 +192,22 @@ def slot_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> SlotPla
                       rank=settings.max_lora_rank, compiled=settings.compile)
 
 
+def kv_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Blocks of the KV pool --kv-cache-memory holds; fails when not even one sequence of
+    --max-model-len fits."""
+    per_token = kv_bytes_per_token(num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                                   head_dim=cfg.head_dim, dtype_bytes=dtype_bytes)
+    blocks = pool_blocks(settings.kv_cache_memory, bytes_per_token=per_token, block_size=settings.block_size,
+                         max_rows=settings.max_num_seqs, max_len=settings.max_model_len)
+    if blocks * settings.block_size < settings.max_model_len:
+        need = -(-settings.max_model_len // settings.block_size) * settings.block_size * per_token
+        raise KVCacheBudgetError(
+            f"--kv-cache-memory {settings.kv_cache_memory} bytes holds {blocks * settings.block_size} positions "
+            f"({per_token} bytes each); one request of --max-model-len {settings.max_model_len} needs {need} bytes: "
+            "raise --kv-cache-memory or lower --max-model-len")
+    return blocks
+
+
 def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | None) -> Placement:
     """The placement `spec` (--device-map) asks for; `auto` sizes each part as it will be loaded.
     The dtype is the one `auto` placement leads to (GPUs if any), so the slot count sized here is
@@ -189,7 +217,7 @@ def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | N
     def sizes() -> PartSizes:
         return estimate_part_sizes(
             cfg, dtype_bytes=dtype_bytes, quantization=quantization, quantize_lm_head=settings.quantize_lm_head,
-            max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
+            kv_blocks=kv_plan(settings, cfg, dtype_bytes), block_size=settings.block_size,
             num_slots=slot_plan(settings, cfg, dtype_bytes).count, max_rank=settings.max_lora_rank,
         )
 

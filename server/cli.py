@@ -22,7 +22,7 @@ log = logging.getLogger("loraswap")
 # How a value looks in --help; presentation only (names, defaults and descriptions live in Settings).
 METAVARS = {
     "lora_modules": "NAME=PATH", "adapter_roots": "DIR", "device_map": "MAP", "max_loras": "{auto,N}",
-    "lora_memory": "SIZE", "data_dir": "DIR",
+    "lora_memory": "SIZE", "kv_cache_memory": "SIZE", "data_dir": "DIR",
 }
 
 
@@ -51,8 +51,9 @@ def flag_options(name: str, field: FieldInfo) -> dict[str, Any]:
     description = (field.description or "").rstrip(".")
     help_text = f"{description} (default {default_text(shown)})".replace("%", "%%")
     annotation = without_none(field.annotation)
-    if annotation is bool:
-        return {"action": "store_true", "default": None, "help": help_text}
+    if annotation is bool:  # a switch; one that is on by default gets its --no- form too
+        action = argparse.BooleanOptionalAction if shown is True else "store_true"
+        return {"action": action, "default": None, "help": help_text}
     options: dict[str, Any] = {"default": None, "help": help_text, "metavar": METAVARS.get(name)}
     if get_origin(annotation) is Literal:
         options["choices"] = [str(choice) for choice in get_args(annotation)]

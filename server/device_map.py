@@ -66,8 +66,8 @@ def estimate_part_sizes(
     dtype_bytes: int,
     quantization: str | None,
     quantize_lm_head: bool,
-    max_rows: int,
-    max_len: int,
+    kv_blocks: int,
+    block_size: int,
     num_slots: int,
     max_rank: int,
 ) -> PartSizes:
@@ -79,8 +79,8 @@ def estimate_part_sizes(
     norms = 2 * hidden + (2 * cfg.head_dim if cfg.qk_norm else 0)
     weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
     weights += (biases + norms) * dtype_bytes
-    # One row more than max_rows: the scratch row padding tokens write to (server/kv_cache.py).
-    kv_cache = 2 * (max_rows + 1) * cfg.num_key_value_heads * max_len * cfg.head_dim * dtype_bytes
+    # Two blocks more than the pool: the scratch and zero blocks (server/kv_cache.py).
+    kv_cache = 2 * (kv_blocks + 2) * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
     slots = bank_bytes(slot_bytes(projection_shapes(cfg), max_rank=max_rank, dtype_bytes=dtype_bytes), num_slots)
     layer = weights + kv_cache + slots
     tied = cfg.tie_word_embeddings

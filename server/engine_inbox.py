@@ -76,6 +76,11 @@ class Inbox:
         with self._lock:
             self._pending -= 1
 
+    def rejoin(self) -> None:
+        """A preempted request is queued again (it was accepted once: no limit applies)."""
+        with self._lock:
+            self._pending += 1
+
     def cancel(self, request_id: str, reason: FinishReason) -> None:
         self._queue.put(Cancel(request_id, reason))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from adapters.slot_table import SlotTable
+from server.engine_blocks import KVStats
 from server.scheduling import WaitStats
 
 
@@ -55,6 +56,7 @@ class EngineSnapshot:
     compile: Mapping[str, object] = field(default_factory=dict)
     slots: SlotView | None = None
     wait: WaitStats | None = None  # how long adapter requests waited for a slot (a copy)
+    kv: KVStats | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The scheduler block of /ready (what /metrics reads)."""
@@ -62,6 +64,8 @@ class EngineSnapshot:
             "running": self.running, "finished": dict(self.finished), "generated_tokens": self.generated_tokens,
             "compile": dict(self.compile),
         }
+        if self.kv is not None:
+            out["kv_cache"] = self.kv.as_dict()
         if self.slots is not None and self.wait is not None:  # an engine with LoRA slots
             out["slots"] = self.slots.as_dict()
             wait = self.wait

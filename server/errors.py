@@ -37,6 +37,10 @@ class UnsupportedModelError(LoraswapError):
     """The checkpoint's architecture or format is not supported."""
 
 
+class KVCacheBudgetError(LoraswapError):
+    """--kv-cache-memory cannot hold one sequence of --max-model-len."""
+
+
 class ModelSourceError(LoraswapError):
     """A --model value cannot be resolved to a local folder (missing, offline, unreachable)."""
 

@@ -4,11 +4,11 @@ The engine decides on the host which rows decode and which prompt chunks are pre
 module turns that into the tensors the model reads, built once per step and shared by every
 layer, so that nothing inside the forward reads a device tensor back.
 
-Flat token order: first the decode block, one token for each of the contiguous cache rows
-[decode_start, decode_start + D) (contiguous so that decode attention reads the cache as a view,
-not a gathered copy), then each prompt chunk's tokens. A row of the decode block that is not
-decoding this step (free, or still prefilling) is padding: it computes on its own and its keys
-and values go to the cache's scratch row, never to a row that anyone reads.
+Flat token order: first the decode block, one token for each of the rows [0, D) of the runner
+(a row is a running sequence's sampling state; its keys and values live in the blocks of its
+block table, server/kv_cache.py), then each prompt chunk's tokens. A row of the decode block that
+is not decoding this step (free, or still prefilling) is padding: it computes on its own, attends
+to nothing (length 0) and its keys and values go to the cache's scratch block, which nobody reads.
 """
 
 from __future__ import annotations
@@ -34,17 +34,6 @@ def causal_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None
 
 
 @dataclass(frozen=True)
-class DecodeSpan:
-    """Consecutive rows of the decode block that attend over the same window: block rows
-    [start, end), cache positions [0, kv_len)."""
-
-    start: int
-    end: int
-    kv_len: int
-    mask: torch.Tensor  # [end - start, 1, 1, kv_len] bool
-
-
-@dataclass(frozen=True)
 class PrefillChunk:
     """Consecutive prompt tokens of one row: flat tokens [offset, offset + length)."""
 
@@ -53,16 +42,18 @@ class PrefillChunk:
     length: int
     kv_len: int  # cache positions its attention reads (covers start + length)
     mask: torch.Tensor  # [1, 1, length, kv_len] bool
+    kv_slots: torch.Tensor  # [kv_len] int64, pool slot of each position read (past the end: zero block)
 
 
 @dataclass(frozen=True)
 class ForwardBatch:
     tokens: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64, position of each token in its row
-    write_rows: torch.Tensor  # [T] int64, cache row each token's key and value go to
-    decode_start: int
-    decode_rows: int  # D: flat tokens [0, D) are the decode block
-    decode_spans: tuple[DecodeSpan, ...] = ()  # cover [0, D) in order
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    write_slots: torch.Tensor  # [T] int64, pool slot each token's key and value go to
+    decode_rows: int  # D: flat tokens [0, D) are the decode block, rows [0, D)
+    block_size: int  # positions per KV block
+    decode_tables: torch.Tensor | None = None  # [D, blocks] int64, each decode row's block table
+    decode_lengths: torch.Tensor | None = None  # [D] int64, positions each attends (0: padding)
     chunks: tuple[PrefillChunk, ...] = ()
     lora: LoraBatch | None = None
 
@@ -72,14 +63,15 @@ class ForwardBatch:
 
     def to(self, device: torch.device) -> ForwardBatch:
         """The same batch on another device (a device-map boundary)."""
-        move = lambda t: t.to(device)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
             tokens=move(self.tokens),
             positions=move(self.positions),
-            write_rows=move(self.write_rows),
-            decode_spans=tuple(replace(span, mask=move(span.mask)) for span in self.decode_spans),
-            chunks=tuple(replace(c, mask=move(c.mask)) for c in self.chunks),
+            write_slots=move(self.write_slots),
+            decode_tables=move(self.decode_tables),
+            decode_lengths=move(self.decode_lengths),
+            chunks=tuple(replace(c, mask=move(c.mask), kv_slots=move(c.kv_slots)) for c in self.chunks),
             lora=None if self.lora is None else self.lora.to(device),
         )
 
@@ -95,37 +87,27 @@ class PromptChunk:
     last: bool
 
 
-def decode_spans(windows: Sequence[int | None], max_spans: int) -> list[tuple[int, int, int]]:
-    """Split a decode block into runs of consecutive rows by attention window, (start, end,
-    kv_len) each, so short rows do not attend over the longest row's window. `windows[r]`: the
-    window row r needs (None: a padding row, which joins whichever run it is in). More than
-    `max_spans` runs become one run over the widest window (each run is a call per layer)."""
-    spans: list[list[int | None]] = []  # [start, end, window or None while only padding]
-    for row, window in enumerate(windows):
-        last = spans[-1] if spans else None
-        if last is not None and (window is None or last[2] is None or last[2] == window):
-            last[1] = row + 1
-            if last[2] is None:
-                last[2] = window
-        else:
-            spans.append([row, row + 1, window])
-    widest = max((w for w in windows if w is not None), default=None)
-    if widest is None:
-        return []
-    if len(spans) > max_spans:
-        return [(0, len(windows), widest)]
-    return [(int(start), int(end), widest if window is None else int(window))  # type: ignore[arg-type]
-            for start, end, window in spans]
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the batch builder needs to know of the KV pool (server/kv_cache.py)."""
+
+    block_size: int
+    scratch_slot: int  # where padding tokens write
+    zero_slot: int  # always zero: what a gathered window reads past a sequence's end
+
+    def slot(self, table: Sequence[int], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
 
 
 def build_forward_batch(
     *,
-    decode_start: int = 0,
+    layout: CacheLayout,
     decode_tokens: torch.Tensor | None = None,  # [D] on the device (last sampled tokens)
-    decode_positions: Sequence[int] = (),  # D host values
-    decode_write_rows: Sequence[int] = (),  # D host values (padding rows: the scratch row)
-    spans: Sequence[tuple[int, int, int]] = (),  # (start, end, kv_len) runs covering the decode block
+    decode_positions: Sequence[int] = (),  # D host values (padding rows: 0)
+    decode_tables: Sequence[Sequence[int] | None] = (),  # D block tables (padding rows: None)
+    table_width: int | None = None,  # block-table columns (fixed under compile); default: the widest needed
     chunks: Sequence[PromptChunk] = (),
+    chunk_tables: Sequence[Sequence[int]] = (),  # the block table of each chunk's row
     window: Callable[[int], int],  # cache positions a chunk attends over, from the positions it needs
     sliding_window: int | None,
     device: torch.device,
@@ -133,14 +115,18 @@ def build_forward_batch(
 ) -> ForwardBatch:
     """One host-to-device copy per kind of index; the masks are built here, once per forward."""
     positions: list[int] = list(decode_positions)
-    write_rows: list[int] = list(decode_write_rows)
+    write_slots = [
+        layout.scratch_slot if table is None else layout.slot(table, pos)
+        for pos, table in zip(decode_positions, decode_tables, strict=True)
+    ]
     prompt: list[int] = []
-    for chunk in chunks:
+    for chunk, table in zip(chunks, chunk_tables, strict=True):
         prompt.extend(chunk.token_ids)
-        positions.extend(range(chunk.start, chunk.start + len(chunk.token_ids)))
-        write_rows.extend([chunk.row] * len(chunk.token_ids))
+        span = range(chunk.start, chunk.start + len(chunk.token_ids))
+        positions.extend(span)
+        write_slots.extend(layout.slot(table, pos) for pos in span)
 
-    def tensor(values: Sequence[int]) -> torch.Tensor:
+    def tensor(values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
     position_t = tensor(positions)  # [T]
@@ -148,18 +134,26 @@ def build_forward_batch(
     if prompt:
         parts.append(tensor(prompt))
     tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T]
-    decode = tuple(
-        DecodeSpan(start, end, kv_len, causal_mask(position_t[start:end, None], kv_len, sliding_window))
-        for start, end, kv_len in spans
-    )
+    tables = lengths = None
+    if decode_positions:
+        needed = [0 if t is None else p // layout.block_size + 1 for p, t in zip(decode_positions, decode_tables)]
+        width = table_width or max(max(needed), 1)
+        # Columns past a row's last block are never read; the zero block keeps them in range.
+        zero = layout.zero_slot // layout.block_size
+        rows = [[*(t or ())[:n], *[zero] * (width - n)] for t, n in zip(decode_tables, needed)]
+        tables = tensor(rows)  # [D, width]
+        lengths = tensor([0 if t is None else p + 1 for p, t in zip(decode_positions, decode_tables)])  # [D]
     specs = []
     offset = len(decode_positions)
-    for chunk in chunks:
-        n, kv_len = len(chunk.token_ids), window(chunk.start + len(chunk.token_ids))
+    for chunk, table in zip(chunks, chunk_tables):
+        n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
+        kv_len = window(end)
         mask = causal_mask(position_t[None, offset : offset + n], kv_len, sliding_window)
-        specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, mask=mask))
+        slots = [layout.slot(table, p) for p in range(end)] + [layout.zero_slot] * (kv_len - end)
+        specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, mask=mask,
+                                  kv_slots=tensor(slots)))
         offset += n
     return ForwardBatch(
-        tokens=tokens, positions=position_t, write_rows=tensor(write_rows), decode_start=decode_start,
-        decode_rows=len(decode_positions), decode_spans=decode, chunks=tuple(specs), lora=lora,
+        tokens=tokens, positions=position_t, write_slots=tensor(write_slots), decode_rows=len(decode_positions),
+        block_size=layout.block_size, decode_tables=tables, decode_lengths=lengths, chunks=tuple(specs), lora=lora,
     )

@@ -1,16 +1,17 @@
-"""Preallocated key/value cache indexed by sequence row.
+"""Preallocated, block-paged key/value cache.
 
-Every layer owns two buffers `[max_rows + 1, kv_heads, max_len, head_dim]` (the last row is
-scratch space for padding tokens). A row is one sequence;
-each token is written at its own (row, position), so decoding rows of different lengths needs no
-padding, no reallocation and no change of shape. Rows are handed out by the engine; a new
-sequence overwrites positions from 0 and attends only to positions it wrote. Under a device map
-each layer's buffers live on that layer's device.
+Every layer owns two pools `[num_blocks + 2, block_size, kv_heads, head_dim]`. A sequence's
+positions live in the blocks its block table lists (server/kv_blocks.py hands them out): position
+p is slot `table[p // block_size] * block_size + p % block_size` of the pool seen flat as
+`[slots, kv_heads, head_dim]`. Blocks are fixed-size, so a sequence takes memory as it grows and
+gives it back when it ends, and the pool's shape never changes (a compiled model keeps its graphs).
 
-Masked positions get zero attention weight, but 0 x NaN is NaN: a value left by an earlier
-sequence that overflowed would reach the next sequence on that row through the weighted sum.
-So a freed row's written positions are zeroed (`clear_row`): cost proportional to what the
-sequence wrote, paid once when it ends.
+Two blocks past the real ones are reserved: `scratch_block`, where padding tokens of a
+fixed-shape decode write (read by nobody), and `zero_block`, never written, which a gathered
+window reads for positions past a sequence's end. A block handed to a new sequence may still
+hold an earlier sequence's numbers (NaN included); readers never touch positions the sequence
+has not written (the decode kernel stops at each row's length, gathered prompt windows read the
+zero block there), so nothing is cleared when a sequence ends.
 """
 
 from __future__ import annotations
@@ -23,37 +24,58 @@ class KVCache(torch.nn.Module):
         self,
         *,
         num_layers: int,
-        max_rows: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         layer_devices: list[torch.device],
     ) -> None:
-        """`layer_devices`: where each layer's buffers go (its weights' device)."""
+        """`layer_devices`: where each layer's pools go (its weights' device)."""
         super().__init__()
         if len(layer_devices) != num_layers:
             raise ValueError(f"{len(layer_devices)} layer devices for {num_layers} layers")
-        self.max_rows = max_rows
-        self.max_len = max_len
-        self.scratch_row = max_rows  # one extra row: where padding tokens write, read by nobody
-        shape = (max_rows + 1, kv_heads, max_len, head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.zero_block = num_blocks + 1
+        shape = (num_blocks + 2, block_size, kv_heads, head_dim)
         # Buffers (not a list of tensors) so .to(device) moves them and compile sees fixed addresses.
         for i, dev in enumerate(layer_devices):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
 
+    @property
+    def scratch_slot(self) -> int:
+        return self.scratch_block * self.block_size
+
+    @property
+    def zero_slot(self) -> int:
+        return self.zero_block * self.block_size
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
-
-    def clear_row(self, row: int, upto: int) -> None:
-        """Zero positions [0, upto) of `row` in every layer."""
-        upto = min(max(upto, 1), self.max_len)
-        for buffer in self.buffers():
-            buffer[row, :, :upto].zero_()
+        """Layer i's pools, flat: # [slots, kv_heads, head_dim] each (views)."""
+        k, v = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+        return k.flatten(0, 1), v.flatten(0, 1)
 
 
-def write_tokens(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
-    """Write `new` # [T, kv_heads, head_dim] at (`rows`, `positions`) # each [T]."""
-    # Advanced indices around a slice put their dim first: the target is [T, kv_heads, head_dim].
-    cache[rows, :, positions] = new
+def kv_bytes_per_token(*, num_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Memory one cached position takes over all layers (keys and values)."""
+    return 2 * num_layers * kv_heads * head_dim * dtype_bytes
+
+
+def pool_blocks(budget_bytes: int, *, bytes_per_token: int, block_size: int, max_rows: int, max_len: int) -> int:
+    """Blocks a KV budget holds, but never more than `max_rows` sequences of `max_len` need (what
+    the engine can ever hold at once)."""
+    cap = max_rows * -(-max_len // block_size)
+    return min(cap, budget_bytes // (bytes_per_token * block_size))
+
+
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """Flat pool slot of `position` in a sequence with block table `table`."""
+    return table[position // block_size] * block_size + position % block_size
+
+
+def write_tokens(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write `new` # [T, kv_heads, head_dim] into the flat `pool` at `slots` # [T]."""
+    pool.index_copy_(0, slots, new)

@@ -187,6 +187,31 @@ class EngineCollector:
         slots = stats.get("slots")
         if isinstance(slots, dict):
             yield from _slot_metrics(slots)
+        kv = stats.get("kv_cache")
+        if isinstance(kv, dict):
+            yield from _kv_metrics(kv)
+
+
+def _kv_metrics(kv: dict[str, object]) -> Iterator[Metric]:
+    total, used = _number(kv["blocks_total"]), _number(kv["blocks_used"])
+    yield GaugeMetricFamily("loraswap_kv_cache_blocks_total", "Blocks in the paged KV cache.", value=total)
+    yield GaugeMetricFamily("loraswap_kv_cache_blocks_used", "KV blocks held by running requests.", value=used)
+    yield GaugeMetricFamily("loraswap_kv_cache_blocks_cached", "KV blocks findable by the prefix cache (held or not).",
+                            value=_number(kv["blocks_cached"]))
+    yield GaugeMetricFamily("loraswap_kv_cache_usage", "Used KV blocks / total (vLLM's kv_cache_usage_perc).",
+                            value=used / total if total else 0.0)
+    yield CounterMetricFamily("loraswap_num_preemptions", "Requests preempted because the KV cache ran out.",
+                              value=_number(kv["preemptions"]))
+    queries, hits = kv["prefix_cache_queries"], kv["prefix_cache_hits"]
+    assert isinstance(queries, dict) and isinstance(hits, dict)
+    for metric, doc, values in (
+        ("loraswap_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by model.", queries),
+        ("loraswap_prefix_cache_hits", "Prompt tokens found in the prefix cache, by model.", hits),
+    ):
+        family = CounterMetricFamily(metric, doc, labels=["model"])
+        for name, value in sorted(values.items()):
+            family.add_metric([str(name)], _number(value))
+        yield family
 
 
 def _cache_metrics(hits: float, misses: float) -> Iterator[Metric]:

@@ -11,7 +11,7 @@ only the hidden state crosses devices, where consecutive layers differ (the forw
 inputs follow it there, once per boundary, not once per layer).
 
 A forward pass runs a `ForwardBatch` (server/forward_batch.py): every token the engine scheduled
-in one step, flat, with its position and cache row; a decode block of contiguous rows, one token
+in one step, flat, with its position and KV pool slot; a decode block of rows, one token
 each, and prompt chunks of one row each. Projections, norms and the MLP run over all tokens
 at once; attention runs per kind (batched over each run of decode rows that shares a window,
 per chunk for prompts).
@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
+from server.forward_batch import CacheLayout, ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import KVCache, write_tokens
 from server.linear import Linear, onednn_packing_available, tensor_bytes
 from server.model_config import ModelConfig
+from server.paged_attention import paged_decode_attention
 from server.rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
@@ -60,26 +61,6 @@ class LinearPart:
     end: int
 
 
-def decode_attention(
-    q: torch.Tensor,  # [B, heads, 1, hd]
-    keys: torch.Tensor,  # [B, kv_heads, L, hd]
-    values: torch.Tensor,  # [B, kv_heads, L, hd]
-    mask: torch.Tensor,  # [B, 1, 1, L] bool, True = attend
-) -> torch.Tensor:
-    """Attention for one new token per row, computed so that a row's result is bit-identical
-    whatever the batch size and the window length: batched matmuls (one independent product per
-    row and kv head) and a row-wise softmax. The fused CPU SDPA kernel splits work by batch size
-    and so changes a row's last bits when other rows join. -> # [B, heads, 1, hd]"""
-    batch, heads, _, hd = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    qg = q.reshape(batch, kv_heads, group, hd)  # query heads that share a kv head, side by side
-    scores = (qg @ keys.transpose(-1, -2)) * hd**-0.5  # [B, kv_heads, group, L]
-    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
-    out = scores.softmax(dim=-1) @ values  # [B, kv_heads, group, hd]
-    return out.reshape(batch, heads, 1, hd)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -97,7 +78,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [T, 1, head_dim]
         sin: torch.Tensor,  # [T, 1, head_dim]
         batch: ForwardBatch,
-        k_cache: torch.Tensor,  # [rows + 1, kv_heads, max_len, hd], this layer's (last row: scratch)
+        k_cache: torch.Tensor,  # [slots, kv_heads, hd], this layer's pool seen flat
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         cfg = self.cfg
@@ -113,19 +94,20 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)  # [T, kv_heads, head_dim]
         # Every token's key and value first, so a chunk attends to earlier chunks of its own
         # prompt scheduled in the same step.
-        write_tokens(k_cache, k, batch.write_rows, batch.positions)
-        write_tokens(v_cache, v, batch.write_rows, batch.positions)
+        write_tokens(k_cache, k, batch.write_slots)
+        write_tokens(v_cache, v, batch.write_slots)
         outs: list[torch.Tensor] = []
-        for span in batch.decode_spans:  # runs of decode rows, each over its own window
-            first, n = batch.decode_start + span.start, span.end - span.start
-            keys = k_cache[first : first + n, :, : span.kv_len]  # a view
-            values = v_cache[first : first + n, :, : span.kv_len]
-            out = decode_attention(q[span.start : span.end, :, None], keys, values, span.mask)  # [n, heads, 1, hd]
-            outs.append(out.reshape(n, cfg.q_size))
+        if batch.decode_rows:  # one query per row, over its blocks, read in place
+            assert batch.decode_tables is not None and batch.decode_lengths is not None
+            out = paged_decode_attention(
+                q[: batch.decode_rows].contiguous(), k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
+                block_size=batch.block_size, window=cfg.sliding_window,
+            )  # [D, heads, hd]
+            outs.append(out.reshape(batch.decode_rows, cfg.q_size))
         for chunk in batch.chunks:  # one row each, so a chunk never mixes rows whatever the kernel
             qc = q[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, n, hd]
-            keys = k_cache[chunk.row : chunk.row + 1, :, : chunk.kv_len]
-            values = v_cache[chunk.row : chunk.row + 1, :, : chunk.kv_len]
+            keys = k_cache.index_select(0, chunk.kv_slots).transpose(0, 1)[None]  # [1, kv_heads, kv_len, hd]
+            values = v_cache.index_select(0, chunk.kv_slots).transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, enable_gqa=True)
             outs.append(out[0].transpose(0, 1).reshape(chunk.length, cfg.q_size))
         attended = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, q_size]
@@ -186,6 +168,8 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache: KVCache | None = None
+        self._max_rows = 0  # sequences decoded together (set by allocate())
+        self.max_len = 0  # positions per sequence (set by allocate())
         self.layer_devices: list[torch.device] = []  # set by allocate(), from where the weights are
         self._crossings: dict[int, torch.device] = {}  # boundary layer -> its device (allocate())
 
@@ -203,8 +187,8 @@ class Transformer(nn.Module):
 
     @property
     def max_rows(self) -> int:
-        """Cache rows allocated (0 before allocate())."""
-        return 0 if self.cache is None else self.cache.max_rows
+        """Sequences one decode step carries at most (0 before allocate())."""
+        return self._max_rows
 
     @property
     def home_device(self) -> torch.device:
@@ -260,17 +244,22 @@ class Transformer(nn.Module):
         linear = sum(m.weight_bytes() for m in decoder)
         return {"linear_bytes": linear, "other_weight_bytes": other, "kv_cache_bytes": cache}
 
-    def allocate(self, *, max_rows: int, max_len: int) -> None:
-        """Create the KV cache and rope tables for `max_rows` sequences of up to `max_len` tokens."""
+    def allocate(self, *, max_rows: int, max_len: int, num_blocks: int | None = None, block_size: int = 16) -> None:
+        """Create the KV pool and rope tables: `num_blocks` blocks of `block_size` positions
+        (default: enough for `max_rows` sequences of `max_len` positions each, the layout the
+        direct `forward` uses), sequences of up to `max_len` positions, `max_rows` at once."""
         cfg = self.cfg
         param = self.model.embed_tokens.weight
+        if num_blocks is None:
+            num_blocks = max_rows * -(-max_len // block_size)
         # A layer's norm weight is never packed or quantized, so it says where the layer lives.
         self.layer_devices = [layer.input_layernorm.weight.device for layer in self.model.layers]
         self._crossings = {i: self.layer_devices[i] for i in self.boundaries()}
+        self._max_rows, self.max_len = max_rows, max_len
         self.cache = KVCache(
             num_layers=cfg.num_hidden_layers,
-            max_rows=max_rows,
-            max_len=max_len,
+            num_blocks=num_blocks,
+            block_size=block_size,
             kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim,
             dtype=param.dtype,
@@ -279,6 +268,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope, max_len)
         self.register_buffer("rope_cos", cos.to(param.device, param.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(param.device, param.dtype), persistent=False)
+
+    def cache_layout(self) -> CacheLayout:
+        if self.cache is None:
+            raise RuntimeError("call allocate() first")
+        return CacheLayout(self.cache.block_size, self.cache.scratch_slot, self.cache.zero_slot)
 
     def linear_parts(self) -> dict[str, LinearPart]:
         """Hugging Face projection name -> (fused module, output slice), e.g.
@@ -340,22 +334,31 @@ class Transformer(nn.Module):
         kv_len: int,
         lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """B contiguous cache rows from `row_start`, S tokens each -> hidden # [B, S, hidden]: one
-        token per row is a decode block, longer rows are prompt chunks (a direct way in for
-        tests and tools; the engine builds its ForwardBatch itself). `lora`: from
+        """B rows from `row_start`, S tokens each -> hidden # [B, S, hidden]: one token per row is
+        a decode block, longer rows are prompt chunks (a direct way in for tests and tools; the
+        engine builds its ForwardBatch itself). Row r uses the blocks [r * M, (r + 1) * M), M =
+        max_len / block_size, as if each row owned a fixed share of the pool. `lora`: from
         SlotBank.batch over the B rows."""
+        assert self.cache is not None
+        layout = self.cache_layout()
+        per_row = -(-self.max_len // layout.block_size)
         batch, seq = tokens.shape
-        rows = range(row_start, row_start + batch)
+        if (row_start + batch) * per_row > self.cache.num_blocks:
+            raise ValueError(f"rows up to {row_start + batch} need {(row_start + batch) * per_row} KV blocks")
+        tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(row_start, row_start + batch)]
         host_positions = positions.tolist()
-        common = {"window": lambda needed: kv_len, "sliding_window": self.cfg.sliding_window, "device": tokens.device}
+        common = {"window": lambda needed: kv_len, "sliding_window": self.cfg.sliding_window,
+                  "device": tokens.device, "layout": layout}
         if seq == 1:
             fb = build_forward_batch(
-                decode_start=row_start, decode_tokens=tokens[:, 0], decode_positions=[p[0] for p in host_positions],
-                decode_write_rows=rows, spans=[(0, batch, kv_len)], lora=lora, **common,
+                decode_tokens=tokens[:, 0], decode_positions=[p[0] for p in host_positions], decode_tables=tables,
+                lora=lora, **common,
             )
         else:
-            chunks = [PromptChunk(row, ids, pos[0], last=False) for row, ids, pos in zip(rows, tokens.tolist(), host_positions)]
-            fb = build_forward_batch(chunks=chunks, lora=None if lora is None else lora.per_row_tokens(seq), **common)
+            chunks = [PromptChunk(row, ids, pos[0], last=False)
+                      for row, ids, pos in zip(range(batch), tokens.tolist(), host_positions)]
+            fb = build_forward_batch(chunks=chunks, chunk_tables=tables,
+                                     lora=None if lora is None else lora.per_row_tokens(seq), **common)
         return self.forward_batch(fb).view(batch, seq, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

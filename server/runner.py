@@ -1,7 +1,9 @@
-"""Tensor side of the engine: one forward per step over cache rows, with per-row sampling state.
+"""Tensor side of the engine: one forward per step over rows, with per-row sampling state.
 
+A row is a running sequence's place in the decode block and its sampling state; its keys and
+values live in the KV blocks its block table lists (the engine hands blocks out, server/kv_blocks.py).
 The runner owns every tensor the engine touches; the engine (scheduling, requests, text) only
-passes row numbers and token ids in and gets token ids out.
+passes row numbers, block tables and token ids in and gets token ids out.
 """
 
 from __future__ import annotations
@@ -14,39 +16,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapters.lora_layer import PADDING
-from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch, decode_spans
+from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
-from adapters.shapes import power_of_two_bucket
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
-MAX_DECODE_SPANS = 4  # attention calls per layer for the decode block, at most
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
-
-
-def kv_bucket(needed: int, max_len: int) -> int:
-    """Attention window for `needed` positions: a power of two (>= 64), capped at max_len."""
-    return power_of_two_bucket(needed, floor=MIN_KV_BUCKET, cap=max_len)
 
 
 def chunk_window(needed: int, max_len: int) -> int:
     """Attention window of a prompt chunk that ends at position `needed` - 1: rounded up to a
-    multiple of 64 only. Prompt chunks always run eager, so their windows make no compiled
-    graphs, and a chunk late in a long prompt would read up to twice the keys it needs under a
-    power-of-two bucket. A function of the chunk alone, so its numbers never depend on others."""
+    multiple of 64, so a chunk's window is a function of the chunk alone (its numbers never
+    depend on others) and reads at most 63 positions it does not need."""
     return min(max_len, -(-needed // MIN_KV_BUCKET) * MIN_KV_BUCKET)
-
-
-def kv_buckets(max_len: int) -> list[int]:
-    """Every attention window decode can use (the shapes a compiled decode is warmed up on)."""
-    buckets = [kv_bucket(1, max_len)]
-    while buckets[-1] < max_len:
-        buckets.append(kv_bucket(buckets[-1] + 1, max_len))
-    return buckets
 
 
 class CompileCounter:
@@ -87,16 +73,14 @@ class ModelRunner:
         self.compile_counter = CompileCounter()
         self.warm_graphs = 0  # graphs compiled by warm_up; any later one is a recompilation
         if compile:
-            # One graph per (window, LoRA on/off); dynamo's default limit of 8 is too low.
-            limit = 2 * len(kv_buckets(model.cache.max_len)) + 2
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._layer_fn: LayerFn | None = torch.compile(run_layer, backend=self.compile_counter, dynamic=False)
         else:
             self._layer_fn = None
         self.null_slot = bank.null_slot if bank is not None else 0
-        self.max_rows = model.cache.max_rows
-        self.max_len = model.cache.max_len
-        self.scratch_row = model.cache.scratch_row
+        self.max_rows = model.max_rows
+        self.max_len = model.max_len
+        self.layout = model.cache_layout()
+        self.table_width = -(-self.max_len // self.layout.block_size)  # blocks of a full-length sequence
         device = model.home_device
         self.device = device
         rows = self.max_rows
@@ -109,30 +93,43 @@ class ModelRunner:
         self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
         # Host mirrors: next position to write, and LoRA slot (null_slot = exactly the base model).
         self.positions: list[int] = [0] * rows
+        self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
         self.slots: list[int] = [self.null_slot] * rows
         self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
-    def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None) -> None:
+    def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
+                  table: list[int] | None = None, steps: int = 0) -> None:
+        """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
+        appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
+        (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
+        directly). `steps`: tokens it sampled before (a preempted sequence resumes its seeded
+        random stream where it left off)."""
         if slot is not None and (self.bank is None or not 0 <= slot < self.bank.num_slots):
             raise ValueError(f"LoRA slot {slot} does not exist")
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.seeds[row] = seed
-        self.steps[row] = 0
+        self.steps[row] = steps
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot if slot is None else slot
         self.positions[row] = 0
+        self.tables[row] = self._fixed_share(row) if table is None else table
         self.sampling[row] = params
 
-    def free_row(self, row: int, used: int = 1) -> None:
-        """`used`: positions the row's sequence may have written (its prompt and output tokens);
-        they are zeroed so nothing it computed, NaN included, reaches the row's next sequence."""
-        assert self.model.cache is not None
-        self.model.cache.clear_row(row, used)
+    def _fixed_share(self, row: int) -> list[int]:
+        share = self.table_width
+        if (row + 1) * share > self.num_blocks:
+            raise ValueError(f"row {row} has no fixed share of a pool of {self.num_blocks} blocks")
+        return list(range(row * share, (row + 1) * share))
+
+    def free_row(self, row: int) -> None:
+        """Forget the row's sequence. Its blocks go back to the engine's pool; nothing is cleared,
+        since no reader ever looks at positions its sequence has not written."""
         self.positions[row] = 0
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot
+        self.tables[row] = []
 
     def load_slot(self, slot: int, weights: object) -> None:
         """Hotswap an adapter into a slot (between steps, on the engine thread)."""
@@ -145,6 +142,12 @@ class ModelRunner:
             self.bank.clear(slot)
 
     @property
+    def num_blocks(self) -> int:
+        """Blocks in the KV pool."""
+        assert self.model.cache is not None
+        return self.model.cache.num_blocks
+
+    @property
     def recompilations(self) -> int:
         """Graphs compiled after warm-up (0 in steady state; always 0 without compile)."""
         return self.compile_counter.graphs - self.warm_graphs
@@ -152,31 +155,31 @@ class ModelRunner:
     # ---- building forwards -----------------------------------------------------------------
     def _batch(self, decode_rows: Sequence[int], chunks: Sequence[PromptChunk], block: int) -> ForwardBatch:
         """The forward of decode rows (a block of rows [0, block)) and prompt chunks. Rows of the
-        block that do not decode are padding: position 0, the scratch row, no adapter, any window."""
+        block that do not decode are padding: position 0, no blocks, no adapter."""
         decoding = set(decode_rows)
-        positions, write_rows, windows, slots = [], [], [], []
+        positions: list[int] = []
+        tables: list[list[int] | None] = []
+        slots: list[int] = []
         for row in range(block):
             if row in decoding:
                 positions.append(self.positions[row])
-                write_rows.append(row)
-                windows.append(kv_bucket(self.positions[row] + 1, self.max_len))
+                tables.append(self.tables[row])
                 slots.append(self.slots[row])
             else:
                 positions.append(0)
-                write_rows.append(self.scratch_row)
-                windows.append(None)
+                tables.append(None)
                 slots.append(PADDING)
-        # Each run of rows attends over its own window, so short rows do not pay for the longest;
-        # fixed-shape (compiled) decode keeps one window for the whole block.
-        spans = decode_spans(windows, 1 if self.fixed_rows else MAX_DECODE_SPANS)
         lora = None
         if self.bank is not None:
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
             segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
             lora = self.bank.route(slots, segments, device=self.device)
         return build_forward_batch(
-            decode_tokens=self.last_tokens[:block] if block else None, decode_positions=positions,
-            decode_write_rows=write_rows, spans=spans, chunks=chunks,
+            layout=self.layout, decode_tokens=self.last_tokens[:block] if block else None,
+            decode_positions=positions, decode_tables=tables,
+            # Fixed-shape (compiled) decode keeps one table width, so growing never recompiles.
+            table_width=self.table_width if self.fixed_rows else None,
+            chunks=chunks, chunk_tables=[self.tables[c.row] for c in chunks],
             window=lambda needed: chunk_window(needed, self.max_len),
             sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
         )
@@ -240,23 +243,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Run the fixed-shape decode once per attention window, with and without LoRA, so that
-        every graph is compiled before the server reports ready. Leaves all rows free."""
+        """Run the fixed-shape decode once with and without LoRA, so that every graph is compiled
+        before the server reports ready. Every row is padding: nothing is written but the
+        scratch block."""
         if not self.compiled:
             return
-        rows = list(range(self.max_rows))
         variants: list[LoraBatch | None] = [None]
         if self.bank is not None:
             variants.append(self.bank.batch(torch.full((self.max_rows,), self.null_slot, device=self.device)))
-        for kv_len in kv_buckets(self.max_len):
-            for row in rows:
-                self.positions[row] = kv_len - 1
-            for lora in variants:  # every row writes to the scratch row: the cache stays clean
-                batch = self._batch(rows, [], self.max_rows)
-                batch = replace(batch, lora=lora, write_rows=torch.full_like(batch.write_rows, self.scratch_row))
-                self.model.forward_batch(batch, self._layer_fn)
-        for row in rows:
-            self.free_row(row)
+        for lora in variants:
+            batch = replace(self._batch([], [], self.max_rows), lora=lora)
+            self.model.forward_batch(batch, self._layer_fn)
         self.warm_graphs = self.compile_counter.graphs
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -36,16 +36,16 @@ def schedule_chunks(prefilling: Iterable[Sequence], chunk_size: int, budget: int
     limit_long = decoding and long_prompt > 0
     long_taken = False
     for seq in prefilling:
-        is_long = limit_long and seq.prompt_len > long_prompt
+        is_long = limit_long and seq.prefill_len > long_prompt
         if is_long and long_taken:
             continue
         start = seq.prefilled
-        while start < seq.prompt_len:
-            size = min(chunk_size, seq.prompt_len - start)
+        while start < seq.prefill_len:
+            size = min(chunk_size, seq.prefill_len - start)
             if size > budget and out:
                 return out
-            ids = seq.request.prompt_ids[start : start + size]
-            out.append((seq, PromptChunk(seq.row, ids, start, start + size == seq.prompt_len)))
+            ids = seq.prefill_ids[start : start + size]
+            out.append((seq, PromptChunk(seq.row, ids, start, start + size == seq.prefill_len)))
             budget -= size
             start += size
             if is_long:

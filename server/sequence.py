@@ -52,7 +52,13 @@ class Sequence:
         self.request = request
         self.row: int = -1
         self.slot: int | None = None  # LoRA slot held while running
-        self.prefilled = 0  # prompt tokens already written to the cache
+        # What the sequence prefills: its prompt; after a preemption, prompt and output so far.
+        self.prefill_ids: list[int] = request.prompt_ids
+        self.prefilled = 0  # prefill tokens already in the cache
+        self.blocks: list[int] = []  # KV block table (server/engine_blocks.py)
+        self.block_hashes: list[bytes] | None = None  # prefix-cache keys of prefill_ids' full blocks
+        self.registered = 0  # leading blocks already offered to the prefix cache
+        self.seed: int | None = None  # the sampling seed, drawn when first admitted
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self._stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(eos_ids))
@@ -69,6 +75,23 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def prefill_len(self) -> int:
+        return len(self.prefill_ids)
+
+    @property
+    def next_position(self) -> int:
+        """Where the next decode token is written: after the prompt and every output token but
+        the last sampled one (which is that token)."""
+        return self.prompt_len + len(self.output_ids) - 1
+
+    def preempt(self) -> None:
+        """Lose the cache: on resuming, prefill the prompt and the output so far, then sample on."""
+        self.prefill_ids = self.request.prompt_ids + self.output_ids
+        self.prefilled = 0
+        self.block_hashes = None
+        self.row = -1
 
     def append(self, token: int, now: float) -> TokenOutput:
         """Record a sampled token; return the event carrying it."""

@@ -109,8 +109,11 @@ def build_model(
     quantization: str | None = None,
     quantize_lm_head: bool = False,
     placement: Placement | None = None,
+    kv_blocks: int | None = None,
+    block_size: int = 16,
 ) -> Transformer:
-    """Load config and weights from `folder`; allocate a KV cache for max_rows x max_len.
+    """Load config and weights from `folder`; allocate a KV pool of `kv_blocks` blocks of
+    `block_size` positions (default: max_rows sequences of max_len) for up to max_rows sequences.
     `quantization` (int8, nf4, fp4) quantizes the decoder projections with bitsandbytes; `pack`
     reorders the remaining float32 CPU weights for oneDNN (see server/linear.py). `placement`
     (a device map) puts each part, its KV cache and quantized weights on its own device;
@@ -139,7 +142,7 @@ def build_model(
         model.lm_head.quantize(quantization, targets[model.lm_head])
     if pack:
         model.pack_linears(batch_hint=max_rows)
-    model.allocate(max_rows=max_rows, max_len=max_len)
+    model.allocate(max_rows=max_rows, max_len=max_len, num_blocks=kv_blocks, block_size=block_size)
     return model.eval().requires_grad_(False)
 
 

@@ -95,6 +95,25 @@ def test_lora_memory_refuses_hostile_values(value: object, phrase: str) -> None:
         Settings(lora_memory=value)
 
 
+def test_kv_cache_memory_is_a_size_checked_as_lora_memory_is() -> None:
+    assert Settings().kv_cache_memory == 2**30 and Settings(kv_cache_memory="4GiB").kv_cache_memory == 4 * 2**30
+    for bad in ("inf", "-1GiB", 0, True, "2TiB"):
+        with pytest.raises(ValidationError, match="kv_cache_memory"):
+            Settings(kv_cache_memory=bad)
+    assert Settings().enable_prefix_caching is True and Settings().block_size == 16
+    for bad_block in (0, -16, 1025, "x"):
+        with pytest.raises(ValidationError, match="block_size"):
+            Settings(block_size=bad_block)
+
+
+def test_prefix_caching_switch_has_a_no_form() -> None:
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--no-enable-prefix-caching", "--kv-cache-memory", "512MiB"])
+    assert args.enable_prefix_caching is False and args.kv_cache_memory == "512MiB"
+    assert build_parser().parse_args(["serve"]).enable_prefix_caching is None  # not given: env, file or default
+
+
 def test_lora_memory_from_env_file_and_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.toml"
     config.write_text('lora_memory = "256MiB"\nmax_loras = "auto"\n')

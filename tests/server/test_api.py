@@ -205,6 +205,20 @@ def test_ready(client: TestClient) -> None:
     assert body["status"] == "ready"
     assert body["model"] == SERVED_NAME
     assert body["running"] == 0 and body["waiting"] == 0
+    kv = body["kv_cache"]
+    assert kv["block_size"] == 16 and kv["blocks_total"] >= MAX_MODEL_LEN // 16 and kv["blocks_used"] == 0
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client: TestClient) -> None:
+    prompt = " ".join(f"w{i}" for i in range(24))  # 60-odd tokens: over two 32-token chunks
+    before = client.get("/ready").json()["kv_cache"]["prefix_cache_hits"].get(SERVED_NAME, 0)
+    answers = [client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
+               for _ in range(2)]
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    kv = client.get("/ready").json()["kv_cache"]
+    assert kv["prefix_cache_hits"][SERVED_NAME] - before >= 32 and kv["blocks_used"] == 0
+    metrics = client.get("/metrics").text
+    assert f'loraswap_prefix_cache_hits_total{{model="{SERVED_NAME}"}}' in metrics
 
 
 INFERENCE_CALLS: list[tuple[str, str, Json | None]] = [

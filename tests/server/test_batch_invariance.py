@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from adapters.slot_bank import SlotBank
-from server.model import decode_attention
 from server.linear import onednn_packing_available
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
@@ -79,11 +78,3 @@ def test_row_logits_do_not_depend_on_neighbours(tiny_dir: Path, pack: bool) -> N
         assert torch.equal(decode_logits(runner, (6, target[1], slot), [(0, prompt(30), 0)]), alone)
 
 
-def test_decode_attention_matches_sdpa() -> None:
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(5, 6, 1, 16, generator=g)  # [B, heads, 1, hd]
-    keys = torch.randn(5, 2, 40, 16, generator=g)  # [B, kv_heads, L, hd]
-    values = torch.randn(5, 2, 40, 16, generator=g)
-    mask = torch.arange(40)[None, None, None, :] <= torch.tensor([0, 3, 17, 39, 20])[:, None, None, None]
-    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    assert torch.allclose(decode_attention(q, keys, values, mask), want, atol=1e-6)

@@ -74,7 +74,7 @@ def test_estimated_sizes_equal_what_loading_allocates(
                         quantization=quantization, quantize_lm_head=head)
     bank = SlotBank(model, num_slots=SLOTS, max_rank=RANK)
     estimate = estimate_part_sizes(model.cfg, dtype_bytes=4, quantization=quantization, quantize_lm_head=head,
-                                   max_rows=ROWS, max_len=LEN, num_slots=SLOTS, max_rank=RANK)
+                                   kv_blocks=ROWS * -(-LEN // 16), block_size=16, num_slots=SLOTS, max_rank=RANK)
     assert estimate == actual_sizes(model, bank)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from server.engine import Engine
 from server.errors import EngineStoppedError
-from server.runner import ModelRunner, kv_bucket
+from server.runner import ModelRunner, chunk_window
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, TokenOutput
 from server.weights import build_model
@@ -26,8 +26,8 @@ def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerationRequest:
     return GenerationRequest(rid, prompt, max_tokens=n, sampling=SamplingParams(temperature=0))
 
 
-def test_buckets() -> None:
-    assert kv_bucket(1, 2048) == 64 and kv_bucket(65, 2048) == 128 and kv_bucket(3000, 2048) == 2048
+def test_chunk_windows_round_to_64() -> None:
+    assert chunk_window(1, 2048) == 64 and chunk_window(65, 2048) == 128 and chunk_window(3000, 2048) == 2048
 
 
 def test_chunked_prefill_and_sharing_rows_change_nothing(tiny_dir: Path) -> None:

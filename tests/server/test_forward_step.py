@@ -186,7 +186,7 @@ def test_a_prompts_first_logits_do_not_depend_on_what_shares_its_step(tiny_dir: 
 
     def run(others: list[tuple[int, list[int], int | None]], decoding: list[tuple[int, int | None]]) -> torch.Tensor:
         for row in range(8):
-            runner.free_row(row, used=256)
+            runner.free_row(row)
         for row, slot in decoding:  # rows that decode in the same step
             runner.reset_row(row, GREEDY, seed=0, slot=slot)
             runner.prefill(row, prompt(row, 11), start=0, last=True)
@@ -238,13 +238,3 @@ def test_row_resident_lora_weights_follow_every_slot_change(tiny_dir: Path) -> N
         fresh.load(slot, adapters[index])
     lora = fresh.batch(torch.tensor([1] * 8))
     assert torch.equal(model.logits(model(tokens, positions, row_start=0, kv_len=64, lora=lora))[:, 0], got)
-
-
-def test_decode_block_splits_into_runs_by_attention_window() -> None:
-    from server.forward_batch import decode_spans
-
-    assert decode_spans([64, 64, None, 128, 128, None], 4) == [(0, 3, 64), (3, 6, 128)]
-    assert decode_spans([None, None, 64], 4) == [(0, 3, 64)]  # padding joins the run it is in
-    assert decode_spans([None, None], 4) == []
-    assert decode_spans([64, 128, 64, 128, 64], 4) == [(0, 5, 128)]  # too many runs: one, widest
-    assert decode_spans([2048, 64, 64, 64], 4) == [(0, 1, 2048), (1, 4, 64)]

@@ -1,4 +1,4 @@
-"""One request's numbers never reach another request: a freed KV-cache row leaks nothing (NaN
+"""One request's numbers never reach another request: freed KV blocks leak nothing (NaN
 included), a row whose activations overflow ends alone with an error, and a request that cannot
 start gives its row back."""
 
@@ -18,7 +18,7 @@ from server.engine import Engine
 from server.forward_batch import PromptChunk
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest
+from server.sequence import GenerationRequest, Sequence
 from server.weights import build_model
 from tests.server.fakes import Collector
 
@@ -81,30 +81,35 @@ def test_the_dense_product_keeps_another_slots_overflow_out_of_a_row() -> None:
     assert not torch.isfinite(out[2]).all()  # only the overflowing slot's own row is affected
 
 
-def test_nan_left_in_a_freed_row_cannot_reach_the_next_request(tiny_dir: Path) -> None:
-    """A request ends with NaN in every position it wrote (as one whose adapter overflowed
-    would); the next request on that row gives exactly what it gives on a fresh engine."""
+def test_nan_left_in_freed_kv_blocks_cannot_reach_the_next_request(tiny_dir: Path) -> None:
+    """A request ends with NaN in every block it held, and then in every block of the pool
+    (as if each had been written by one whose adapter overflowed); the next request, which takes
+    those blocks, gives exactly what it gives on a fresh engine."""
     prompt = [5, 9, 13, 17, 21, 25]
     want = run(make_engine(tiny_dir), greedy("b", prompt)).tokens["b"]
 
     engine = make_engine(tiny_dir)
     cache = engine.runner.model.cache
     assert cache is not None
-    written: list[int] = []
-    real_free = engine.runner.free_row
+    released: list[list[int]] = []
+    real_release = engine.blocks.release
 
-    def poison_then_free(row: int, used: int = 1) -> None:
+    def poison_then_release(seq: Sequence) -> None:
+        released.append(list(seq.blocks))
         for _, buffer in cache.named_buffers():
-            buffer[row, :, :used] = float("nan")  # everything the request wrote is NaN
-        written.append(used)
-        real_free(row, used)
+            buffer[seq.blocks] = float("nan")  # whole blocks, written positions or not
+        real_release(seq)
 
-    engine.runner.free_row = poison_then_free  # type: ignore[method-assign]
-    run(engine, greedy("a", list(range(3, 40)), n=10))  # a longer request on row 0
-    engine.runner.free_row = real_free  # type: ignore[method-assign]
-    assert written == [37 + 10]
+    engine.blocks.release = poison_then_release  # type: ignore[method-assign]
+    run(engine, greedy("a", list(range(3, 40)), n=10))  # 47 positions: 3 blocks of 16
+    engine.blocks.release = real_release  # type: ignore[method-assign]
+    assert [len(blocks) for blocks in released] == [3]
     got = run(engine, greedy("b", prompt))
     assert got.tokens["b"] == want and got.final["b"].finish_reason == "length"
+    for _, buffer in cache.named_buffers():
+        buffer[: cache.num_blocks] = float("nan")  # every real block; the zero block stays zero
+    got = run(engine, greedy("c", prompt))
+    assert got.tokens["c"] == want
 
 
 def test_overflowing_activations_end_that_request_alone(tiny_dir: Path) -> None:
@@ -140,7 +145,14 @@ def test_health_reports_a_row_held_by_nobody(tiny_dir: Path) -> None:
     engine = make_engine(tiny_dir)
     engine._free_rows.pop()  # what the old admission bug did: a row taken, no request holding it
     engine._check_rows()
-    assert engine.health() == "1 KV-cache row(s) are held by no request"
+    assert engine.health() == "1 row(s) are held by no request"
+
+
+def test_health_reports_a_kv_block_held_by_nobody(tiny_dir: Path) -> None:
+    engine = make_engine(tiny_dir)
+    assert engine.blocks.pool.allocate(1) is not None  # a block taken, no request holding it
+    engine._check_rows()
+    assert engine.health() == "1 KV block reference(s) are held by no request"
 
 
 @pytest.mark.parametrize("step", ["prefill", "append"])

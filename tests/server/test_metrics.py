@@ -240,6 +240,23 @@ def test_lora_requests_info_describes_the_current_state() -> None:
     assert [labels for labels, _ in info()] == [{"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "3"}]
 
 
+def test_kv_cache_metrics_report_blocks_preemptions_and_prefix_hits_per_model() -> None:
+    kv = {"block_size": 16, "blocks_total": 100, "blocks_used": 25, "blocks_cached": 40, "preemptions": 3,
+          "prefix_cache_queries": {"base": 1000, "A": 300}, "prefix_cache_hits": {"base": 640}}
+    stats: dict[str, object] = {"running": 1, "waiting": 0, "kv_cache": kv,
+                                "compile": {"enabled": False, "graphs": 0, "recompilations": 0}}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in EngineCollector(lambda: stats).collect() for s in family.samples}
+    assert samples[("loraswap_kv_cache_blocks_total", ())] == 100
+    assert samples[("loraswap_kv_cache_blocks_used", ())] == 25
+    assert samples[("loraswap_kv_cache_blocks_cached", ())] == 40
+    assert samples[("loraswap_kv_cache_usage", ())] == 0.25
+    assert samples[("loraswap_num_preemptions_total", ())] == 3
+    assert samples[("loraswap_prefix_cache_queries_total", (("model", "A"),))] == 300
+    assert samples[("loraswap_prefix_cache_hits_total", (("model", "base"),))] == 640
+    assert ("loraswap_prefix_cache_hits_total", (("model", "A"),)) not in samples  # no hit yet: no series
+
+
 def test_a_cancelled_request_stops_counting_tokens() -> None:
     metrics = ServerMetrics(lambda: None)
     tracker = metrics.track(GenerationRequest("r1", [1, 2, 3], max_tokens=10, adapter="A@0011"), BASE)
