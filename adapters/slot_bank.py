@@ -10,7 +10,7 @@ it computes exactly the base model.
 
 Layout (see adapters/lora_layer.py): per fused module, a # [K+1, R, P, in] and one
 b # [K+1, R, out_p] per fused projection, slot-major so that one slot's rank window is a view.
-For the eager decode step each cache row also holds a copy of its slot's current window
+For the eager decode step each decode row also holds a copy of its slot's current window
 (row-resident weights, refreshed by `route` only when a row's slot or that slot changes): they
 cost max_rows x window ranks of memory, as many bytes as max_rows slots of that window.
 """

@@ -170,7 +170,7 @@ class EngineCollector:
                                 value=0 if stats is None else 1)
         if stats is None:
             return
-        yield GaugeMetricFamily("loraswap_num_requests_running", "Requests holding a cache row.", value=_number(stats["running"]))
+        yield GaugeMetricFamily("loraswap_num_requests_running", "Requests admitted (holding a row and KV blocks).", value=_number(stats["running"]))
         yield GaugeMetricFamily("loraswap_num_requests_waiting", "Requests submitted and not yet admitted.",
                                 value=_number(stats["waiting"]))
         compile_stats = stats["compile"]

@@ -84,7 +84,7 @@ class ModelRunner:
         device = model.home_device
         self.device = device
         rows = self.max_rows
-        # Per-row sampling state, indexed by cache row (written at start, read by sampling).
+        # Per-row sampling state, indexed by row (written at start, read by sampling).
         self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -260,8 +260,8 @@ class ModelRunner:
         """Each row's next token, or NON_FINITE for a row whose logits hold NaN or inf (read back
         with the tokens: no extra device sync). A row's sum is non-finite exactly when one of its
         logits is (finite logits cannot add up past float32's range): one cheap reduction, a
-        thirtieth of the cost of isfinite over the whole [n, V] tensor. `rows`: each logit row's
-        cache row."""
+        thirtieth of the cost of isfinite over the whole [n, V] tensor. `rows`: the runner row of
+        each logit row."""
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         params = [self.sampling[row] for row in rows]
         random_rows = [i for i, p in enumerate(params) if p.temperature > 0]

@@ -115,8 +115,9 @@ class Scheduler:
         return self.slots
 
     def _check_rows(self) -> None:
-        """Every cache row is free or held by a running request (checked on the engine thread,
-        between steps, where the two agree); a row held by nobody would never come back."""
+        """Every row is free or held by a running request, and every KV block reference is a
+        running request's (checked on the engine thread, between steps, where they agree): a row
+        or a block held by nobody would never come back."""
         lost = self.max_rows - len(self._free_rows) - len(self._running)
         held = sum(len(seq.blocks) for seq, _ in self._running.values())
         self._problem = (

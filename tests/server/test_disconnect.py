@@ -81,6 +81,7 @@ def check_freed_within_a_step(engine: Any, before: dict[str, int], tokens_before
     # Held at its second token while the client left: at most a step more before the cancel.
     assert engine.generated_tokens - tokens_before <= 3, engine.generated_tokens - tokens_before
     assert sorted(engine._free_rows) == [0, 1] and engine.health() is None
+    assert engine.stats()["kv_cache"]["blocks_used"] == 0 and engine.blocks.pool.references == 0  # its blocks too
 
 
 def test_a_closed_stream_frees_its_row(server: tuple[str, Any]) -> None:
