@@ -3,13 +3,15 @@ lookups when a request starts, and what a finished chunk makes shareable (engine
 
 Prefix hits keep a request's numbers exactly those of a cold run: a hit covers whole prompt
 chunks only (multiples of the engine's chunk size, which is what fixes chunk boundaries), and only
-blocks computed inside full-size chunks are offered to others. So a request resumed from cached
-blocks runs the very chunks, with the very inputs, that it would have run cold.
+blocks computed inside full-size chunks are offered to others, under keys that include the LoRA
+rank window they were computed with. So a request resumed from cached blocks runs the very
+chunks, with the very inputs, that it would have run cold.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.catalog import key_name
@@ -39,9 +41,14 @@ class KVStats:
 
 
 class EngineBlocks:
-    def __init__(self, pool: BlockPool, *, chunk_size: int, watermark: float = 0.01, base_name: str = "base") -> None:
-        """`base_name`: how statistics name requests without an adapter (the served model name)."""
+    def __init__(self, pool: BlockPool, *, chunk_size: int, watermark: float = 0.01, base_name: str = "base",
+                 lora_window: Callable[[], int] = lambda: 0) -> None:
+        """`base_name`: how statistics name requests without an adapter (the served model name).
+        `lora_window`: the LoRA rank window the model computes now (it follows the largest
+        loaded rank, and an adapter's keys and values depend on it in their last bits), part of
+        an adapter prefix's key so that a hit stays bit-identical to a cold run."""
         self.pool = pool
+        self.lora_window = lora_window
         self.base_name = base_name
         self.block_size = pool.block_size
         # A hit is a whole number of chunks and of blocks (see the module docstring).
@@ -56,8 +63,13 @@ class EngineBlocks:
     def _hashes(self, seq: Sequence) -> list[BlockHash]:
         """Chained hashes of the sequence's full prefill blocks, computed once per prefill."""
         if seq.block_hashes is None:
-            seq.block_hashes = list(block_hashes(seq.request.adapter, seq.prefill_ids, self.block_size))
+            seq.hash_window = self._window(seq)
+            key = None if seq.request.adapter is None else f"{seq.request.adapter}#{seq.hash_window}"
+            seq.block_hashes = list(block_hashes(key, seq.prefill_ids, self.block_size))
         return seq.block_hashes
+
+    def _window(self, seq: Sequence) -> int:
+        return 0 if seq.request.adapter is None else self.lora_window()
 
     def _usable(self, hits: int, seq: Sequence) -> int:
         """Blocks of a prefix hit a request may use: whole hit units, and at least the last
@@ -101,6 +113,9 @@ class EngineBlocks:
         hashes = self._hashes(seq)
         full_chunks_end = seq.prefill_len // self.chunk_size * self.chunk_size
         done = min(seq.prefilled, full_chunks_end) // self.block_size
+        if self._window(seq) != seq.hash_window:  # computed under another window than its keys say
+            seq.registered = max(seq.registered, done)
+            return
         for i in range(seq.registered, min(done, len(hashes))):
             self.pool.register(seq.blocks[i], hashes[i], seq.request.adapter)
         seq.registered = max(seq.registered, done)

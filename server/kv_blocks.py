@@ -57,6 +57,7 @@ class BlockPool:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self._refs = [0] * num_blocks
+        self._total_refs = 0  # sum(self._refs), kept as it changes (read every engine step)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: low blocks first
         self._cached: OrderedDict[int, None] = OrderedDict()  # refcount 0 with a hash, LRU first
         self._hash_of: dict[int, tuple[BlockHash, str | None]] = {}  # block -> (hash, adapter key)
@@ -76,7 +77,7 @@ class BlockPool:
     @property
     def references(self) -> int:
         """Block references held by all holders together (a shared block counts once per holder)."""
-        return sum(self._refs)
+        return self._total_refs
 
     @property
     def cached(self) -> int:
@@ -100,6 +101,7 @@ class BlockPool:
                 self._forget(block)
             self._refs[block] = 1
             out.append(block)
+        self._total_refs += count
         return out
 
     def release(self, blocks: Sequence[int]) -> None:
@@ -111,6 +113,7 @@ class BlockPool:
             if refs < 0:
                 raise RuntimeError(f"KV block {block} released more often than taken")
             self._refs[block] = refs
+            self._total_refs -= 1
             if refs == 0:
                 if block in self._hash_of:
                     self._cached[block] = None  # the newest end of the LRU order
@@ -140,6 +143,7 @@ class BlockPool:
             if self._refs[block] == 0:
                 del self._cached[block]
             self._refs[block] += 1
+        self._total_refs += len(found)
         return found
 
     def register(self, block: int, digest: BlockHash, adapter: str | None) -> None:
@@ -171,6 +175,8 @@ class BlockPool:
         if len(free) != len(self._free) or free & cached:
             return "a KV block is listed twice"
         held = {b for b, refs in enumerate(self._refs) if refs > 0}
+        if sum(self._refs) != self._total_refs:
+            return "the KV block reference count is off"
         if held & (free | cached) or len(held) + len(free) + len(cached) != self.num_blocks:
             return f"{self.num_blocks - len(held) - len(free) - len(cached)} KV block(s) are lost"
         return None

@@ -85,7 +85,9 @@ class Scheduler:
         if pool.num_blocks * pool.block_size < self.max_len:
             raise ValueError(f"the KV pool holds {pool.num_blocks * pool.block_size} positions, fewer than one "
                              f"sequence of max_model_len {self.max_len} needs")
-        self.blocks = EngineBlocks(pool, chunk_size=self.chunk_size, base_name=base_name)
+        bank = runner.bank
+        self.blocks = EngineBlocks(pool, chunk_size=self.chunk_size, base_name=base_name,
+                                   lora_window=(lambda: 0) if bank is None else bank.window)
         self._inbox = Inbox(max_waiting)  # submissions and commands (server/engine.py drains it)
         self.slots = None if slot_table is None else EngineSlots(slot_table, runner, on_slot_load)
         self.adapter_weights = adapter_weights

@@ -57,6 +57,7 @@ class Sequence:
         self.prefilled = 0  # prefill tokens already in the cache
         self.blocks: list[int] = []  # KV block table (server/engine_blocks.py)
         self.block_hashes: list[bytes] | None = None  # prefix-cache keys of prefill_ids' full blocks
+        self.hash_window = 0  # the LoRA rank window those keys were made for
         self.registered = 0  # leading blocks already offered to the prefix cache
         self.seed: int | None = None  # the sampling seed, drawn when first admitted
         self.output_ids: list[int] = []

@@ -65,6 +65,37 @@ def test_hashes_depend_on_the_adapter_version_and_every_earlier_token() -> None:
     assert pool.peek(list(block_hashes("a@1", tokens, 16))) == 0
 
 
+def test_an_adapter_prefix_is_keyed_by_the_lora_window_it_was_computed_under() -> None:
+    """The rank window follows the largest loaded rank, and an adapter's keys and values depend
+    on it in their last bits: a prefix computed under one window is not served under another."""
+    from server.engine_blocks import EngineBlocks
+    from server.sequence import Sequence
+
+    window = [8]
+    blocks = EngineBlocks(BlockPool(16, 16), chunk_size=16, lora_window=lambda: window[0])
+
+    def prefill(rid: str, change_to: int | None = None) -> Sequence:
+        seq = Sequence(request(rid, list(range(3, 43)), adapter="x@1"), eos_ids=frozenset(), max_len=128)
+        blocks.start(seq)
+        hit = seq.prefilled
+        assert blocks.reserve(seq, seq.prefill_len)
+        if change_to is not None:
+            window[0] = change_to  # a higher-rank adapter was loaded while this one prefilled
+        seq.prefilled = seq.prefill_len
+        blocks.prefilled(seq)
+        blocks.release(seq)
+        seq.prefilled = hit
+        return seq
+
+    assert prefill("a").prefilled == 0 and blocks.pool.cached == 2
+    assert prefill("b").prefilled == 32  # same window: both full blocks found
+    window[0] = 16
+    assert prefill("c", change_to=32).prefilled == 0  # another window: nothing found ...
+    assert blocks.pool.cached == 2  # ... and what c computed under 32 is not filed under 16
+    assert prefill("d").prefilled == 0 and blocks.pool.cached == 4  # under 32 now: computed, filed
+    assert prefill("e").prefilled == 32
+
+
 # ---- engines -----------------------------------------------------------------------------------
 def make_engine(folder: Path, *, blocks: int | None = None, rows: int = 4, prefix: bool = True,
                 shuffle: bool = False, chunk: int = 16) -> tuple[Engine, dict[str, AdapterWeights]]:
