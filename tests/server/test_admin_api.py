@@ -112,6 +112,9 @@ def test_model_info_reports_slots_given_by_the_flag(client: TestClient) -> None:
     assert {k: slots[k] for k in ("count", "rank", "budget_bytes", "sized_by")} == {
         "count": 2, "rank": 8, "budget_bytes": None, "sized_by": "flag"}
     assert slots["bytes"] == 3 * slots["bytes_per_slot"] == info["memory"]["lora_slot_bytes"]  # null slot too
+    kv = info["kv_cache"]
+    assert kv["tokens"] == kv["blocks"] * kv["block_size"] and kv["prefix_caching"] is True
+    assert kv["bytes"] == info["memory"]["kv_cache_bytes"] > 0
 
 
 def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_path: Path) -> None:
