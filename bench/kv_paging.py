@@ -53,7 +53,6 @@ STATIC_COMMIT = "119d54e"
 CACHE = ROOT / ".bench-cache"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 STATIC_ROWS, LONG_LEN = 8, 2048
-KV_BYTES_PER_TOKEN = 46_080  # SmolLM2-135M, float32: 30 layers x (K + V) x 3 kv heads x 64 x 4 bytes
 SHORT_TOKENS = 32
 SYSTEM_TOKENS = 1_000
 WARM_REQUESTS = 3
@@ -84,6 +83,16 @@ def server(label: str, flags: list[str], data: Path, *, cwd: Path | None = None,
 def ready(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url.removesuffix("/v1") + "/ready", timeout=10) as r:
         return json.loads(r.read())
+
+
+def kv_bytes_per_position() -> int:
+    """What one cached position of the embedded model takes in float32 (46,080 bytes)."""
+    from server.kv_cache import kv_bytes_per_token
+    from server.model_config import load_model_config
+
+    cfg = load_model_config(model_dir())
+    return kv_bytes_per_token(num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                              head_dim=cfg.head_dim, dtype_bytes=4)
 
 
 def tokenizer() -> Any:
@@ -156,7 +165,7 @@ def part_a(data: Path, tok: Any, quick: bool) -> dict[str, Any]:
     jobs += [("base", [{"role": "user", "content": document(tok, 1_500, j) + "\nSummarize it."}], SHORT_TOKENS)
              for j in range(longs)]
     jobs.sort(key=lambda job: hash(str(job[1])) % 7)  # the long ones spread among the short ones
-    memory = STATIC_ROWS * LONG_LEN * KV_BYTES_PER_TOKEN
+    memory = STATIC_ROWS * LONG_LEN * kv_bytes_per_position()
     out: dict[str, Any] = {"kv_bytes": memory, "short": shorts, "long": longs, "new_tokens": SHORT_TOKENS}
     static_flags = ["--max-num-seqs", str(STATIC_ROWS), "--max-model-len", str(LONG_LEN)]
     with server("static_rows_a", static_flags, data, cwd=static_tree()) as url:

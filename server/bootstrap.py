@@ -24,7 +24,7 @@ from server.admin import AdminService
 from server.device_map import describe, estimate_part_sizes, lora_slot_bytes, resolve_device_map
 from server.engine import Engine
 from server.errors import KVCacheBudgetError, UnsupportedModelError
-from server.kv_cache import kv_bytes_per_token, pool_blocks
+from server.kv_cache import blocks_for, kv_bytes_per_token, pool_blocks
 from server.linear import tensor_bytes
 from server.metrics import ServerMetrics
 from server.model_config import ModelConfig, eos_ids, load_model_config
@@ -200,7 +200,7 @@ def kv_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> int:
     blocks = pool_blocks(settings.kv_cache_memory, bytes_per_token=per_token, block_size=settings.block_size,
                          max_rows=settings.max_num_seqs, max_len=settings.max_model_len)
     if blocks * settings.block_size < settings.max_model_len:
-        need = -(-settings.max_model_len // settings.block_size) * settings.block_size * per_token
+        need = blocks_for(settings.max_model_len, settings.block_size) * settings.block_size * per_token
         raise KVCacheBudgetError(
             f"--kv-cache-memory {settings.kv_cache_memory} bytes holds {blocks * settings.block_size} positions "
             f"({per_token} bytes each); one request of --max-model-len {settings.max_model_len} needs {need} bytes: "

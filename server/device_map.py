@@ -15,6 +15,7 @@ import torch
 
 from adapters.slot_sizing import FusedShape, bank_bytes, slot_bytes
 from server.errors import UnsupportedModelError
+from server.kv_cache import kv_bytes_per_token
 from server.model_config import ModelConfig
 from server.placement import (
     DeviceBudget,
@@ -80,7 +81,9 @@ def estimate_part_sizes(
     weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
     weights += (biases + norms) * dtype_bytes
     # Two blocks more than the pool: the scratch and zero blocks (server/kv_cache.py).
-    kv_cache = 2 * (kv_blocks + 2) * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    per_position = kv_bytes_per_token(num_layers=1, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                                      dtype_bytes=dtype_bytes)
+    kv_cache = (kv_blocks + 2) * block_size * per_position
     slots = bank_bytes(slot_bytes(projection_shapes(cfg), max_rank=max_rank, dtype_bytes=dtype_bytes), num_slots)
     layer = weights + kv_cache + slots
     tied = cfg.tie_word_embeddings

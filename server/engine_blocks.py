@@ -71,25 +71,22 @@ class EngineBlocks:
     def _window(self, seq: Sequence) -> int:
         return 0 if seq.request.adapter is None else self.lora_window()
 
-    def _usable(self, hits: int, seq: Sequence) -> int:
-        """Blocks of a prefix hit a request may use: whole hit units, and at least the last
+    def _hit(self, seq: Sequence) -> int:
+        """Cached leading blocks the sequence may use: whole hit units, and at least the last
         prefill token left to compute (its logits give the next token)."""
-        tokens = min(hits * self.block_size, seq.prefill_len - 1)
+        tokens = min(self.pool.peek(self._hashes(seq)) * self.block_size, seq.prefill_len - 1)
         return tokens // self.hit_unit * self.hit_unit // self.block_size
 
     def can_start(self, seq: Sequence) -> bool:
         """Whether the pool holds the sequence's prefill (less what the prefix cache has) and
         still keeps the watermark free."""
-        hit = self._usable(self.pool.peek(self._hashes(seq)), seq)
-        needed = self.pool.blocks_for(seq.prefill_len) - hit
+        needed = self.pool.blocks_for(seq.prefill_len) - self._hit(seq)
         return needed + self.watermark <= self.pool.available or (
             self.pool.used == 0 and needed <= self.pool.available)
 
     def start(self, seq: Sequence) -> None:
         """Give the sequence its cached prefix blocks (their positions count as prefilled)."""
-        hashes = self._hashes(seq)
-        usable = self._usable(self.pool.peek(hashes), seq)
-        seq.blocks = self.pool.match(hashes[:usable])
+        seq.blocks = self.pool.match(self._hashes(seq)[: self._hit(seq)])
         seq.prefilled = len(seq.blocks) * self.block_size
         seq.registered = len(seq.blocks)
         name = self.base_name if seq.request.adapter is None else key_name(seq.request.adapter)
@@ -113,11 +110,9 @@ class EngineBlocks:
         hashes = self._hashes(seq)
         full_chunks_end = seq.prefill_len // self.chunk_size * self.chunk_size
         done = min(seq.prefilled, full_chunks_end) // self.block_size
-        if self._window(seq) != seq.hash_window:  # computed under another window than its keys say
-            seq.registered = max(seq.registered, done)
-            return
-        for i in range(seq.registered, min(done, len(hashes))):
-            self.pool.register(seq.blocks[i], hashes[i], seq.request.adapter)
+        if self._window(seq) == seq.hash_window:  # else computed under another window than its keys say
+            for i in range(seq.registered, done):
+                self.pool.register(seq.blocks[i], hashes[i], seq.request.adapter)
         seq.registered = max(seq.registered, done)
 
     def release(self, seq: Sequence) -> None:

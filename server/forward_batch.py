@@ -92,11 +92,19 @@ class CacheLayout:
     """What the batch builder needs to know of the KV pool (server/kv_cache.py)."""
 
     block_size: int
-    scratch_slot: int  # where padding tokens write
-    zero_slot: int  # always zero: what a gathered window reads past a sequence's end
+    scratch_block: int  # where padding tokens write
+    zero_block: int  # always zero: what a gathered window reads past a sequence's end
 
     def slot(self, table: Sequence[int], position: int) -> int:
         return table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def window_slots(self, table: Sequence[int], end: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """Pool slots of positions [0, kv_len) of a sequence that has written [0, end): its own
+        for [0, end), the zero block's first slot after. # [kv_len] int64"""
+        blocks = torch.tensor(table[: -(-end // self.block_size)], dtype=torch.int64)  # [b]
+        own = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:end]  # [end]
+        past = torch.full((kv_len - end,), self.zero_block * self.block_size, dtype=torch.int64)
+        return torch.cat([own, past]).to(device)
 
 
 def build_forward_batch(
@@ -116,7 +124,7 @@ def build_forward_batch(
     """One host-to-device copy per kind of index; the masks are built here, once per forward."""
     positions: list[int] = list(decode_positions)
     write_slots = [
-        layout.scratch_slot if table is None else layout.slot(table, pos)
+        layout.scratch_block * layout.block_size if table is None else layout.slot(table, pos)
         for pos, table in zip(decode_positions, decode_tables, strict=True)
     ]
     prompt: list[int] = []
@@ -139,8 +147,7 @@ def build_forward_batch(
         needed = [0 if t is None else p // layout.block_size + 1 for p, t in zip(decode_positions, decode_tables)]
         width = table_width or max(max(needed), 1)
         # Columns past a row's last block are never read; the zero block keeps them in range.
-        zero = layout.zero_slot // layout.block_size
-        rows = [[*(t or ())[:n], *[zero] * (width - n)] for t, n in zip(decode_tables, needed)]
+        rows = [[*(t or ())[:n], *[layout.zero_block] * (width - n)] for t, n in zip(decode_tables, needed)]
         tables = tensor(rows)  # [D, width]
         lengths = tensor([0 if t is None else p + 1 for p, t in zip(decode_positions, decode_tables)])  # [D]
     specs = []
@@ -149,9 +156,8 @@ def build_forward_batch(
         n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
         kv_len = window(end)
         mask = causal_mask(position_t[None, offset : offset + n], kv_len, sliding_window)
-        slots = [layout.slot(table, p) for p in range(end)] + [layout.zero_slot] * (kv_len - end)
         specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, mask=mask,
-                                  kv_slots=tensor(slots)))
+                                  kv_slots=layout.window_slots(table, end, kv_len, device)))
         offset += n
     return ForwardBatch(
         tokens=tokens, positions=position_t, write_slots=tensor(write_slots), decode_rows=len(decode_positions),

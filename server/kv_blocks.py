@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from server.kv_cache import blocks_for
+
 BlockHash = bytes
 
 
@@ -84,8 +86,8 @@ class BlockPool:
         """Blocks that carry a prefix hash (held or not)."""
         return len(self._hash_of)
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+    def blocks_for(self, positions: int) -> int:
+        return blocks_for(positions, self.block_size)
 
     # ---- allocation ------------------------------------------------------------------------
     def allocate(self, count: int) -> list[int] | None:
@@ -133,12 +135,7 @@ class BlockPool:
 
     def match(self, hashes: Sequence[BlockHash]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes`, now also held by the caller."""
-        found = []
-        for digest in hashes:
-            block = self._by_hash.get(digest) if self.prefix_caching else None
-            if block is None:
-                break
-            found.append(block)
+        found = [self._by_hash[digest] for digest in hashes[: self.peek(hashes)]]
         for block in found:
             if self._refs[block] == 0:
                 del self._cached[block]
@@ -170,7 +167,7 @@ class BlockPool:
         del self._by_hash[digest]
 
     def check(self) -> str | None:
-        """A consistency problem, or None (tests and the engine's health check)."""
+        """A consistency problem, or None (the tests' deep check; the engine compares references)."""
         free, cached = set(self._free), set(self._cached)
         if len(free) != len(self._free) or free & cached:
             return "a KV block is listed twice"

@@ -45,18 +45,15 @@ class KVCache(torch.nn.Module):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=dev), persistent=False)
 
-    @property
-    def scratch_slot(self) -> int:
-        return self.scratch_block * self.block_size
-
-    @property
-    def zero_slot(self) -> int:
-        return self.zero_block * self.block_size
-
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's pools, flat: # [slots, kv_heads, head_dim] each (views)."""
         k, v = getattr(self, f"k{i}"), getattr(self, f"v{i}")
         return k.flatten(0, 1), v.flatten(0, 1)
+
+
+def blocks_for(positions: int, block_size: int) -> int:
+    """Blocks that hold `positions` positions."""
+    return -(-positions // block_size)
 
 
 def kv_bytes_per_token(*, num_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
@@ -67,13 +64,8 @@ def kv_bytes_per_token(*, num_layers: int, kv_heads: int, head_dim: int, dtype_b
 def pool_blocks(budget_bytes: int, *, bytes_per_token: int, block_size: int, max_rows: int, max_len: int) -> int:
     """Blocks a KV budget holds, but never more than `max_rows` sequences of `max_len` need (what
     the engine can ever hold at once)."""
-    cap = max_rows * -(-max_len // block_size)
+    cap = max_rows * blocks_for(max_len, block_size)
     return min(cap, budget_bytes // (bytes_per_token * block_size))
-
-
-def slot_of(table: list[int], position: int, block_size: int) -> int:
-    """Flat pool slot of `position` in a sequence with block table `table`."""
-    return table[position // block_size] * block_size + position % block_size
 
 
 def write_tokens(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.forward_batch import CacheLayout, ForwardBatch, PromptChunk, build_forward_batch
-from server.kv_cache import KVCache, write_tokens
+from server.kv_cache import KVCache, blocks_for, write_tokens
 from server.linear import Linear, onednn_packing_available, tensor_bytes
 from server.model_config import ModelConfig
 from server.paged_attention import paged_decode_attention
@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         param = self.model.embed_tokens.weight
         if num_blocks is None:
-            num_blocks = max_rows * -(-max_len // block_size)
+            num_blocks = max_rows * blocks_for(max_len, block_size)
         # A layer's norm weight is never packed or quantized, so it says where the layer lives.
         self.layer_devices = [layer.input_layernorm.weight.device for layer in self.model.layers]
         self._crossings = {i: self.layer_devices[i] for i in self.boundaries()}
@@ -272,7 +272,17 @@ class Transformer(nn.Module):
     def cache_layout(self) -> CacheLayout:
         if self.cache is None:
             raise RuntimeError("call allocate() first")
-        return CacheLayout(self.cache.block_size, self.cache.scratch_slot, self.cache.zero_slot)
+        return CacheLayout(self.cache.block_size, self.cache.scratch_block, self.cache.zero_block)
+
+    def fixed_share(self, row: int) -> list[int]:
+        """Blocks [row * M, (row + 1) * M), M = the blocks of a max_len sequence: the table of a
+        row that owns a fixed share of the pool (the direct `forward`, tools and tests that drive
+        the runner without an engine)."""
+        assert self.cache is not None
+        share = blocks_for(self.max_len, self.cache.block_size)
+        if (row + 1) * share > self.cache.num_blocks:
+            raise ValueError(f"row {row} has no fixed share of a pool of {self.cache.num_blocks} KV blocks")
+        return list(range(row * share, (row + 1) * share))
 
     def linear_parts(self) -> dict[str, LinearPart]:
         """Hugging Face projection name -> (fused module, output slice), e.g.
@@ -339,13 +349,9 @@ class Transformer(nn.Module):
         engine builds its ForwardBatch itself). Row r uses the blocks [r * M, (r + 1) * M), M =
         max_len / block_size, as if each row owned a fixed share of the pool. `lora`: from
         SlotBank.batch over the B rows."""
-        assert self.cache is not None
         layout = self.cache_layout()
-        per_row = -(-self.max_len // layout.block_size)
         batch, seq = tokens.shape
-        if (row_start + batch) * per_row > self.cache.num_blocks:
-            raise ValueError(f"rows up to {row_start + batch} need {(row_start + batch) * per_row} KV blocks")
-        tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(row_start, row_start + batch)]
+        tables = [self.fixed_share(r) for r in range(row_start, row_start + batch)]
         host_positions = positions.tolist()
         common = {"window": lambda needed: kv_len, "sliding_window": self.cfg.sliding_window,
                   "device": tokens.device, "layout": layout}

@@ -17,6 +17,7 @@ import torch
 
 from adapters.lora_layer import PADDING
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
+from server.kv_cache import blocks_for
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 
@@ -80,7 +81,7 @@ class ModelRunner:
         self.max_rows = model.max_rows
         self.max_len = model.max_len
         self.layout = model.cache_layout()
-        self.table_width = -(-self.max_len // self.layout.block_size)  # blocks of a full-length sequence
+        self.table_width = blocks_for(self.max_len, self.layout.block_size)  # blocks of a full-length sequence
         device = model.home_device
         self.device = device
         rows = self.max_rows
@@ -114,14 +115,8 @@ class ModelRunner:
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot if slot is None else slot
         self.positions[row] = 0
-        self.tables[row] = self._fixed_share(row) if table is None else table
+        self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
-
-    def _fixed_share(self, row: int) -> list[int]:
-        share = self.table_width
-        if (row + 1) * share > self.num_blocks:
-            raise ValueError(f"row {row} has no fixed share of a pool of {self.num_blocks} blocks")
-        return list(range(row * share, (row + 1) * share))
 
     def free_row(self, row: int) -> None:
         """Forget the row's sequence. Its blocks go back to the engine's pool; nothing is cleared,

@@ -151,10 +151,11 @@ class Scheduler:
         Decode rows come first, oldest first: one that finds the pool dry preempts the newest
         running request (possibly itself). Prompt chunks only take what is left; if nothing at
         all can run, the newest request other than the oldest prompt gives way."""
-        for seq in [s for s, _ in self._running.values() if s.prefilled == s.prefill_len]:
+        ready = [seq for seq, _ in self._running.values() if seq.prefilled == seq.prefill_len]
+        for seq in ready:
             while seq.request_id in self._running and not self.blocks.reserve(seq, seq.next_position + 1):
                 self._preempt(next(reversed(self._running.values()))[0])
-        decoding = [seq for seq, _ in self._running.values() if seq.prefilled == seq.prefill_len]
+        decoding = [seq for seq in ready if seq.request_id in self._running]
         chunks = schedule_chunks(self._prefilling, self.chunk_size, self.max_num_batched_tokens - len(decoding),
                                  long_prompt=self.long_prefill_token_threshold, decoding=bool(decoding))
         granted = []

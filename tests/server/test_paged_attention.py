@@ -218,7 +218,8 @@ def test_compiles_without_graph_breaks(backend: str) -> None:
 
 
 def test_fallback_traces_its_static_padding() -> None:
-    """Under compile the fallback pads to max_blocks (no data-dependent shape): same bits as eager."""
+    """The fallback spans every column of the block table, so it reads no length back and has no
+    data-dependent shape: it traces whole, with the same bits as eager."""
     k, v = pool()
     bt, q, lens = tables(LENGTHS, 9), queries(len(LENGTHS)), torch.tensor(LENGTHS)
     compiled = torch.compile(paged_decode_reference, fullgraph=True, dynamic=False, backend="aot_eager")
