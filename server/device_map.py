@@ -16,7 +16,7 @@ import torch
 from adapters.slot_sizing import FusedShape, bank_bytes, slot_bytes
 from server.errors import UnsupportedModelError
 from server.kv_cache import kv_bytes_per_token
-from server.model_config import ModelConfig
+from server.model_config import ModelConfig, layer_projections
 from server.placement import (
     DeviceBudget,
     PartSizes,
@@ -39,9 +39,7 @@ class DeviceMapError(UnsupportedModelError):
 def projection_shapes(cfg: ModelConfig) -> list[FusedShape]:
     """(in, out, parts) of each fused projection of one decoder layer; `parts` = HF projections
     fused in it (they share one LoRA A tensor per slot)."""
-    q, kv, hidden, inter = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
-    return [FusedShape(hidden, q + 2 * kv, 3), FusedShape(q, hidden, 1), FusedShape(hidden, 2 * inter, 2),
-            FusedShape(inter, hidden, 1)]
+    return [FusedShape(p.d_in, p.d_out, len(p.parts)) for p in layer_projections(cfg)]
 
 
 def lora_slot_bytes(cfg: ModelConfig, *, max_rank: int, dtype_bytes: int) -> int:
@@ -77,7 +75,8 @@ def estimate_part_sizes(
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     biases = (cfg.q_size + 2 * cfg.kv_size) * cfg.qkv_bias + hidden * cfg.o_bias
     biases += (2 * cfg.intermediate_size + hidden) * cfg.mlp_bias
-    norms = 2 * hidden + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    qk_norms = {"none": 0, "head": 2 * cfg.head_dim, "full": cfg.q_size + cfg.kv_size}[cfg.qk_norm]
+    norms = len(cfg.norm_names()) * hidden + qk_norms
     weights = sum(linear_bytes(i, o, dtype_bytes, quantization) for i, o, _ in projection_shapes(cfg))
     weights += (biases + norms) * dtype_bytes
     # Two blocks more than the pool: the scratch and zero blocks (server/kv_cache.py).

@@ -41,7 +41,7 @@ class PrefillChunk:
     offset: int
     length: int
     kv_len: int  # cache positions its attention reads (covers start + length)
-    mask: torch.Tensor  # [1, 1, length, kv_len] bool
+    masks: tuple[torch.Tensor, ...]  # per distinct attention window of the model: [1, 1, length, kv_len] bool
     kv_slots: torch.Tensor  # [kv_len] int64, pool slot of each position read (past the end: zero block)
 
 
@@ -71,7 +71,7 @@ class ForwardBatch:
             write_slots=move(self.write_slots),
             decode_tables=move(self.decode_tables),
             decode_lengths=move(self.decode_lengths),
-            chunks=tuple(replace(c, mask=move(c.mask), kv_slots=move(c.kv_slots)) for c in self.chunks),
+            chunks=tuple(replace(c, masks=tuple(move(m) for m in c.masks), kv_slots=move(c.kv_slots)) for c in self.chunks),
             lora=None if self.lora is None else self.lora.to(device),
         )
 
@@ -117,7 +117,7 @@ def build_forward_batch(
     chunks: Sequence[PromptChunk] = (),
     chunk_tables: Sequence[Sequence[int]] = (),  # the block table of each chunk's row
     window: Callable[[int], int],  # cache positions a chunk attends over, from the positions it needs
-    sliding_window: int | None,
+    windows: Sequence[int | None] = (None,),  # the model's distinct attention windows (None: global)
     device: torch.device,
     lora: LoraBatch | None = None,
 ) -> ForwardBatch:
@@ -155,8 +155,8 @@ def build_forward_batch(
     for chunk, table in zip(chunks, chunk_tables):
         n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
         kv_len = window(end)
-        mask = causal_mask(position_t[None, offset : offset + n], kv_len, sliding_window)
-        specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, mask=mask,
+        masks = tuple(causal_mask(position_t[None, offset : offset + n], kv_len, w) for w in windows)
+        specs.append(PrefillChunk(row=chunk.row, offset=offset, length=n, kv_len=kv_len, masks=masks,
                                   kv_slots=layout.window_slots(table, end, kv_len, device)))
         offset += n
     return ForwardBatch(

@@ -109,7 +109,7 @@ def build_kernel(cxx: str = COMPILER) -> Path:
 
 def _fake_paged_decode(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-    lengths: torch.Tensor, block_size: int, window: int, scale: float,
+    lengths: torch.Tensor, block_size: int, window: int, scale: float, softcap: float,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)  # [n, heads, hd]: what torch.compile needs to trace the op
 
@@ -155,16 +155,21 @@ def paged_decode_attention(
     *,
     block_size: int,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q·k / sqrt(hd)) · v for each row over its positions [max(0, len - window), len)
-    (all of [0, len) without a window). -> [n, heads, hd]"""
+    """softmax(cap(q·k * scale)) · v for each row over its positions [max(0, len - window), len)
+    (all of [0, len) without a window); scale defaults to hd ** -0.5, cap(s) = softcap *
+    tanh(s / softcap) when a softcap is given. -> [n, heads, hd]"""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel_ok = q.device.type == "cpu" and q.dtype == k_pool.dtype == v_pool.dtype == torch.float32
     if kernel_ok and paged_kernel_backend() == "cpp":
         return torch.ops.loraswap.paged_decode(
             q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), block_tables.long().contiguous(),
-            lengths.long().contiguous(), block_size, window or 0, q.shape[-1] ** -0.5,
+            lengths.long().contiguous(), block_size, window or 0, scale, softcap or 0.0,
         )
-    return paged_decode_reference(q, k_pool, v_pool, block_tables, lengths, block_size=block_size, window=window)
+    return paged_decode_reference(q, k_pool, v_pool, block_tables, lengths, block_size=block_size, window=window,
+                                  scale=scale, softcap=softcap)
 
 
 def paged_decode_reference(
@@ -176,6 +181,8 @@ def paged_decode_reference(
     *,
     block_size: int,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The pure-PyTorch paged decode, for any device and float dtype: gather the blocks each row
     reads, then one batched matmul per row and kv head and a masked row-wise softmax (a fused
@@ -212,7 +219,9 @@ def paged_decode_reference(
     values.view(bits).bitwise_and_(keep[:, None, :, None])
     mask = valid[:, None, None, :]  # [n, 1, 1, L]
     qg = q.reshape(n, kv_heads, group, hd)  # query heads sharing a kv head, side by side
-    scores = (qg @ keys.transpose(-1, -2)) * hd**-0.5  # [n, kvh, group, L]
+    scores = (qg @ keys.transpose(-1, -2)) * (hd**-0.5 if scale is None else scale)  # [n, kvh, group, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))  # also replaces NaN scores of masked keys
     probs = torch.where(mask, scores.softmax(dim=-1), 0)  # a padding row's all -inf softmax is NaN
     return (probs @ values).reshape(n, heads, hd)  # [n, kvh, group, hd] -> [n, heads, hd]

@@ -176,7 +176,7 @@ class ModelRunner:
             table_width=self.table_width if self.fixed_rows else None,
             chunks=chunks, chunk_tables=[self.tables[c.row] for c in chunks],
             window=lambda needed: chunk_window(needed, self.max_len),
-            sliding_window=self.model.cfg.sliding_window, device=self.device, lora=lora,
+            windows=self.model.cfg.windows, device=self.device, lora=lora,
         )
 
     def _block(self, decode_rows: Sequence[int]) -> int:

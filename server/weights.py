@@ -1,13 +1,13 @@
 """Build a native Transformer from a Hugging Face folder of safetensors files.
 
 Weights are read with safetensors only (never pickle). Hugging Face keys are mapped onto the fused
-modules: q/k/v projections into `qkv_proj`, gate/up into `gate_up_proj`.
+modules by the model's own projection layout (`Transformer.linear_parts()`): q/k/v projections
+into `qkv_proj`, gate/up into `gate_up_proj`, or, for checkpoints that ship them fused, one to one.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,16 +16,11 @@ from safetensors import safe_open
 
 from server.errors import UnsupportedModelError
 from server.linear import Linear
-from server.model import Transformer
+from server.model import LinearPart, Transformer
 from server.model_config import ModelConfig, load_model_config
 
 if TYPE_CHECKING:
     from server.placement import Placement
-
-_FUSED = re.compile(
-    r"^(model\.layers\.\d+)\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$"
-)
-
 
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
@@ -43,23 +38,16 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _target(model: Transformer, key: str) -> tuple[torch.Tensor, slice] | None:
+def _target(model: Transformer, parts: dict[str, LinearPart], key: str) -> tuple[torch.Tensor, slice] | None:
     """Where a checkpoint tensor lands: (destination parameter, output-row slice)."""
-    cfg = model.cfg
-    match = _FUSED.match(key)
-    if match:
-        prefix, _, qkv, gate_up, kind = match.groups()
-        if qkv:
-            q, kv = cfg.q_size, cfg.kv_size
-            start = {"q": 0, "k": q, "v": q + kv}[qkv]
-            size = q if qkv == "q" else kv
-            name = f"{prefix}.self_attn.qkv_proj.{kind}"
-        else:
-            inter = cfg.intermediate_size
-            start, size = (0 if gate_up == "gate" else inter), inter
-            name = f"{prefix}.mlp.gate_up_proj.{kind}"
-        return model.get_parameter(name), slice(start, start + size)
-    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+    module_name, _, kind = key.rpartition(".")
+    part = parts.get(module_name)
+    if part is not None and kind in ("weight", "bias"):
+        param = getattr(part.module, kind)
+        if param is None:  # a bias the config says the model has not
+            return None
+        return param, slice(part.start, part.end)
+    if key == "lm_head.weight" and model.cfg.tie_word_embeddings:
         return None  # tied: the embedding is the head
     try:
         param = model.get_parameter(key)
@@ -73,11 +61,12 @@ def load_weights(model: Transformer, folder: Path) -> None:
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
     expected = set(names.values())
     filled: dict[str, int] = {name: 0 for name in expected}
+    parts = model.linear_parts()
     ignored_prefixes = ("model.rotary_emb",)
     for path in safetensors_files(folder):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                target = _target(model, key)
+                target = _target(model, parts, key)
                 if target is None:
                     if key != "lm_head.weight" and not key.startswith(ignored_prefixes):
                         raise UnsupportedModelError(f"unexpected tensor {key!r} in {path.name}")

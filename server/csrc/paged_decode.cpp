@@ -125,7 +125,7 @@ inline void prefetch_rows(const float* const* rows, int64_t count, int64_t bytes
 
 struct Layout {
   int64_t heads, kv_heads, group, head_dim, block_size, max_blocks, window;
-  float scale;
+  float scale, softcap;  // softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 };
 
 struct Scratch {  // per thread, sized for the longest row of the call
@@ -179,6 +179,8 @@ void attend_group(
   float* sums = w.sums.data();
   for (int64_t h = 0; h < g; ++h) {
     float* row = scores + h * padded;
+    if (s.softcap > 0.0f)
+      for (int64_t i = 0; i < count; ++i) row[i] = std::tanh(row[i] / s.softcap) * s.softcap;
     std::fill(row + count, row + padded, -std::numeric_limits<float>::infinity());
     float m = row[0];
     for (int64_t i = 1; i < count; ++i) m = std::max(m, row[i]);  // exact in any order
@@ -220,7 +222,8 @@ at::Tensor paged_decode(
     const at::Tensor& lengths,  // [n] int64
     int64_t block_size,
     int64_t window,
-    double scale) {
+    double scale,
+    double softcap) {
   const char* shapes = "paged_decode expects q [n, heads, hd], k_pool and v_pool [num_slots, kv_heads, hd]";
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3, shapes, "; got q ", q.sizes(), ", k_pool ", k_pool.sizes());
   TORCH_CHECK(v_pool.sizes() == k_pool.sizes(), "paged_decode: v_pool ", v_pool.sizes(), " differs from k_pool ", k_pool.sizes());
@@ -242,7 +245,8 @@ at::Tensor paged_decode(
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == n, "paged_decode: lengths must be [n=", n, "], got ", lengths.sizes());
   TORCH_CHECK(block_size > 0, "paged_decode: block_size must be positive, got ", block_size);
 
-  const Layout s{heads, kv_heads, heads / kv_heads, hd, block_size, block_tables.size(1), window, static_cast<float>(scale)};
+  const Layout s{heads, kv_heads, heads / kv_heads, hd, block_size, block_tables.size(1), window, static_cast<float>(scale),
+                 static_cast<float>(softcap)};
   const int64_t num_blocks = num_slots / block_size;  // a partial trailing block is never addressable
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
@@ -295,7 +299,7 @@ at::Tensor paged_decode(
 TORCH_LIBRARY_FRAGMENT(loraswap, m) {
   m.def(
       "paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor lengths, "
-      "int block_size, int window, float scale) -> Tensor");
+      "int block_size, int window, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraswap, CPU, m) {

@@ -39,6 +39,49 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8, head_dim=16)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    # Families with their own spec (server/models/). Windows of 8 and soft caps that bite on
+    # random weights, so every feature changes the logits of a 24-token test.
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gemma2": (
+        "Gemma2Config", "Gemma2ForCausalLM",
+        dict(head_dim=16, query_pre_attn_scalar=1, sliding_window=8, attn_logit_softcapping=0.02,
+             final_logit_softcapping=0.4),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"],
+             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=8, pad_token_id=0)),
+    # Phi-3.5 / Phi-3-128k style LongRoPE (factor 4 over an original context of 64).
+    "phi3-longrope": (
+        "Phi3Config", "Phi3ForCausalLM",
+        dict(pad_token_id=0, original_max_position_embeddings=64,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                              "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                              "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}),
+    ),
+    # Phi-4-mini style: a quarter of each head passes through unrotated, tied embeddings.
+    "phi4-mini": (
+        "Phi3Config", "Phi3ForCausalLM",
+        dict(pad_token_id=0, tie_word_embeddings=True,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+    ),
+    "granite": (
+        "GraniteConfig", "GraniteForCausalLM",
+        dict(embedding_multiplier=3.0, attention_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0),
+    ),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=0)),
+}
+
+# Architectures without a native spec, served through the transformers-backed path: GPT-NeoX fuses
+# q/k/v per head in one `query_key_value` and rotates a quarter of each head; Phi (1/1.5/2) runs
+# attention and MLP in parallel off one LayerNorm, with a `dense` output projection.
+TRANSFORMERS_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_act="gelu", layer_norm_eps=1e-5)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5)),
 }
 
 
@@ -46,7 +89,7 @@ def make_family(name: str, folder: Path, *, seed: int = 0, **overrides: Any) -> 
     """Save a random-weight HF model of family `name` into `folder`; return the HF model (eval, fp32)."""
     import transformers
 
-    config_cls, model_cls, extra = FAMILIES[name]
+    config_cls, model_cls, extra = {**FAMILIES, **TRANSFORMERS_FAMILIES}[name]
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
@@ -65,14 +108,15 @@ CHAT_VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def make_tiny_chat_llama(folder: Path, *, seed: int = 0) -> Path:
-    """A 2-layer random llama with the embedded model's tokenizer and chat template in `folder`."""
+def make_tiny_chat_llama(folder: Path, *, seed: int = 0, family: str = "llama-tied") -> Path:
+    """A 2-layer random model (a llama unless `family` says) with the embedded model's tokenizer
+    and chat template in `folder`."""
     import shutil
 
     from server.model_source import resolve_model
 
     make_family(
-        "llama-tied", folder, seed=seed, vocab_size=CHAT_VOCAB, intermediate_size=128, max_position_embeddings=256
+        family, folder, seed=seed, vocab_size=CHAT_VOCAB, intermediate_size=128, max_position_embeddings=256
     )
     embedded = resolve_model(None)  # converts the embedded model once if the cache lacks it
     for name in TOKENIZER_FILES:

@@ -80,6 +80,32 @@ def test_warm_up_compiles_every_shape_then_nothing_recompiles(
     assert compiled.tokens == eager.tokens
 
 
+def test_layer_kinds_compile_once_each(tmp_path: Path) -> None:
+    """Gemma 2: sliding-window and global layers alternate (and soft-cap their scores), so the
+    compiled layer has one graph per kind and LoRA state; swaps and windows never recompile."""
+    from tests.server.families import make_family
+
+    make_family("gemma2", tmp_path)
+    torch._dynamo.reset()
+    engine = make_engine(tmp_path, compile=True)
+    engine.runner.warm_up()
+    assert engine.runner.warm_graphs == 4  # (sliding, global) x (LoRA on, off)
+    requests = [
+        GenerationRequest(f"r{i}", [3 + (i * 5 + j) % 80 for j in range(30 if i % 2 else 7)], max_tokens=6,
+                          sampling=SamplingParams(temperature=0), adapter=None if i == 4 else f"ad{i % 4}")
+        for i in range(6)
+    ]
+    results = []
+    for current in (engine, make_engine(tmp_path, compile=False)):
+        got = Collector()
+        for r in requests:
+            current.submit(r, got)
+        current.run_until_idle()
+        results.append(got.tokens)
+    assert engine.runner.recompilations == 0
+    assert results[0] == results[1]
+
+
 @pytest.mark.skipif(not onednn_packing_available(), reason="no oneDNN weight packing in this torch build")
 def test_packed_weights_are_released_with_their_model(tiny_dir: Path) -> None:
     """The compiled graph finds packed weights by handle; the registry must not keep them alive."""

@@ -32,7 +32,7 @@ ROWS, LEN, SLOTS, RANK = 3, 64, 2, 8
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("device_map")
-    names = ("llama-tied", "llama-bias", "qwen3", "llama-mha-untied")
+    names = ("llama-tied", "llama-bias", "qwen3", "llama-mha-untied", "gemma3", "olmo2", "phi3")
     return {name: (make_family(name, root / name), root / name)[1] for name in names}
 
 
@@ -63,7 +63,7 @@ def actual_sizes(model: Transformer, bank: SlotBank) -> PartSizes:
     )
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "llama-bias", "qwen3", "llama-mha-untied"])
+@pytest.mark.parametrize("family", ["llama-tied", "llama-bias", "qwen3", "llama-mha-untied", "gemma3", "olmo2", "phi3"])
 @pytest.mark.parametrize("quantization", [None, "int8", "nf4"])
 def test_estimated_sizes_equal_what_loading_allocates(
     family_dirs: dict[str, Path], family: str, quantization: str | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,11 @@ def test_sliding_window_is_applied(tmp_path: Path) -> None:
     """A window of 8 must change logits beyond position 8 compared with full attention."""
     make_family("mistral-window", tmp_path)
     windowed = build_model(tmp_path, dtype=torch.float32, device="cpu", max_rows=1, max_len=64)
+    assert windowed.cfg.layer_windows == (8, 8)
+    full = build_model(tmp_path, dtype=torch.float32, device="cpu", max_rows=1, max_len=64,
+                       cfg=replace(windowed.cfg, layer_windows=()))
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
     a = native_logits(windowed, ids)
-    windowed.cfg.__dict__["sliding_window"] = None  # frozen dataclass: bypass for the comparison only
-    b = native_logits(windowed, ids)
+    b = native_logits(full, ids)
     assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)

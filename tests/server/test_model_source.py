@@ -65,9 +65,9 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
 def test_unsupported_rope_scaling_is_refused() -> None:
     raw = {
         "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0},
     }
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    with pytest.raises(UnsupportedModelError, match="'dynamic' is not supported"):
         parse_model_config(raw)
 
 

@@ -36,8 +36,10 @@ def cpp(backend: str) -> None:
 
 
 def cpp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, *,
-           block_size: int, window: int | None = None) -> torch.Tensor:
-    return torch.ops.loraswap.paged_decode(q, k, v, bt, lens, block_size, window or 0, q.shape[-1] ** -0.5)
+           block_size: int, window: int | None = None, scale: float | None = None,
+           softcap: float | None = None) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.loraswap.paged_decode(q, k, v, bt, lens, block_size, window or 0, scale, softcap or 0.0)
 
 
 @pytest.fixture(params=["cpp", "torch"])
@@ -71,7 +73,8 @@ def queries(n: int, seed: int = 1, heads: int = HEADS, hd: int = HD) -> torch.Te
 
 
 def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bt: torch.Tensor, lengths: list[int],
-                window: int | None = None, block_size: int = BS) -> torch.Tensor:
+                window: int | None = None, block_size: int = BS, scale: float | None = None,
+                softcap: float | None = None) -> torch.Tensor:
     """Row by row in float64 over the row's own positions only."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     group, hd = q.shape[1] // k.shape[1], q.shape[2]
@@ -83,7 +86,10 @@ def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bt: torch.Ten
         slots = bt[r, pos // block_size] * block_size + pos % block_size
         keys = k[slots].double().repeat_interleave(group, dim=1)  # [L, heads, hd]
         values = v[slots].double().repeat_interleave(group, dim=1)
-        probs = (torch.einsum("hd,lhd->hl", q[r].double(), keys) * hd**-0.5).softmax(-1)
+        scores = torch.einsum("hd,lhd->hl", q[r].double(), keys) * (hd**-0.5 if scale is None else scale)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = scores.softmax(-1)
         out[r] = torch.einsum("hl,lhd->hd", probs, values)
     return out
 
@@ -105,6 +111,20 @@ def test_matches_float64_reference(impl: Impl, window: int | None, heads: int, k
     expected = reference64(q, k, v, bt, lengths, window, block_size)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[lengths.index(0)], torch.zeros(heads, hd))  # padding row: zeros
+
+
+@pytest.mark.parametrize(("scale", "softcap"), [(0.3, None), (0.25, 2.0)], ids=["scale", "scale-softcap"])
+def test_scale_and_softcap_match_float64_reference(impl: Impl, scale: float, softcap: float | None) -> None:
+    """Gemma's query scale and Gemma 2's score soft-capping (a cap of 2 bites on these scores)."""
+    k, v = pool(seed=5)
+    bt = tables(LENGTHS, 8)
+    q = queries(len(LENGTHS), seed=6)
+    out = impl(q, k, v, bt, torch.tensor(LENGTHS), block_size=BS, window=20, scale=scale, softcap=softcap)
+    expected = reference64(q, k, v, bt, LENGTHS, 20, BS, scale, softcap)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    if softcap is not None:  # the cap really changes the result
+        uncapped = reference64(q, k, v, bt, LENGTHS, 20, BS, scale, None)
+        assert (uncapped - expected).abs().max() > 1e-2
 
 
 def test_public_entry_point_uses_the_backend(backend: str) -> None:
@@ -181,26 +201,26 @@ def test_bad_inputs_raise(cpp: None) -> None:
         bad = bt.clone()
         bad[1, 2] = bad_id  # row 1 (length 37) reads columns 0..2
         with pytest.raises(RuntimeError, match=r"block_tables\[1, 2\] = .* out of range for a pool of 64 blocks"):
-            op(q, k, v, bad, lens, BS, 0, scale)
+            op(q, k, v, bad, lens, BS, 0, scale, 0.0)
     with pytest.raises(RuntimeError, match="float32"):
-        op(q.double(), k, v, bt, lens, BS, 0, scale)
+        op(q.double(), k, v, bt, lens, BS, 0, scale, 0.0)
     with pytest.raises(RuntimeError, match="int64"):
-        op(q, k, v, bt.int(), lens, BS, 0, scale)
+        op(q, k, v, bt.int(), lens, BS, 0, scale, 0.0)
     with pytest.raises(RuntimeError, match=r"lengths\[0\] = 129 is outside"):
-        op(q, k, v, bt, torch.tensor([129, *LENGTHS[1:]]), BS, 0, scale)
+        op(q, k, v, bt, torch.tensor([129, *LENGTHS[1:]]), BS, 0, scale, 0.0)
     with pytest.raises(RuntimeError, match="multiple of kv_heads"):
-        op(q[:, :5].contiguous(), k, v, bt, lens, BS, 0, scale)
+        op(q[:, :5].contiguous(), k, v, bt, lens, BS, 0, scale, 0.0)
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, bt, lens, BS, 0, scale)
+        op(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, bt, lens, BS, 0, scale, 0.0)
     # Columns a row does not read may hold anything: row 0 (length 1) reads column 0 only.
     junk = bt.clone()
     junk[0, 1:] = 10**12
-    assert torch.equal(op(q, k, v, junk, lens, BS, 0, scale), op(q, k, v, bt, lens, BS, 0, scale))
+    assert torch.equal(op(q, k, v, junk, lens, BS, 0, scale, 0.0), op(q, k, v, bt, lens, BS, 0, scale, 0.0))
 
 
 def test_fake_kernel_passes_opcheck(cpp: None) -> None:
     k, v = pool()
-    args = (queries(len(LENGTHS)), k, v, tables(LENGTHS, 8), torch.tensor(LENGTHS), BS, 0, HD**-0.5)
+    args = (queries(len(LENGTHS)), k, v, tables(LENGTHS, 8), torch.tensor(LENGTHS), BS, 0, HD**-0.5, 0.0)
     torch.library.opcheck(torch.ops.loraswap.paged_decode.default, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -73,6 +73,19 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def assert_within_quantization_error(
+    method: str, got_base: torch.Tensor, want_base: torch.Tensor, got_lora: torch.Tensor, want_lora: torch.Tensor,
+    exact_lora: torch.Tensor, *, floor: float,
+) -> None:
+    """loraswap's logits within a fraction of the quantization's own error of the reference's."""
+    quantization_error = float((want_lora - exact_lora).abs().max())
+    assert quantization_error > floor, quantization_error  # quantized for real
+    tight = 0.002 * quantization_error
+    lora_atol = 0.1 * quantization_error if method == "int8" else tight
+    assert torch.allclose(got_base, want_base, atol=tight, rtol=0), ((got_base - want_base).abs().max(), tight)
+    assert torch.allclose(got_lora, want_lora, atol=lora_atol, rtol=0), ((got_lora - want_lora).abs().max(), lora_atol)
+
+
 @pytest.mark.parametrize("host", HOSTS)
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_base_and_adapter_match_peft(
@@ -96,12 +109,7 @@ def test_quantized_base_and_adapter_match_peft(
     # float32 computation on both sides (summation order aside). With an adapter, LLM.int8()
     # rounds each activation row to int8, so a 1e-7 difference in how the LoRA delta was summed
     # can move a value across one rounding step downstream: a tenth of the error there.
-    quantization_error = float((want_lora - exact_lora).abs().max())
-    assert quantization_error > 1e-3, quantization_error  # quantized for real
-    tight = 0.002 * quantization_error
-    lora_atol = 0.1 * quantization_error if method == "int8" else tight
-    assert torch.allclose(got_base, want_base, atol=tight, rtol=0), ((got_base - want_base).abs().max(), tight)
-    assert torch.allclose(got_lora, want_lora, atol=lora_atol, rtol=0), ((got_lora - want_lora).abs().max(), lora_atol)
+    assert_within_quantization_error(method, got_base, want_base, got_lora, want_lora, exact_lora, floor=1e-3)
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
@@ -177,3 +185,26 @@ def test_quantized_lm_head_refuses_a_tied_head(base: Path) -> None:
 
     with pytest.raises(UnsupportedModelError, match="untied"):
         build_model(base, dtype=torch.float32, device="cpu", max_rows=1, max_len=16, quantization="nf4", quantize_lm_head=True)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "olmo2"])
+def test_other_families_quantize_like_transformers(family: str, method: str, tmp_path: Path) -> None:
+    """Quantization reads the projection layout from the spec: Gemma 3 (sandwich norms, QK-norm),
+    Phi-3 (fused checkpoint projections and the adapters on them), OLMo 2 (post-norms)."""
+    from tests.adapters.helpers import make_peft_adapter
+
+    hf = make_family(family, tmp_path / "base", hidden_size=128, intermediate_size=256)
+    make_peft_adapter(hf, tmp_path / "ad", seed=4, r=8, lora_alpha=16, target_modules="all-linear")
+    model = build_model(tmp_path / "base", dtype=torch.float32, device="cpu", max_rows=2, max_len=64,
+                        quantization=method)
+    bank = SlotBank(model, num_slots=1, max_rank=8)
+    bank.load(0, load_weights(tmp_path / "ad", bank))
+    ids = torch.randint(3, 90, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want_base = reference(tmp_path / "base", method)(ids).logits
+        want_lora = reference(tmp_path / "base", method, tmp_path / "ad")(ids).logits
+        exact_lora = unquantized(tmp_path / "base", tmp_path / "ad")(ids).logits
+        got_base = native_logits(model, bank, ids, bank.null_slot)
+        got_lora = native_logits(model, bank, ids, 0)
+    assert_within_quantization_error(method, got_base, want_base, got_lora, want_lora, exact_lora, floor=1e-4)

@@ -38,11 +38,11 @@ RANK = 8
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slot_sizing")
-    names = ("llama-bias", "qwen3", "llama-mha-untied")
+    names = ("llama-bias", "qwen3", "llama-mha-untied", "gemma2", "olmo2", "phi3")
     return {name: (make_family(name, root / name), root / name)[1] for name in names}
 
 
-@pytest.mark.parametrize("family", ["llama-bias", "qwen3", "llama-mha-untied"])
+@pytest.mark.parametrize("family", ["llama-bias", "qwen3", "llama-mha-untied", "gemma2", "olmo2", "phi3"])
 @pytest.mark.parametrize(("dtype", "num_slots", "rank"), [(torch.float32, 1, 8), (torch.bfloat16, 3, 16)])
 def test_slot_bytes_equal_what_a_slot_bank_allocates(
     family_dirs: dict[str, Path], family: str, dtype: torch.dtype, num_slots: int, rank: int
