@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         default=None, description="Name clients use in `model`; unset: the model folder's name or hub id."
     )
+    model_impl: Literal["auto", "native", "transformers"] = Field(
+        default="auto",
+        description="How the model computes: native (a loraswap spec: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3/4, "
+        "Granite, OLMo 2), transformers (transformers' own modules around loraswap's KV cache, attention "
+        "and LoRA slots: any decoder-only model it loads), auto: native when a spec exists.",
+    )
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves every interface.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
     dtype: Dtype = Field(default="auto", description="Weight and compute dtype; auto: float32 on CPU, bfloat16 on CUDA.")

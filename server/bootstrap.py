@@ -16,7 +16,7 @@ import torch
 
 from adapters.catalog import AdapterCatalog, AdapterVersion
 from adapters.slot_bank import SlotBank
-from adapters.slot_sizing import SlotPlan, plan_slots
+from adapters.slot_sizing import SlotPlan, fused_shapes, plan_slots, slot_bytes
 from adapters.slot_table import SlotTable
 from adapters.store import AdapterStore
 from config.settings import Settings
@@ -26,8 +26,11 @@ from server.engine import Engine
 from server.errors import KVCacheBudgetError, UnsupportedModelError
 from server.kv_cache import blocks_for, kv_bytes_per_token, pool_blocks
 from server.linear import tensor_bytes
+from server.hf_model import TransformersModel, load_transformers_model
 from server.metrics import ServerMetrics
-from server.model_config import ModelConfig, eos_ids, load_model_config
+from server.model import Transformer
+from server.model_config import ModelConfig, eos_ids
+from server.model_impl import check_options, model_architecture
 from server.model_source import EMBEDDED_NAME, resolve_model
 from server.placement import PartSizes, Placement
 from server.runner import ModelRunner
@@ -80,7 +83,8 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
 
     start = time.monotonic()
     folder = resolve_model(settings.model)
-    cfg = load_model_config(folder)
+    impl, cfg = model_architecture(settings.model_impl, folder)
+    check_options(impl, settings)
     if settings.max_model_len > cfg.max_position_embeddings:
         raise UnsupportedModelError(
             f"--max-model-len {settings.max_model_len} exceeds the model's max_position_embeddings "
@@ -91,24 +95,24 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
     # Under a device map, any GPU part decides the dtype (bfloat16 by default), as --device cuda does.
     device = pick_device(settings.device) if placement is None else main_device(placement)
     dtype = pick_dtype(settings.dtype, device)
-    slots = slot_plan(settings, cfg, dtype.itemsize)  # before loading: a budget too small fails fast
-    kv_blocks = kv_plan(settings, cfg, dtype.itemsize)
-    log.info("loading %s (%s, %s on %s)", folder, cfg.model_type, dtype, device)
+    log.info("loading %s (%s, %s, %s on %s)", folder, cfg.model_type, impl, dtype, device)
     if placement is not None:
         log.info("device map: %s", json.dumps(describe(placement)))
-    model = build_model(
-        folder,
-        dtype=dtype,
-        device=device,
-        max_rows=settings.max_num_seqs,
-        max_len=settings.max_model_len,
-        cfg=cfg,
-        quantization=quantization,
-        quantize_lm_head=settings.quantize_lm_head,
-        placement=placement,
-        kv_blocks=kv_blocks,
-        block_size=settings.block_size,
-    )
+    if impl == "transformers":
+        model: Transformer | TransformersModel = load_transformers_model(folder, dtype=dtype, device=device)
+        # Sized from the loaded model: its KV heads as its attention computes them, its slots
+        # over whatever linear layers it has.
+        cfg = model.cfg
+        kv_blocks = kv_plan(settings, cfg, dtype.itemsize)
+        model.allocate(max_rows=settings.max_num_seqs, max_len=settings.max_model_len, num_blocks=kv_blocks,
+                       block_size=settings.block_size)
+        per_slot = slot_bytes(fused_shapes(model.linear_parts()), max_rank=settings.max_lora_rank,
+                              dtype_bytes=dtype.itemsize)
+        slots = slot_plan(settings, cfg, dtype.itemsize, per_slot=per_slot)
+    else:
+        slots = slot_plan(settings, cfg, dtype.itemsize)  # before loading: a budget too small fails fast
+        kv_blocks = kv_plan(settings, cfg, dtype.itemsize)
+        model = build_native(folder, settings, cfg, dtype, device, quantization, placement, kv_blocks)
     footprint = model.memory_footprint()
     log.info("weights: decoder projections %.1f MB (%s), other %.1f MB",
              footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6)
@@ -155,7 +159,8 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
     admin = AdminService(
         catalog, engine, adapter_roots=settings.adapter_roots, max_upload_bytes=int(settings.max_upload_mb * 1e6),
         model_info={
-            "model": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "model": name, "model_type": cfg.model_type, "model_impl": impl,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "quantization": settings.quantization, "compile": settings.compile,
             "device_map": None if placement is None else describe(placement),
             "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers()),
@@ -185,11 +190,24 @@ def main_device(placement: Placement) -> torch.device:
     return torch.device(gpus[0] if gpus else "cpu")
 
 
-def slot_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> SlotPlan:
-    """--max-loras resolved (`auto`: what --lora-memory holds) for slots of `dtype_bytes` elements."""
-    per_slot = lora_slot_bytes(cfg, max_rank=settings.max_lora_rank, dtype_bytes=dtype_bytes)
+def slot_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int, *, per_slot: int | None = None) -> SlotPlan:
+    """--max-loras resolved (`auto`: what --lora-memory holds) for slots of `dtype_bytes` elements;
+    `per_slot`: a slot's bytes when the config cannot say (the transformers-backed path)."""
+    if per_slot is None:
+        per_slot = lora_slot_bytes(cfg, max_rank=settings.max_lora_rank, dtype_bytes=dtype_bytes)
     return plan_slots(settings.max_loras, budget_bytes=settings.lora_memory, per_slot_bytes=per_slot,
                       rank=settings.max_lora_rank, compiled=settings.compile)
+
+
+def build_native(
+    folder: Path, settings: Settings, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+    quantization: str | None, placement: Placement | None, kv_blocks: int,
+) -> Transformer:
+    return build_model(
+        folder, dtype=dtype, device=device, max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
+        cfg=cfg, quantization=quantization, quantize_lm_head=settings.quantize_lm_head, placement=placement,
+        kv_blocks=kv_blocks, block_size=settings.block_size,
+    )
 
 
 def kv_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> int:

@@ -1,0 +1,267 @@
+"""The transformers-backed model (`--model-impl transformers`): any decoder-only architecture that
+transformers loads and whose attention goes through its attention interface.
+
+transformers' own modules compute the model (embeddings, norms, rotary embeddings, MLPs, heads);
+loraswap supplies the rest, as vLLM's Transformers backend does:
+
+- attention: an attention function registered with transformers as "loraswap" receives each
+  layer's rotated q, k, v over the step's flat tokens and runs loraswap's paged attention (the KV
+  block pool, the decode kernel, per-chunk prompt attention), so batching, prefix caching and
+  preemption are the engine's, unchanged;
+- LoRA: every nn.Linear of the decoder becomes a `LoraLinear` in place (same name, same weights),
+  to which the slot bank attaches its slots, so one batch mixes adapters as on the native path;
+- the step's `ForwardBatch` reaches both through a context variable set around the forward.
+
+Unpacked weights: the runner keeps a fixed decode shape and one forward per prompt chunk, which
+keeps a request's tokens independent of the batch. Slower than a native spec, never different.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.decoder_layer import paged_attention
+from server.errors import UnsupportedModelError
+from server.forward_batch import ForwardBatch
+from server.linear import tensor_bytes
+from server.model import LinearPart, final_logits
+from server.model_config import ModelConfig, eos_ids
+from server.paged_model import PagedModel
+
+ATTENTION_NAME = "loraswap"
+_STEP: ContextVar[tuple[ForwardBatch, TransformersModel] | None] = ContextVar("loraswap_step", default=None)
+# While set, the attention function only records each layer's (kv heads, head dim): the probe
+# forward that sizes the KV cache from what the layers really compute, whatever the config says.
+_PROBE: ContextVar[dict[int, tuple[int, int]] | None] = ContextVar("loraswap_probe", default=None)
+
+
+class LoraLinear(nn.Linear):
+    """A transformers nn.Linear with LoRA slots: the class of the loaded module is swapped, so
+    its name, weights and place in the model stay."""
+
+    lora: Any  # adapters.lora_layer.LoraSlots once a slot bank is attached
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
+        y = F.linear(x, self.weight, self.bias)  # [..., out]
+        step = _STEP.get()
+        if self.lora is not None and step is not None and step[0].lora is not None:
+            flat = self.lora.add_to(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), step[0].lora)
+            y = flat.view(y.shape)
+        return y
+
+
+def _attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+    scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+    softcap: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature: query # [1, heads, T, hd], key and value
+    # [1, kv_heads, T, hd] -> (output # [1, T, heads, hd], no weights)."""
+    probe = _PROBE.get()
+    if probe is not None:
+        probe[module.layer_idx] = (key.shape[1], key.shape[3])
+        return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3]), None
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError("loraswap attention called outside a loraswap forward")
+    batch, model = step
+    assert model.cache is not None
+    heads, tokens, hd = query.shape[1], query.shape[2], query.shape[3]
+    k_cache, v_cache = model.cache.layer(module.layer_idx)
+    if key.shape[1] != k_cache.shape[1] or hd != k_cache.shape[2]:
+        raise UnsupportedModelError(
+            f"layer {module.layer_idx} has {key.shape[1]} KV heads of {hd}; the cache was sized for "
+            f"{k_cache.shape[1]} of {k_cache.shape[2]} from the config")
+    windows = model.cfg.windows
+    out = paged_attention(
+        query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1), value[0].transpose(0, 1), batch, k_cache,
+        v_cache, window=sliding_window, window_group=windows.index(sliding_window) if sliding_window in windows else None,
+        scale=scaling if scaling is not None else hd**-0.5, softcap=softcap,
+    )  # [T, heads * hd]
+    return out.view(1, tokens, heads, hd), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # loraswap masks inside its attention (causal, windows, block tables)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+def generic_config(hf_config: Any) -> ModelConfig:
+    """The sizes the engine needs (KV cache, limits) from any transformers text config."""
+    text = hf_config.get_text_config()
+    heads, hidden = int(text.num_attention_heads), int(text.hidden_size)
+    layers = int(text.num_hidden_layers)
+    sliding = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    windows: tuple[int | None, ...] = ()
+    if isinstance(sliding, int) and types is not None and len(types) == layers:
+        windows = tuple(sliding if t == "sliding_attention" else None for t in types)
+    return ModelConfig(
+        model_type=text.model_type, vocab_size=int(text.vocab_size), hidden_size=hidden,
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        rms_norm_eps=1e-6, max_position_embeddings=int(getattr(text, "max_position_embeddings", None) or 2048),
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        qkv_bias=False, o_bias=False, mlp_bias=False, layer_windows=windows,
+        bos_token_id=getattr(text, "bos_token_id", None), eos_token_ids=eos_ids({"eos_token_id": text.eos_token_id}),
+    )
+
+
+class TransformersModel(PagedModel):
+    def __init__(self, hf: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.hf = hf
+        head = hf.get_output_embeddings()
+        self._names = {name for name, _ in hf.named_modules() if name}
+        self._targets: dict[str, LoraLinear] = {}
+        for name, module in hf.named_modules():
+            if type(module) is nn.Linear and module is not head:
+                module.__class__ = LoraLinear
+                module.lora = None
+                self._targets[name] = module  # type: ignore[assignment]
+        self.layer_devices: list[torch.device] = []
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.hf.get_input_embeddings().weight.dtype
+
+    @property
+    def home_device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    def all_packed(self) -> bool:
+        return False  # transformers' own kernels: the runner keeps batch-invariant fixed shapes
+
+    def linear_parts(self) -> dict[str, LinearPart]:
+        """Every nn.Linear of the model but the head, by its checkpoint name, as one part each."""
+        return {name: LinearPart(module, 0, module.out_features) for name, module in self._targets.items()}  # type: ignore[arg-type]
+
+    def hf_module_names(self) -> set[str]:
+        return set(self._names)
+
+    def allocate(self, *, max_rows: int, max_len: int, num_blocks: int | None = None, block_size: int = 16) -> None:
+        self.layer_devices = [self.home_device] * self.cfg.num_hidden_layers
+        self.allocate_cache(max_rows=max_rows, max_len=max_len, num_blocks=num_blocks, block_size=block_size,
+                            dtype=self.compute_dtype, layer_devices=self.layer_devices)
+
+    def memory_footprint(self) -> dict[str, int]:
+        linear = sum(tensor_bytes(p) for m in self._targets.values() for p in m.parameters(recurse=False))
+        total = sum(tensor_bytes(p) for p in self.hf.parameters())  # tied weights counted once
+        cache = 0 if self.cache is None else sum(tensor_bytes(t) for t in self.cache.buffers())
+        return {"linear_bytes": linear, "other_weight_bytes": total - linear, "kv_cache_bytes": cache}
+
+    def forward_batch(self, batch: ForwardBatch, layer_fn: object = None) -> torch.Tensor:
+        """transformers' base model over the step's flat tokens as one sequence of positions; the
+        attention function keeps rows apart. -> final hidden states # [T, hidden]"""
+        if self.cache is None:
+            raise RuntimeError("call allocate() before forward()")
+        token = _STEP.set((batch, self))
+        try:
+            out = self.hf.base_model(input_ids=batch.tokens[None], position_ids=batch.positions[None], use_cache=False)
+        finally:
+            _STEP.reset(token)
+        return out.last_hidden_state[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's head, then the logit transformations transformers' causal-LM heads apply
+        after it (Granite's divisor, Gemma 2's soft cap, Cohere's scale). # [..., vocab] float32"""
+        text = self.hf.config.get_text_config()
+        logits = self.hf.get_output_embeddings()(hidden).float()
+        scale = getattr(text, "logit_scale", None)
+        if isinstance(scale, (int, float)) and scale != 1.0:
+            logits = logits * scale
+        return final_logits(logits, divisor=float(getattr(text, "logits_scaling", None) or 1.0),
+                            softcap=getattr(text, "final_logit_softcapping", None))
+
+
+def probed_config(hf: nn.Module, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the KV heads and head size the attention layers really produce (GPT-NeoX, for
+    one, ignores a num_key_value_heads its config may carry), from a one-token forward."""
+    shapes: dict[int, tuple[int, int]] = {}
+    token = _PROBE.set(shapes)
+    try:
+        with torch.no_grad():
+            device = hf.get_input_embeddings().weight.device
+            hf.base_model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device),
+                          position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        _PROBE.reset(token)
+    if sorted(shapes) != list(range(cfg.num_hidden_layers)) or len(set(shapes.values())) != 1:
+        raise UnsupportedModelError(f"{cfg.model_type!r}: attention layers {sorted(shapes)} with KV shapes "
+                                    f"{sorted(set(shapes.values()))}; loraswap needs one shape for layers 0.."
+                                    f"{cfg.num_hidden_layers - 1}")
+    kv_heads, head_dim = shapes[0]
+    return replace(cfg, num_key_value_heads=kv_heads, head_dim=head_dim)
+
+
+def check_servable(hf_config: Any) -> None:
+    """Refuse, before loading, what this path cannot serve, saying why."""
+    if getattr(hf_config, "vision_config", None) is not None or getattr(hf_config, "audio_config", None) is not None:
+        raise UnsupportedModelError(f"model_type {hf_config.model_type!r} is a vision-language (or audio) model; "
+                                    "loraswap serves decoder-only text models")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"model_type {hf_config.model_type!r} is an encoder-decoder model; "
+                                    "loraswap serves decoder-only text models")
+
+
+def _check_attention(hf: nn.Module, model_type: str) -> None:
+    attention = [m for m in hf.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
+    if not attention:
+        raise UnsupportedModelError(f"{model_type!r}: no attention module of transformers' attention interface "
+                                    "found (layer_idx, is_causal)")
+    if not all(m.is_causal for m in attention):
+        raise UnsupportedModelError(f"{model_type!r} attends bidirectionally (an encoder); loraswap serves "
+                                    "decoder-only models")
+
+
+def _causal_lm(hf_config: Any, build: Any) -> nn.Module:
+    """`build(cls)` with the model's causal-LM class, as refusals that say why."""
+    from transformers import AutoModelForCausalLM
+
+    check_servable(hf_config)
+    register_attention()
+    try:
+        return build(AutoModelForCausalLM)
+    except ValueError as exc:  # no causal-LM class for this config, or no attention-interface support
+        raise UnsupportedModelError(f"transformers cannot serve {hf_config.model_type!r} as a decoder-only model "
+                                    f"through its attention interface: {str(exc).splitlines()[0]}") from exc
+
+
+def check_architecture(hf_config: Any) -> None:
+    """Refuse what this path cannot serve from the config alone (the model built on the meta
+    device: no memory, no weights read)."""
+    with torch.device("meta"):
+        hf = _causal_lm(hf_config, lambda auto: auto.from_config(hf_config, attn_implementation=ATTENTION_NAME))
+    _check_attention(hf, hf_config.model_type)
+
+
+def load_transformers_model(folder: Path, *, dtype: torch.dtype, device: torch.device | str) -> TransformersModel:
+    """Load `folder` with transformers (safetensors only, no remote code) and wrap it; allocate()
+    follows, once the KV cache is sized from the probed `cfg`."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    hf = _causal_lm(hf_config, lambda auto: auto.from_pretrained(
+        folder, dtype=dtype, attn_implementation=ATTENTION_NAME, use_safetensors=True, trust_remote_code=False))
+    _check_attention(hf, hf_config.model_type)
+    hf = hf.to(device).eval().requires_grad_(False)
+    return TransformersModel(hf, probed_config(hf, generic_config(hf_config)))
