@@ -1,4 +1,4 @@
-"""Read a llama-architecture GGUF checkpoint into Hugging Face tensors with the `gguf` package.
+"""Read a llama or Gemma 3 GGUF checkpoint into Hugging Face tensors with the `gguf` package.
 
 Why not transformers' GGUF loader: it builds the whole model first and needs `accelerate` for
 that (a dependency its releases added), while the conversion only needs three steps that the
@@ -7,7 +7,9 @@ that (a dependency its releases added), while the conversion only needs three st
 1. dequantize each tensor (`gguf.dequantize`, the same kernels transformers calls) to float32;
 2. map its GGUF name (`blk.3.attn_q.weight`) to the Hugging Face name
    (`model.layers.3.self_attn.q_proj.weight`) through gguf's own name table;
-3. undo the row permutation llama.cpp applies to the q and k projections of llama models.
+3. undo what llama.cpp's converter did to the weights: it permutes the q and k rows of llama
+   models, and stores Gemma's RMSNorm weights as 1 + w (Gemma scales by 1 + w; the Hugging
+   Face checkpoint keeps w).
 
 The config comes from transformers' GGUF metadata parser (no weights, no accelerate), the
 tokenizer and chat template from its tokenizer converter, so the converted folder holds exactly
@@ -23,9 +25,16 @@ import torch
 
 from server.errors import ModelSourceError
 
-# The architectures whose q/k rows llama.cpp permutes (convert_hf_to_gguf.py, LlamaModel), and
-# the only ones this converter accepts: the embedded model is one.
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architecture -> (per-layer Hugging Face parameters, q/k rows permuted, norms stored as 1 + w).
+# llama: the embedded model; gemma3: Gemma 3 text models (the 270M one is on the package index).
+_LLAMA_LAYER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+ARCHITECTURES: dict[str, tuple[tuple[str, ...], bool, bool]] = {
+    "llama": (_LLAMA_LAYER, True, False),
+    "gemma3": ((*_LLAMA_LAYER, "pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm",
+                "self_attn.k_norm"), False, True),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def unpermute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -37,24 +46,21 @@ def unpermute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(weights.shape)  # [heads, 2, half, ...] -> rows
 
 
-def llama_hf_names(num_layers: int, *, tied: bool) -> list[str]:
-    """The parameter names of a Hugging Face LlamaForCausalLM (lm_head only when untied)."""
-    per_layer = [
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
-    ]
+def llama_hf_names(num_layers: int, *, tied: bool, architecture: str = "llama") -> list[str]:
+    """The parameter names of the Hugging Face model of `architecture` (lm_head only when untied)."""
+    per_layer = ARCHITECTURES[architecture][0]
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [f"model.layers.{i}.{part}.weight" for i in range(num_layers) for part in per_layer]
     return names if tied else [*names, "lm_head.weight"]
 
 
-def gguf_to_hf_names(num_layers: int, *, tied: bool) -> dict[str, str]:
-    """GGUF tensor name -> Hugging Face parameter name, from gguf's own llama name table."""
+def gguf_to_hf_names(num_layers: int, *, tied: bool, architecture: str = "llama") -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face parameter name, from gguf's own name table."""
     import gguf
 
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, num_layers)
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, architecture.upper()), num_layers)
     mapping: dict[str, str] = {}
-    for hf_name in llama_hf_names(num_layers, tied=tied):
+    for hf_name in llama_hf_names(num_layers, tied=tied, architecture=architecture):
         gguf_name = table.get_name(hf_name, try_suffixes=(".weight",))
         if gguf_name is None:  # a gguf release that renamed its table: refuse, never guess
             raise ModelSourceError(f"the gguf package has no GGUF name for {hf_name}")
@@ -73,16 +79,19 @@ def read_tensors(path: Path, *, num_heads: int, num_kv_heads: int, num_layers: i
         raise ModelSourceError(f"{path.name}: GGUF architecture {architecture!r} is not supported "
                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     tied = all(tensor.name != "output.weight" for tensor in reader.tensors)
-    names = gguf_to_hf_names(num_layers, tied=tied)
+    names = gguf_to_hf_names(num_layers, tied=tied, architecture=architecture)
+    _, permuted, norm_shift = ARCHITECTURES[architecture]
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name not in names:
             raise ModelSourceError(f"{path.name}: unexpected tensor {tensor.name}")
         weights = gguf.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if tensor.name.endswith("attn_q.weight"):
+        if permuted and tensor.name.endswith("attn_q.weight"):
             weights = unpermute_rows(weights, num_heads)
-        elif tensor.name.endswith("attn_k.weight"):
+        elif permuted and tensor.name.endswith("attn_k.weight"):
             weights = unpermute_rows(weights, num_kv_heads)
+        elif norm_shift and names[tensor.name].endswith("norm.weight"):
+            weights = weights - 1.0
         tensors[names[tensor.name]] = torch.from_numpy(np.ascontiguousarray(weights))
     missing = sorted(set(names.values()) - tensors.keys())
     if missing:

@@ -75,6 +75,9 @@ def embedded_model_dir() -> Path:
     return target
 
 
+_CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into a Hugging Face folder, atomically (temp dir + rename)."""
     from safetensors.torch import save_file
@@ -101,7 +104,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         # quantization entry (the tensors are dequantized).
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)
-        config_dict["architectures"] = ["LlamaForCausalLM"]
+        config_dict["architectures"] = [_CAUSAL_LM_CLASSES[config.model_type]]
         config_dict["dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         GenerationConfig.from_model_config(config).save_pretrained(tmp)

@@ -47,6 +47,33 @@ def test_name_table_is_one_to_one() -> None:
     assert gguf_to_hf_names(2, tied=False)["output.weight"] == "lm_head.weight"
 
 
+def test_gemma3_gguf_reads_back_the_checkpoint(tmp_path: Path) -> None:
+    """A Gemma 3 GGUF as llama.cpp writes one (gguf's names, every RMSNorm weight stored as 1 + w,
+    q/k rows not permuted) reads back into the Hugging Face tensors it came from."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from tests.server.families import make_family
+
+    make_family("gemma3", tmp_path / "hf")
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    names = {v: k for k, v in gguf_to_hf_names(2, tied=True, architecture="gemma3").items()}
+    assert sorted(names) == sorted(hf)
+    path = tmp_path / "gemma3.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    for hf_name, tensor in hf.items():
+        stored = tensor + 1 if hf_name.endswith("norm.weight") else tensor
+        writer.add_tensor(names[hf_name], stored.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    back = read_tensors(path, num_heads=4, num_kv_heads=2, num_layers=2)
+    assert back.keys() == hf.keys()
+    for name, tensor in hf.items():
+        assert torch.allclose(back[name], tensor, atol=1e-6), name
+
+
 def test_other_architectures_are_refused(tmp_path: Path) -> None:
     import gguf
 
