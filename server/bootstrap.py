@@ -237,6 +237,7 @@ def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | N
             cfg, dtype_bytes=dtype_bytes, quantization=quantization, quantize_lm_head=settings.quantize_lm_head,
             kv_blocks=kv_plan(settings, cfg, dtype_bytes), block_size=settings.block_size,
             num_slots=slot_plan(settings, cfg, dtype_bytes).count, max_rank=settings.max_lora_rank,
+            max_len=settings.max_model_len,
         )
 
     return resolve_device_map(spec, cfg, sizes)

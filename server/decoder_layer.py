@@ -28,20 +28,22 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, upcast: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.offset = offset  # Gemma scales by (1 + w)
+        self.upcast = upcast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the references do, then scale in the model dtype (Llama) or,
-        # with an offset, scale in float32 too (Gemma) before casting back.
+        # Normalise in float32 as the references do, then scale in the model dtype (Llama) or
+        # scale in float32 too and cast back (Gemma, OLMo 2): the same in float32, not in bf16.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        if self.upcast:
+            weight = self.weight.float() + self.offset if self.offset else self.weight.float()
+            return (xf * weight).to(x.dtype)
+        return (self.weight + self.offset if self.offset else self.weight) * xf.to(x.dtype)
 
 
 def activate(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +128,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm != "none":
             full = cfg.qk_norm == "full"  # OLMo 2: over all heads at once
-            self.q_norm = RMSNorm(cfg.q_size if full else cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(cfg.kv_size if full else cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            norm = {"eps": cfg.rms_norm_eps, "offset": cfg.norm_offset, "upcast": cfg.norm_upcast}
+            self.q_norm = RMSNorm(cfg.q_size if full else cfg.head_dim, **norm)
+            self.k_norm = RMSNorm(cfg.kv_size if full else cfg.head_dim, **norm)
 
     def forward(
         self,
@@ -183,7 +186,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         for name in cfg.norm_names():
-            self.add_module(name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset))
+            self.add_module(name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_upcast))
         self.roles = NORM_ROLES[cfg.norm_placement][1]  # (input, post-attention, pre-MLP, post-MLP)
         self.residual_multiplier = cfg.residual_multiplier
         self.self_attn = Attention(cfg, layer_idx)

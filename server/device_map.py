@@ -69,9 +69,11 @@ def estimate_part_sizes(
     block_size: int,
     num_slots: int,
     max_rank: int,
+    max_len: int = 0,
 ) -> PartSizes:
     """Bytes of each part as it will sit on its device: a layer counts its weights, its KV cache
-    and its LoRA slot tensors (null slot included)."""
+    and its LoRA slot tensors (null slot included); the embedding's part also holds the rope
+    tables (cos and sin for `max_len` positions, one pair per rope variant)."""
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     biases = (cfg.q_size + 2 * cfg.kv_size) * cfg.qkv_bias + hidden * cfg.o_bias
     biases += (2 * cfg.intermediate_size + hidden) * cfg.mlp_bias
@@ -87,8 +89,9 @@ def estimate_part_sizes(
     layer = weights + kv_cache + slots
     tied = cfg.tie_word_embeddings
     head = 0 if tied else linear_bytes(hidden, vocab, dtype_bytes, quantization if quantize_lm_head else None)
+    rope_tables = len(cfg.ropes) * 2 * max_len * cfg.rot_dim * dtype_bytes
     return PartSizes(
-        embed=vocab * hidden * dtype_bytes,
+        embed=vocab * hidden * dtype_bytes + rope_tables,
         layers=[layer] * cfg.num_hidden_layers,
         norm=hidden * dtype_bytes,
         lm_head=head,

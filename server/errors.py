@@ -37,6 +37,10 @@ class UnsupportedModelError(LoraswapError):
     """The checkpoint's architecture or format is not supported."""
 
 
+class NoNativeSpecError(UnsupportedModelError):
+    """No native architecture spec serves this model_type (the transformers-backed path may)."""
+
+
 class KVCacheBudgetError(LoraswapError):
     """--kv-cache-memory cannot hold one sequence of --max-model-len."""
 

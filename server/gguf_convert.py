@@ -78,6 +78,14 @@ def read_tensors(path: Path, *, num_heads: int, num_kv_heads: int, num_layers: i
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelSourceError(f"{path.name}: GGUF architecture {architecture!r} is not supported "
                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    scaling = f"{architecture}.rope.scaling.factor"
+    if architecture == "gemma3" and scaling in reader.fields:
+        # Gemma 3 4B and larger: transformers' GGUF config parser drops the rope scaling (and
+        # 27B's query scale), so the converted model would be quietly wrong.
+        factor = float(reader.fields[scaling].parts[reader.fields[scaling].data[0]][0])
+        if factor != 1.0:
+            raise ModelSourceError(f"{path.name}: a Gemma 3 GGUF with rope scaling (x{factor:g}: 4B and larger) is "
+                                   "not converted, its scaling would be lost; use the safetensors checkpoint")
     tied = all(tensor.name != "output.weight" for tensor in reader.tensors)
     names = gguf_to_hf_names(num_layers, tied=tied, architecture=architecture)
     _, permuted, norm_shift = ARCHITECTURES[architecture]

@@ -61,6 +61,14 @@ class LoraLinear(nn.Linear):
         return y
 
 
+# Keyword arguments models pass to their attention function that change nothing here (their
+# values describe the flat batch transformers thinks it runs). Any other one with a value (sinks,
+# position biases, sparse indices...) is a computation loraswap's attention does not do: refused.
+_HARMLESS = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                       "output_attentions", "use_cache", "cache_position", "past_key_values", "past_key_value",
+                       "layer_idx", "position_embeddings", "is_causal"})
+
+
 def _attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
     scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
@@ -70,6 +78,7 @@ def _attention(
     # [1, kv_heads, T, hd] -> (output # [1, T, heads, hd], no weights)."""
     probe = _PROBE.get()
     if probe is not None:
+        _check_call(module, key, value, kwargs, probe)
         probe[module.layer_idx] = (key.shape[1], key.shape[3])
         return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3]), None
     step = _STEP.get()
@@ -79,7 +88,7 @@ def _attention(
     assert model.cache is not None
     heads, tokens, hd = query.shape[1], query.shape[2], query.shape[3]
     k_cache, v_cache = model.cache.layer(module.layer_idx)
-    if key.shape[1] != k_cache.shape[1] or hd != k_cache.shape[2]:
+    if key.shape[1] != k_cache.shape[1] or key.shape[3] != k_cache.shape[2]:
         raise UnsupportedModelError(
             f"layer {module.layer_idx} has {key.shape[1]} KV heads of {hd}; the cache was sized for "
             f"{k_cache.shape[1]} of {k_cache.shape[2]} from the config")
@@ -90,6 +99,23 @@ def _attention(
         scale=scaling if scaling is not None else hd**-0.5, softcap=softcap,
     )  # [T, heads * hd]
     return out.view(1, tokens, heads, hd), None
+
+
+def _check_call(module: nn.Module, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any],
+                seen: dict[int, tuple[int, int]]) -> None:
+    """Refuse, during the probe forward, what the paged attention would compute wrongly."""
+    name = type(module).__name__
+    extra = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False)
+    if extra:
+        raise UnsupportedModelError(f"{name} passes {', '.join(extra)} to its attention, which loraswap's paged "
+                                    "attention does not implement")
+    if getattr(module, "is_causal", True) is False:
+        raise UnsupportedModelError(f"{name} attends bidirectionally; loraswap serves decoder-only models")
+    if module.layer_idx in seen:
+        raise UnsupportedModelError(f"{name}: two attention calls for layer {module.layer_idx} in one forward")
+    if value.shape != key.shape:
+        raise UnsupportedModelError(f"{name}: values {tuple(value.shape)} differ in shape from keys "
+                                    f"{tuple(key.shape)}; the KV cache holds equal shapes")
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -112,6 +138,11 @@ def generic_config(hf_config: Any) -> ModelConfig:
     sliding = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
     windows: tuple[int | None, ...] = ()
+    if types is not None:
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise UnsupportedModelError(f"{text.model_type!r} has layers of type {', '.join(unknown)}; loraswap's "
+                                        "attention does full and sliding-window layers")
     if isinstance(sliding, int) and types is not None and len(types) == layers:
         windows = tuple(sliding if t == "sliding_attention" else None for t in types)
     return ModelConfig(
@@ -139,6 +170,7 @@ class TransformersModel(PagedModel):
                 module.lora = None
                 self._targets[name] = module  # type: ignore[assignment]
         self.layer_devices: list[torch.device] = []
+        self._head = head_transform(hf.config.get_text_config())  # refused at load, not at the first request
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -182,15 +214,39 @@ class TransformersModel(PagedModel):
         return out.last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's head, then the logit transformations transformers' causal-LM heads apply
-        after it (Granite's divisor, Gemma 2's soft cap, Cohere's scale). # [..., vocab] float32"""
-        text = self.hf.config.get_text_config()
+        """The model's head, then what its causal-LM class does to the logits after it (see
+        head_transform). # [..., vocab] float32"""
         logits = self.hf.get_output_embeddings()(hidden).float()
-        scale = getattr(text, "logit_scale", None)
-        if isinstance(scale, (int, float)) and scale != 1.0:
-            logits = logits * scale
-        return final_logits(logits, divisor=float(getattr(text, "logits_scaling", None) or 1.0),
-                            softcap=getattr(text, "final_logit_softcapping", None))
+        multiplier, softcap = self._head
+        if multiplier != 1.0:
+            logits = logits * multiplier
+        return final_logits(logits, divisor=1.0, softcap=softcap)
+
+
+# model_type -> (config attribute, how the causal-LM head applies it). Heads are read from
+# transformers' modeling files; a model that sets one of these attributes and is not listed is
+# refused rather than guessed (HyperCLOVA X multiplies by a `logits_scaling` Granite divides by).
+_HEAD_SCALES: dict[str, tuple[str, str]] = {
+    "granite": ("logits_scaling", "divide"), "granitemoe": ("logits_scaling", "divide"),
+    "granitemoeshared": ("logits_scaling", "divide"), "granitemoehybrid": ("logits_scaling", "divide"),
+    "hyperclovax": ("logits_scaling", "multiply"), "cohere": ("logit_scale", "multiply"),
+    "cohere2": ("logit_scale", "multiply"),
+}
+_SCALE_ATTRIBUTES = ("logits_scaling", "logit_scale", "output_multiplier_scale", "lm_head_multiplier")
+
+
+def head_transform(text: Any) -> tuple[float, float | None]:
+    """(multiplier, soft cap) the causal-LM head applies to the logits of this text config."""
+    softcap = getattr(text, "final_logit_softcapping", None)
+    known = _HEAD_SCALES.get(text.model_type)
+    if known is not None:
+        value = float(getattr(text, known[0], None) or 1.0)
+        return (1.0 / value if known[1] == "divide" else value), softcap
+    unknown = [a for a in _SCALE_ATTRIBUTES if getattr(text, a, None) not in (None, 1, 1.0)]
+    if unknown:
+        raise UnsupportedModelError(f"{text.model_type!r} sets {', '.join(unknown)}: how its head applies that is "
+                                    "not known to loraswap's transformers-backed path")
+    return 1.0, softcap
 
 
 def probed_config(hf: nn.Module, cfg: ModelConfig) -> ModelConfig:
@@ -213,8 +269,20 @@ def probed_config(hf: nn.Module, cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
+def _rope_types(text: Any) -> set[str]:
+    params = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] if isinstance(params, dict) else []
+    found = {p.get("rope_type", p.get("type")) for p in [params, *nested] if isinstance(p, dict)}
+    return {t for t in found if isinstance(t, str)}
+
+
 def check_servable(hf_config: Any) -> None:
     """Refuse, before loading, what this path cannot serve, saying why."""
+    varying = _rope_types(hf_config.get_text_config()) & {"dynamic", "longrope"}
+    if varying:
+        raise UnsupportedModelError(
+            f"{hf_config.model_type!r} uses {', '.join(sorted(varying))} rope scaling, which transformers recomputes "
+            "from the longest sequence in the batch: a request's keys would change with what runs beside it")
     if getattr(hf_config, "vision_config", None) is not None or getattr(hf_config, "audio_config", None) is not None:
         raise UnsupportedModelError(f"model_type {hf_config.model_type!r} is a vision-language (or audio) model; "
                                     "loraswap serves decoder-only text models")

@@ -54,7 +54,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_upcast)
 
 
 class Transformer(PagedModel):
@@ -183,7 +183,8 @@ class Transformer(PagedModel):
             raise RuntimeError("call allocate() before forward()")
         x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
         if self.cfg.embedding_multiplier != 1.0:
-            x = x * self.cfg.embedding_multiplier
+            scale = self.cfg.embedding_multiplier
+            x = x * (torch.tensor(scale, dtype=x.dtype) if self.cfg.embedding_multiplier_in_dtype else scale)
         # [T, 1, rot] cos and sin per rope table
         ropes = [(getattr(self, f"rope_cos{g}")[batch.positions][:, None],
                   getattr(self, f"rope_sin{g}")[batch.positions][:, None]) for g in range(len(self.cfg.ropes))]

@@ -72,9 +72,11 @@ class ModelConfig:
     qk_norm: QKNorm = "none"  # head: per-head RMSNorm of q and k; full: over all heads, before the split
     norm_placement: NormPlacement = "pre"  # pre: Llama; sandwich: Gemma 2/3; post: OLMo 2
     norm_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma stores w - 1
+    norm_upcast: bool = False  # RMSNorm scales in float32, then casts (Gemma, OLMo 2); else casts, then scales
     activation: Activation = "silu"
     fused_checkpoint: bool = False  # the checkpoint (and its adapters) name qkv_proj and gate_up_proj
     embedding_multiplier: float = 1.0
+    embedding_multiplier_in_dtype: bool = False  # rounded to the compute dtype first (Gemma's normalizer)
     residual_multiplier: float = 1.0
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
@@ -201,13 +203,18 @@ def base_fields(raw: dict[str, Any]) -> dict[str, Any]:
     kv_heads = raw.get("num_key_value_heads") or heads
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
         raise UnsupportedModelError(f"num_key_value_heads {kv_heads!r} must divide num_attention_heads {heads}")
+    head_dim = raw.get("head_dim") or hidden // heads
+    max_len = raw.get("max_position_embeddings") or 2048
+    for key, value in (("head_dim", head_dim), ("max_position_embeddings", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedModelError(f"config.json: {key} must be a positive integer, got {value!r}")
     return {
         "model_type": raw["model_type"],
         **sizes,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(raw.get("head_dim") or hidden // heads),
-        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(raw.get("max_position_embeddings") or 2048),
+        "head_dim": head_dim,
+        "rms_norm_eps": positive_float(raw, "rms_norm_eps", 1e-6),
+        "max_position_embeddings": max_len,
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_ids": eos_ids(raw),
@@ -216,22 +223,34 @@ def base_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 def activation(raw: dict[str, Any], *keys: str, default: str = "silu") -> Activation:
     name = next((raw[k] for k in keys if raw.get(k)), default)
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise UnsupportedModelError(f"config.json: {key} must be an object, got {type(value).__name__}")
+    return value
+
+
 def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     """One flat rope dict from either layout: transformers >= 5 writes `rope_parameters` (theta
-    inside); older files write `rope_theta` plus an optional `rope_scaling` dict."""
-    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    inside); older files write `rope_theta` plus an optional `rope_scaling` dict. A top-level
+    `original_max_position_embeddings` wins, as transformers' standardization does."""
+    params = {**_mapping(raw, "rope_scaling"), **_mapping(raw, "rope_parameters")}
     params.setdefault("rope_theta", raw.get("rope_theta") or 10000.0)
+    if raw.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
     return params
 
 
 def rope_config(params: dict[str, Any], *, max_position_embeddings: int, rotary_dim: int) -> RopeConfig:
     """Validate one flat rope dict (see rope_parameters) into a RopeConfig."""
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if not isinstance(rope_type, str):
+        raise UnsupportedModelError(f"rope_type must be a string, got {rope_type!r}")
     rope_type = {"su": "longrope"}.get(rope_type, rope_type)  # Phi-3's first name for LongRoPE
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
@@ -258,9 +277,11 @@ def rope_config(params: dict[str, Any], *, max_position_embeddings: int, rotary_
         truncate=bool(params.get("truncate", True)), attention_factor=optional("attention_factor"),
         short_factor=short, long_factor=long,
     )
-    values = (rope.theta, rope.factor, rope.low_freq_factor, rope.high_freq_factor, *short, *long)
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise UnsupportedModelError(f"rope parameters must be finite and positive: {params}")
+    optional_values = (rope.mscale, rope.mscale_all_dim, rope.attention_factor)
+    values = (rope.theta, rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.beta_fast, rope.beta_slow,
+              *short, *long, *(v for v in optional_values if v is not None))
+    if not all(math.isfinite(v) and v > 0 for v in values) or original < 2:
+        raise UnsupportedModelError(f"rope parameters must be finite and positive (original context > 1): {params}")
     return rope
 
 
@@ -287,7 +308,7 @@ def sliding_layers(raw: dict[str, Any], num_layers: int, default: list[bool] | N
     >= 5, and newer files), else `default` (the family's own pattern), else none."""
     types = raw.get("layer_types")
     if types is not None:
-        if not isinstance(types, list) or len(types) != num_layers:
+        if not isinstance(types, list) or len(types) != num_layers or not all(isinstance(t, str) for t in types):
             raise UnsupportedModelError(f"layer_types must list {num_layers} entries")
         unknown = set(types) - {"sliding_attention", "full_attention"}
         if unknown:
@@ -321,11 +342,23 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
     """Validate a Hugging Face config dict with its family's spec (server/models/)."""
     from server.models import family_for
 
-    return family_for(raw).parse(raw)
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError("config.json must hold a JSON object")
+    return family_for(raw).config(raw)
 
 
-def load_model_config(folder: Path) -> ModelConfig:
+def read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise UnsupportedModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    return parse_model_config(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(f"{path} must hold a JSON object")
+    return raw
+
+
+def load_model_config(folder: Path) -> ModelConfig:
+    return parse_model_config(read_config_json(folder))

@@ -3,18 +3,19 @@
 native: a loraswap architecture spec (server/models/) exists for its `model_type`; transformers:
 transformers' own modules around loraswap's KV cache, attention and LoRA slots
 (server/hf_model.py), for any other decoder-only model transformers loads. auto picks native
-when a spec exists. A model neither can serve is refused with the reasons of both.
+when a spec exists; a spec that refuses a config (dynamic rope scaling, say) is final, since what
+it refuses the other path would get wrong too. A model without a spec that the transformers-backed
+path cannot serve either is refused with the reasons of both.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from config.settings import Settings
-from server.errors import UnsupportedModelError
-from server.model_config import ModelConfig, load_model_config
+from server.errors import NoNativeSpecError, UnsupportedModelError
+from server.model_config import ModelConfig, load_model_config, read_config_json
 
 Impl = Literal["native", "transformers"]
 
@@ -38,10 +39,10 @@ def model_architecture(requested: str, folder: Path) -> tuple[Impl, ModelConfig]
         return "transformers", _transformers_config(folder)
     try:
         return "native", load_model_config(folder)
-    except UnsupportedModelError as native_reason:
+    except NoNativeSpecError as native_reason:  # a spec that refuses a config says why; no fallback
         if requested == "native":
             raise
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        model_type = read_config_json(folder).get("model_type")
         try:
             return "transformers", _transformers_config(folder)
         except UnsupportedModelError as hf_reason:

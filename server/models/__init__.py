@@ -8,10 +8,11 @@ there, once. Adding a family is one module here, listed in FAMILIES, plus its te
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import UnsupportedModelError
+from server.errors import NoNativeSpecError, UnsupportedModelError
 from server.model_config import ModelConfig
 
 
@@ -20,6 +21,31 @@ class Family:
     name: str  # for messages and the README, e.g. "Gemma 2 / Gemma 3"
     model_types: tuple[str, ...]
     parse: Callable[[dict[str, Any]], ModelConfig]
+
+    def config(self, raw: dict[str, Any]) -> ModelConfig:
+        """parse(raw), with a config.json field of the wrong type or out of range reported as
+        what it is rather than as a traceback."""
+        try:
+            cfg = self.parse(raw)
+        except UnsupportedModelError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+            raise UnsupportedModelError(f"config.json of {raw.get('model_type')!r} has an invalid field: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+        check_sizes(cfg)
+        return cfg
+
+
+def check_sizes(cfg: ModelConfig) -> None:
+    """What every spec's output must satisfy, whatever the config said."""
+    if cfg.head_dim < 2 or cfg.head_dim % 2 or cfg.rot_dim < 2 or cfg.rot_dim % 2 or cfg.rot_dim > cfg.head_dim:
+        raise UnsupportedModelError(f"head_dim {cfg.head_dim} (rotated {cfg.rot_dim}) must be even and positive")
+    if not (math.isfinite(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0):
+        raise UnsupportedModelError(f"rms_norm_eps must be finite and positive, got {cfg.rms_norm_eps}")
+    if cfg.max_position_embeddings < 1:
+        raise UnsupportedModelError(f"max_position_embeddings must be positive, got {cfg.max_position_embeddings}")
+    if any(w is not None and w < 1 for w in cfg.layer_windows):
+        raise UnsupportedModelError(f"sliding windows must be positive, got {cfg.layer_windows}")
 
 
 def _families() -> list[Family]:
@@ -47,7 +73,7 @@ def family_for(raw: dict[str, Any]) -> Family:
             return family
     if model_type in NOT_TEXT_ONLY:
         raise UnsupportedModelError(f"model_type {model_type!r} is {NOT_TEXT_ONLY[model_type]}")
-    raise UnsupportedModelError(
+    raise NoNativeSpecError(
         f"model_type {model_type!r} has no native spec; native families: "
         + "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in _families())
     )

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.errors import UnsupportedModelError
 from server.model_config import (
+    Activation,
     ModelConfig,
     RopeConfig,
     activation,
@@ -48,8 +50,19 @@ def _gemma3_ropes(raw: dict[str, Any], max_len: int, dim: int) -> dict[str, Rope
     return {t: rope_config(p, max_position_embeddings=max_len, rotary_dim=dim) for t, p in by_type.items()}
 
 
+def _activation(raw: dict[str, Any]) -> Activation:
+    # Gemma 1 files of transformers 4.38 say hidden_act "gelu" for what was always the tanh
+    # approximation (transformers maps it so); Gemma 2/3 name it hidden_activation.
+    if raw["model_type"] == "gemma" and not raw.get("hidden_activation") and raw.get("hidden_act") == "gelu":
+        return "gelu_tanh"
+    return activation(raw, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+
+
 def parse(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw["model_type"]
+    if raw.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention (an embedding model such as "
+                                    "EmbeddingGemma) is not a decoder-only language model")
     base = base_fields(raw)
     base["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings", True))
     layers, head_dim, max_len = base["num_hidden_layers"], base["head_dim"], base["max_position_embeddings"]
@@ -68,11 +81,12 @@ def parse(raw: dict[str, Any]) -> ModelConfig:
         qkv_bias=bias, o_bias=bias, mlp_bias=False,
         qk_norm="head" if model_type == "gemma3_text" else "none",
         norm_placement="sandwich" if later else "pre",
-        norm_offset=1.0,
-        activation=activation(raw, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
-        embedding_multiplier=float(base["hidden_size"]) ** 0.5,
+        norm_offset=1.0, norm_upcast=True,
+        activation=_activation(raw),
+        embedding_multiplier=float(base["hidden_size"]) ** 0.5, embedding_multiplier_in_dtype=True,
         attention_scale=positive_float(raw, "query_pre_attn_scalar", float(head_dim)) ** -0.5 if later else None,
-        attn_softcap=positive_float(raw, "attn_logit_softcapping") if later else None,
+        # transformers' Gemma 3 never soft-caps attention scores, whatever its config says.
+        attn_softcap=positive_float(raw, "attn_logit_softcapping") if model_type == "gemma2" else None,
         final_softcap=positive_float(raw, "final_logit_softcapping") if later else None,
         layer_windows=tuple(window if s else None for s in sliding) if window else (),
         ropes=ropes,

@@ -16,7 +16,7 @@ def parse(raw: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         **base,
         qkv_bias=bias, o_bias=bias, mlp_bias=False,
-        qk_norm="full", norm_placement="post",
+        qk_norm="full", norm_placement="post", norm_upcast=True,
         activation=activation(raw, "hidden_act"),
         ropes=(rope,),
     )

@@ -22,7 +22,8 @@ def parse(raw: dict[str, Any]) -> ModelConfig:
     base = base_fields(raw)
     rotary = partial_rotary_dim(raw, base["head_dim"])
     params = rope_parameters(raw)
-    params.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+    if params.get("rope_type", params.get("type")) == "yarn":  # transformers' Phi-3 reads it as LongRoPE
+        params["rope_type"] = "longrope"
     rope = rope_config(params, max_position_embeddings=base["max_position_embeddings"],
                        rotary_dim=rotary or base["head_dim"])
     window = window_size(raw) if raw.get("sliding_window") else None

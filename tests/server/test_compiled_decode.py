@@ -80,16 +80,21 @@ def test_warm_up_compiles_every_shape_then_nothing_recompiles(
     assert compiled.tokens == eager.tokens
 
 
-def test_layer_kinds_compile_once_each(tmp_path: Path) -> None:
-    """Gemma 2: sliding-window and global layers alternate (and soft-cap their scores), so the
-    compiled layer has one graph per kind and LoRA state; swaps and windows never recompile."""
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "phi4-mini", "granite"])
+def test_other_families_compile_once_per_layer_kind(family: str, tmp_path: Path) -> None:
+    """Gemma 2 and 3: sliding-window and global layers (soft-capped scores; two rope tables), so
+    the compiled layer has one graph per kind and LoRA state; OLMo 2's post-norms, Phi-4-mini's
+    partial rotary embedding on fused checkpoint projections, Granite's multipliers: one kind.
+    Swaps and windows never recompile, and the tokens are eager's."""
+    from server.model_config import load_model_config
     from tests.server.families import make_family
 
-    make_family("gemma2", tmp_path)
+    make_family(family, tmp_path)
+    kinds = len(load_model_config(tmp_path).windows)
     torch._dynamo.reset()
     engine = make_engine(tmp_path, compile=True)
     engine.runner.warm_up()
-    assert engine.runner.warm_graphs == 4  # (sliding, global) x (LoRA on, off)
+    assert engine.runner.warm_graphs == 2 * kinds  # (each layer kind) x (LoRA on, off)
     requests = [
         GenerationRequest(f"r{i}", [3 + (i * 5 + j) % 80 for j in range(30 if i % 2 else 7)], max_tokens=6,
                           sampling=SamplingParams(temperature=0), adapter=None if i == 4 else f"ad{i % 4}")

@@ -58,7 +58,8 @@ def actual_sizes(model: Transformer, bank: SlotBank) -> PartSizes:
         layers.append(weight_bytes(layer) + tensor_bytes(k) + tensor_bytes(v) + slot_bytes[i])
     tied = model.cfg.tie_word_embeddings
     return PartSizes(
-        embed=tensor_bytes(model.model.embed_tokens.weight), layers=layers,
+        embed=tensor_bytes(model.model.embed_tokens.weight) + sum(tensor_bytes(b) for b in model.buffers(recurse=False)),
+        layers=layers,
         norm=tensor_bytes(model.model.norm.weight), lm_head=0 if tied else model.lm_head.weight_bytes(), tied=tied,
     )
 
@@ -74,7 +75,8 @@ def test_estimated_sizes_equal_what_loading_allocates(
                         quantization=quantization, quantize_lm_head=head)
     bank = SlotBank(model, num_slots=SLOTS, max_rank=RANK)
     estimate = estimate_part_sizes(model.cfg, dtype_bytes=4, quantization=quantization, quantize_lm_head=head,
-                                   kv_blocks=ROWS * -(-LEN // 16), block_size=16, num_slots=SLOTS, max_rank=RANK)
+                                   kv_blocks=ROWS * -(-LEN // 16), block_size=16, num_slots=SLOTS, max_rank=RANK,
+                                   max_len=LEN)
     assert estimate == actual_sizes(model, bank)
 
 

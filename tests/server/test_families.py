@@ -153,6 +153,41 @@ def test_refusals_say_what_is_supported() -> None:
         parse_model_config({**base, "model_type": "olmo2", "num_key_value_heads": 3})
 
 
+HOSTILE: list[tuple[dict[str, Any], str]] = [
+    (dict(model_type="llama", rope_scaling="linear"), "rope_scaling must be an object"),
+    (dict(model_type="llama", hidden_act=["silu"]), "activation"),
+    (dict(model_type="llama", head_dim="16"), "head_dim must be a positive integer"),
+    (dict(model_type="llama", head_dim=15), "must be even"),
+    (dict(model_type="llama", rms_norm_eps=float("nan")), "rms_norm_eps must be a finite positive number"),
+    (dict(model_type="llama", max_position_embeddings=-4), "max_position_embeddings must be a positive integer"),
+    (dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": -1.0}),
+     "finite and positive"),
+    (dict(model_type="qwen3", rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": float("inf")}),
+     "finite and positive"),
+    (dict(model_type="phi3", original_max_position_embeddings=1, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}), "original context > 1"),
+    (dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern="six"), "invalid field"),
+    (dict(model_type="gemma3_text", sliding_window=8, rope_parameters={"full_attention": 5, "sliding_attention": {}}),
+     "invalid field"),
+    (dict(model_type="gemma2", sliding_window=8, layer_types=[["full_attention"], "full_attention"]), "layer_types"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True), "not a decoder-only language model"),
+    (dict(model_type="granite", eos_token_id=["two"]), "invalid field"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), HOSTILE, ids=[f"{i}-{m[:20]}" for i, (_, m) in enumerate(HOSTILE)])
+def test_hostile_config_fields_are_refused_with_what_is_wrong(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        parse_model_config({**COMMON, "head_dim": 16, **fields})
+
+
+def test_gemma1_legacy_gelu_is_the_tanh_approximation() -> None:
+    """transformers 4.38 wrote hidden_act "gelu" for Gemma 1, and transformers maps it so."""
+    cfg = parse_model_config({**COMMON, "head_dim": 16, "model_type": "gemma", "hidden_act": "gelu",
+                              "hidden_activation": None})
+    assert cfg.activation == "gelu_tanh"
+
+
 def test_older_gemma3_configs_give_the_same_model() -> None:
     """Hub files written before transformers 5: `sliding_window_pattern` and a local rope base."""
     old = {**COMMON, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_layers": 6, "sliding_window": 8,

@@ -59,19 +59,27 @@ def test_gemma3_gguf_reads_back_the_checkpoint(tmp_path: Path) -> None:
     hf = load_file(tmp_path / "hf" / "model.safetensors")
     names = {v: k for k, v in gguf_to_hf_names(2, tied=True, architecture="gemma3").items()}
     assert sorted(names) == sorted(hf)
-    path = tmp_path / "gemma3.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    for hf_name, tensor in hf.items():
-        stored = tensor + 1 if hf_name.endswith("norm.weight") else tensor
-        writer.add_tensor(names[hf_name], stored.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    back = read_tensors(path, num_heads=4, num_kv_heads=2, num_layers=2)
+
+    def write(path: Path, rope_scale: float | None = None) -> Path:
+        writer = gguf.GGUFWriter(str(path), "gemma3")
+        if rope_scale is not None:
+            writer.add_float32("gemma3.rope.scaling.factor", rope_scale)
+        for hf_name, tensor in hf.items():
+            stored = tensor + 1 if hf_name.endswith("norm.weight") else tensor
+            writer.add_tensor(names[hf_name], stored.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    back = read_tensors(write(tmp_path / "gemma3.gguf"), num_heads=4, num_kv_heads=2, num_layers=2)
     assert back.keys() == hf.keys()
     for name, tensor in hf.items():
         assert torch.allclose(back[name], tensor, atol=1e-6), name
+    # 4B and larger carry a rope scaling that transformers' GGUF config parser would drop.
+    with pytest.raises(ModelSourceError, match="rope scaling"):
+        read_tensors(write(tmp_path / "scaled.gguf", 8.0), num_heads=4, num_kv_heads=2, num_layers=2)
 
 
 def test_other_architectures_are_refused(tmp_path: Path) -> None:

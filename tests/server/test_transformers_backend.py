@@ -146,3 +146,40 @@ def test_options_the_transformers_path_lacks_are_refused() -> None:
     check_options("native", Settings(quantization="nf4", compile=True))
     with pytest.raises(UnsupportedModelError, match="--quantization, --compile need a native model spec"):
         check_options("transformers", Settings(quantization="nf4", compile=True))
+
+
+def test_attention_extras_it_does_not_compute_are_refused_at_load(tmp_path: Path) -> None:
+    """GPT-OSS passes attention sinks (`s_aux`) to its attention: refused, not ignored."""
+    import transformers
+
+    config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                                       num_experts_per_tok=1, max_position_embeddings=256, sliding_window=8)
+    transformers.GptOssForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="passes s_aux to its attention"):
+        load(tmp_path)
+
+
+def test_batch_dependent_rope_and_unknown_heads_are_refused(tmp_path: Path) -> None:
+    """Dynamic and LongRoPE scaling in transformers follow the longest sequence of the batch; a
+    head scale the path does not know could be a divisor or a multiplier."""
+    dynamic = make_family("gpt-neox", tmp_path / "dynamic", rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    del dynamic
+    with pytest.raises(UnsupportedModelError, match="dynamic rope scaling.*longest sequence"):
+        model_architecture("transformers", tmp_path / "dynamic")
+    make_family("phi3-longrope", tmp_path / "longrope")
+    with pytest.raises(UnsupportedModelError, match="longrope rope scaling"):
+        model_architecture("transformers", tmp_path / "longrope")
+    make_family("gpt-neox", tmp_path / "scaled", logit_scale=2.0)
+    with pytest.raises(UnsupportedModelError, match="sets logit_scale"):
+        load(tmp_path / "scaled")
+
+
+def test_a_spec_that_refuses_a_config_is_final_under_auto(tmp_path: Path) -> None:
+    """A Llama with dynamic rope scaling: the native spec refuses it, and auto does not hand it
+    to the transformers-backed path, which would compute it batch-dependently."""
+    folder = write_config(tmp_path / "llama", model_type="llama", **COMMON,
+                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="'dynamic' is not supported"):
+        model_architecture("auto", folder)
