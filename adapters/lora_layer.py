@@ -55,17 +55,26 @@ class LoraBatch:
     rows: bool = False  # the decode block uses the row-resident weights (LoraSlots.a_rows, b_rows)
     active: torch.Tensor | None = None  # [n] with `rows`: only these block rows (None: all of them)
     segments: tuple[Segment, ...] = ()
+    # Per-request adapter scale: `scales` # [D] multiplies each decode row's delta (None: all
+    # 1); `row_scales` the same on the host; `segment_scales` one per segment (empty: all 1).
+    scales: torch.Tensor | None = None
+    row_scales: tuple[float, ...] = ()
+    segment_scales: tuple[float, ...] = ()
 
     def to(self, device: torch.device) -> LoraBatch:
         onehot = None if self.onehot is None else self.onehot.to(device)
         active = None if self.active is None else self.active.to(device)
-        return replace(self, onehot=onehot, active=active)
+        scales = None if self.scales is None else self.scales.to(device)
+        return replace(self, onehot=onehot, active=active, scales=scales)
 
     def per_row_tokens(self, tokens: int) -> LoraBatch:
         """The same rows' routing when each of them carries `tokens` prompt tokens instead of one
         decode token: one segment per row on a real slot."""
-        segments = tuple((i * tokens, tokens, slot) for i, slot in enumerate(self.row_slots) if slot != self.null_slot)
-        return replace(self, decode_tokens=0, onehot=None, rows=False, active=None, segments=segments)
+        real = [i for i, slot in enumerate(self.row_slots) if slot != self.null_slot]
+        segments = tuple((i * tokens, tokens, self.row_slots[i]) for i in real)
+        scales = tuple(self.row_scales[i] for i in real) if self.row_scales else ()
+        return replace(self, decode_tokens=0, onehot=None, rows=False, active=None, segments=segments, scales=None,
+                       row_scales=(), segment_scales=scales)
 
 
 def lora_single(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slot: int, window: int) -> torch.Tensor:
@@ -150,16 +159,21 @@ class LoraSlots(nn.Module):
             h = lora_shrink(x[:d, None], self.a, lora.onehot, lora.window)  # [D, 1, K+1, window, P]
             deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
             # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
-            y[:d] += (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
+            delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
+            y[:d] += delta if lora.scales is None else delta * lora.scales[:, None]
         elif lora.rows:
             assert self.a_rows is not None
             if lora.active is None:  # every block row: rows on the null slot hold zeros
-                y[:d] += lora_rows(x[:d], self.a_rows[:d], [b[:d] for b in self.b_rows])
+                delta = lora_rows(x[:d], self.a_rows[:d], [b[:d] for b in self.b_rows])  # [D, out]
+                y[:d] += delta if lora.scales is None else delta * lora.scales[:d, None]
             else:  # a few rows: their weights gathered (a copy of theirs only)
                 idx = lora.active
                 a_sel = self.a_rows.index_select(0, idx)
                 b_sel = [b.index_select(0, idx) for b in self.b_rows]
-                y.index_add_(0, idx, lora_rows(x.index_select(0, idx), a_sel, b_sel))
-        for offset, length, slot in lora.segments:
-            y[offset : offset + length] += lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)
+                delta = lora_rows(x.index_select(0, idx), a_sel, b_sel)  # [n, out]
+                y.index_add_(0, idx, delta if lora.scales is None else delta * lora.scales.index_select(0, idx)[:, None])
+        for i, (offset, length, slot) in enumerate(lora.segments):
+            delta = lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)  # [n, out]
+            scale = lora.segment_scales[i] if lora.segment_scales else 1.0
+            y[offset : offset + length] += delta if scale == 1.0 else delta * scale
         return y

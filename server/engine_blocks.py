@@ -64,7 +64,10 @@ class EngineBlocks:
         """Chained hashes of the sequence's full prefill blocks, computed once per prefill."""
         if seq.block_hashes is None:
             seq.hash_window = self._window(seq)
-            key = None if seq.request.adapter is None else f"{seq.request.adapter}#{seq.hash_window}"
+            request = seq.request
+            # The adapter version, the rank window it is computed at and its scale decide its keys and values.
+            scale = "" if request.lora_scale == 1.0 else f"*{request.lora_scale!r}"
+            key = None if request.adapter is None else f"{request.adapter}#{seq.hash_window}{scale}"
             seq.block_hashes = list(block_hashes(key, seq.prefill_ids, self.block_size))
         return seq.block_hashes
 

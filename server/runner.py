@@ -96,15 +96,16 @@ class ModelRunner:
         self.positions: list[int] = [0] * rows
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
         self.slots: list[int] = [self.null_slot] * rows
+        self.scales: list[float] = [1.0] * rows  # each row's adapter scale (the request's lora_scale)
         self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
-                  table: list[int] | None = None, steps: int = 0) -> None:
+                  table: list[int] | None = None, steps: int = 0, scale: float = 1.0) -> None:
         """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
         appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
         (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
         directly). `steps`: tokens it sampled before (a preempted sequence resumes its seeded
-        random stream where it left off)."""
+        random stream where it left off). `scale`: multiplies the row's adapter delta."""
         if slot is not None and (self.bank is None or not 0 <= slot < self.bank.num_slots):
             raise ValueError(f"LoRA slot {slot} does not exist")
         self.temperature[row] = params.temperature
@@ -114,6 +115,7 @@ class ModelRunner:
         self.steps[row] = steps
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot if slot is None else slot
+        self.scales[row] = scale
         self.positions[row] = 0
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
@@ -124,6 +126,7 @@ class ModelRunner:
         self.positions[row] = 0
         self.last_tokens[row] = 0
         self.slots[row] = self.null_slot
+        self.scales[row] = 1.0
         self.tables[row] = []
 
     def load_slot(self, slot: int, weights: object) -> None:
@@ -168,7 +171,9 @@ class ModelRunner:
         if self.bank is not None:
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
             segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
-            lora = self.bank.route(slots, segments, device=self.device)
+            scales = [self.scales[row] if row in decoding else 1.0 for row in range(block)]
+            lora = self.bank.route(slots, segments, device=self.device, decode_scales=scales,
+                                   segment_scales=[self.scales[c.row] for c in chunks])
         return build_forward_batch(
             layout=self.layout, decode_tokens=self.last_tokens[:block] if block else None,
             decode_positions=positions, decode_tables=tables,

@@ -293,7 +293,7 @@ class Scheduler:
             seq.seed = random.getrandbits(62) if seed is None else seed
         try:
             self.runner.reset_row(seq.row, seq.request.sampling, seq.seed, slot, table=seq.blocks,
-                                  steps=len(seq.output_ids))
+                                  steps=len(seq.output_ids), scale=seq.request.lora_scale)
         except Exception as exc:  # e.g. a parameter the row's tensors cannot hold: this request only
             log.exception("request %s could not start", seq.request_id)
             self._fail(seq, f"the request could not start: {exc}")

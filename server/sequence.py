@@ -31,6 +31,7 @@ class GenerationRequest:
     # The version's weights, resolved when the request was accepted: a queued request gets the
     # version it was accepted with even if the adapter is replaced or deleted meanwhile.
     adapter_weights: Any = None
+    lora_scale: float = 1.0  # multiplies the adapter's contribution (the request's `lora_scale`)
 
 
 @dataclass(frozen=True)

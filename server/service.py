@@ -41,6 +41,7 @@ class GenerationOptions:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     n: int = 1  # choices per prompt; sample i of a seeded request uses seed + i
+    lora_scale: float = 1.0  # multiplies the adapter's contribution
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,9 @@ class CompletionService:
 
     def build_request(self, prompt_ids: list[int], options: GenerationOptions,
                       adapter: AdapterRef | None = None) -> GenerationRequest:
+        if adapter is None and options.lora_scale != 1.0:
+            raise InvalidRequestError("lora_scale scales an adapter; this request names the base model",
+                                      param="lora_scale")
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if options.max_tokens is None else options.max_tokens
         if room < 1 or max_tokens > room:
@@ -195,6 +199,7 @@ class CompletionService:
             ignore_eos=options.ignore_eos,
             adapter=None if adapter is None else adapter.key,
             adapter_weights=None if adapter is None else adapter.weights,
+            lora_scale=options.lora_scale,
         )
 
     def fan_out(self, prompts: list[list[int]], options: GenerationOptions,

@@ -58,6 +58,7 @@ def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         n=body.n,
+        lora_scale=body.lora_scale,
     )
 
 

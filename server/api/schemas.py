@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 16
+MAX_LORA_SCALE = 16.0  # |lora_scale|: far past any useful strength, well inside float16
 INT64_MAX = 2**63 - 1
 
 
@@ -30,6 +31,10 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    lora_scale: float = Field(
+        default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
+        description="multiplies the adapter's contribution (loraswap extension; 0: the base model's output)",
+    )
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None

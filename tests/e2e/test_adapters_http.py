@@ -113,3 +113,22 @@ def test_greedy_tokens_equal_peft(client: openai.OpenAI, adapter_dirs: dict[str,
 def test_unknown_adapter_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+
+
+def test_lora_scale_through_the_official_client(client: openai.OpenAI) -> None:
+    """`lora_scale` (sent by the openai client through extra_body): 0 gives the base model's
+    answer, 1 the adapter's own, 2 another one; a scale on the base model is a 400."""
+    name = next(iter(ADAPTERS))
+
+    def answer(model: str, **extra: float) -> str:
+        response = client.completions.create(model=model, prompt=QUESTION, max_tokens=NEW_TOKENS, temperature=0,
+                                             extra_body={"ignore_eos": True, **extra})
+        return response.choices[0].text
+
+    plain, base = answer(name), answer(BASE)
+    assert plain != base
+    assert answer(name, lora_scale=0.0) == base
+    assert answer(name, lora_scale=1.0) == plain
+    assert answer(name, lora_scale=2.0) not in (plain, base)
+    with pytest.raises(openai.BadRequestError, match="lora_scale"):
+        answer(BASE, lora_scale=0.5)

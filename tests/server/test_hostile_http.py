@@ -42,6 +42,10 @@ INFERENCE: list[tuple[str, str, str, int, str]] = [
     ("prompt-number", "completions", '{"prompt": 5, "max_tokens": 2}', 400, "prompt"),
     ("messages-not-list", "chat/completions", '{"messages": "hi"}', 400, "messages"),
     ("bad-role", "chat/completions", '{"messages": [{"role": "root", "content": "hi"}]}', 400, "role"),
+    ("lora-scale-nan", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": NaN}', 400, "lora_scale"),
+    ("lora-scale-huge", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": 1e300}', 400, "lora_scale"),
+    ("lora-scale-string", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": "half"}', 400, "lora_scale"),
+    ("lora-scale-base-model", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": 0.5}', 400, "lora_scale"),
 ]
 
 
