@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 PADDING = -1  # the "slot" of a decode-block row that is not decoding (its output is dropped)
-Segment = tuple[int, int, int]  # (first flat token, tokens, slot) of a prompt chunk on a real slot
+Segment = tuple[int, int, int, float]  # (first flat token, tokens, slot, scale) of a prompt chunk on a real slot
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,7 @@ class LoraBatch:
     rows: bool = False  # the decode block uses the row-resident weights (LoraSlots.a_rows, b_rows)
     active: torch.Tensor | None = None  # [n] with `rows`: only these block rows (None: all of them)
     segments: tuple[Segment, ...] = ()
-    # Per-request adapter scale: `scales` # [D] multiplies each decode row's delta (None: all
-    # 1); `row_scales` the same on the host; `segment_scales` one per segment (empty: all 1).
-    scales: torch.Tensor | None = None
-    row_scales: tuple[float, ...] = ()
-    segment_scales: tuple[float, ...] = ()
+    scales: torch.Tensor | None = None  # [D] each decode row's adapter scale (None: all 1)
 
     def to(self, device: torch.device) -> LoraBatch:
         onehot = None if self.onehot is None else self.onehot.to(device)
@@ -70,11 +66,10 @@ class LoraBatch:
     def per_row_tokens(self, tokens: int) -> LoraBatch:
         """The same rows' routing when each of them carries `tokens` prompt tokens instead of one
         decode token: one segment per row on a real slot."""
-        real = [i for i, slot in enumerate(self.row_slots) if slot != self.null_slot]
-        segments = tuple((i * tokens, tokens, self.row_slots[i]) for i in real)
-        scales = tuple(self.row_scales[i] for i in real) if self.row_scales else ()
-        return replace(self, decode_tokens=0, onehot=None, rows=False, active=None, segments=segments, scales=None,
-                       row_scales=(), segment_scales=scales)
+        scales = [1.0] * len(self.row_slots) if self.scales is None else self.scales.tolist()
+        segments = tuple((i * tokens, tokens, slot, scales[i]) for i, slot in enumerate(self.row_slots)
+                         if slot != self.null_slot)
+        return replace(self, decode_tokens=0, onehot=None, rows=False, active=None, segments=segments, scales=None)
 
 
 def lora_single(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slot: int, window: int) -> torch.Tensor:
@@ -172,8 +167,7 @@ class LoraSlots(nn.Module):
                 b_sel = [b.index_select(0, idx) for b in self.b_rows]
                 delta = lora_rows(x.index_select(0, idx), a_sel, b_sel)  # [n, out]
                 y.index_add_(0, idx, delta if lora.scales is None else delta * lora.scales.index_select(0, idx)[:, None])
-        for i, (offset, length, slot) in enumerate(lora.segments):
+        for offset, length, slot, scale in lora.segments:
             delta = lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)  # [n, out]
-            scale = lora.segment_scales[i] if lora.segment_scales else 1.0
             y[offset : offset + length] += delta if scale == 1.0 else delta * scale
         return y

@@ -149,39 +149,37 @@ class SlotBank(nn.Module):
 
     def route(
         self, decode_slots: Sequence[int], segments: Sequence[Segment] = (), *, device: torch.device,
-        decode_scales: Sequence[float] = (), segment_scales: Sequence[float] = (),
+        decode_scales: Sequence[float] = (),
     ) -> LoraBatch | None:
         """Routing for one forward: the slot of each decode-block row (null_slot = no adapter,
         PADDING = a row that is not decoding, whose output is dropped) and the prompt chunks on
         real slots (host values: no device read-back). None when no token uses an adapter. The
         decode block is dense over all slots under torch.compile (fixed shapes), else each row
-        runs on its row-resident copy of its slot. `decode_scales` and `segment_scales`: each
-        row's and segment's adapter scale (empty: all 1)."""
+        runs on its row-resident copy of its slot. `decode_scales`: each row's adapter scale
+        (empty: all 1); a segment carries its own."""
         null = self.null_slot
-        scales = list(segment_scales) or [1.0] * len(segments)
-        kept = [i for i, s in enumerate(segments) if s[2] != null]
-        segments = tuple(segments[i] for i in kept)
+        segments = tuple(s for s in segments if s[2] != null)
         if not segments and all(slot in (null, PADDING) for slot in decode_slots):
             return None
-        return self._route(tuple(decode_slots), segments, device, tuple(decode_scales),
-                           tuple(scales[i] for i in kept))
+        return self._route(tuple(decode_slots), segments, device, tuple(decode_scales))
 
     def _route(self, rows: tuple[int, ...], segments: tuple[Segment, ...], device: torch.device,
-               row_scales: tuple[float, ...] = (), segment_scales: tuple[float, ...] = ()) -> LoraBatch:
-        row_scales = row_scales or (1.0,) * len(rows)
+               row_scales: tuple[float, ...] = ()) -> LoraBatch:
         common = {"window": self.window(), "null_slot": self.null_slot, "decode_tokens": len(rows),
-                  "segments": segments, "row_scales": row_scales,
-                  "segment_scales": segment_scales if any(s != 1.0 for s in segment_scales) else ()}
+                  "segments": segments}
         dense_rows = tuple(self.null_slot if slot == PADDING else slot for slot in rows)
         if not rows:
             return LoraBatch(**common)  # type: ignore[arg-type]
-        # Under compile the scales are always an input (one graph whatever the requests ask).
-        scaled = self.fixed_window or any(s != 1.0 for s in row_scales)
-        scales = torch.tensor(row_scales, dtype=self.dtype, device=device) if scaled else None  # [D]
+
+        def scales() -> torch.Tensor | None:  # [D]; under compile always an input (one graph for any scales)
+            if not self.fixed_window and all(s == 1.0 for s in row_scales):
+                return None
+            return torch.tensor(row_scales or (1.0,) * len(rows), dtype=self.dtype, device=device)
+
         if self.fixed_window:
             ids = torch.tensor(dense_rows, dtype=torch.int64, device=device)
             onehot = torch.nn.functional.one_hot(ids, self.num_slots + 1).to(self.dtype)  # [D, K+1]
-            return LoraBatch(**common, row_slots=dense_rows, onehot=onehot, scales=scales)  # type: ignore[arg-type]
+            return LoraBatch(**common, row_slots=dense_rows, onehot=onehot, scales=scales())  # type: ignore[arg-type]
         if len(rows) > self._max_rows:
             raise ValueError(f"a decode block of {len(rows)} rows; the model has {self._max_rows}")
         active = self._refresh_rows(rows)
@@ -189,7 +187,7 @@ class SlotBank(nn.Module):
             return LoraBatch(**common, row_slots=dense_rows)  # type: ignore[arg-type]
         # A few adapter rows among many: gather just theirs; else every block row (null rows are zero).
         index = torch.tensor(active, dtype=torch.int64, device=device) if 3 * len(active) <= len(rows) else None
-        return LoraBatch(**common, row_slots=dense_rows, rows=True, active=index, scales=scales)  # type: ignore[arg-type]
+        return LoraBatch(**common, row_slots=dense_rows, rows=True, active=index, scales=scales())  # type: ignore[arg-type]
 
     def _refresh_rows(self, rows: tuple[int, ...]) -> list[int]:
         """Make every decoding row's row-resident weights hold its slot (zeros for the null slot),

@@ -46,6 +46,16 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
+def chat_prompts(tok: Any, batch: int) -> list[list[int]]:
+    """Prompt ids of the first `batch` workload requests as the server encodes chat requests
+    (server/service.py encode_chat)."""
+    out = []
+    for i in range(batch):
+        text = tok.apply_chat_template(messages(i), tokenize=False, add_generation_prompt=True)
+        out.append(list(tok.encode(text, add_special_tokens=False)))
+    return out
+
+
 def model_dir() -> Path:
     """The embedded model as a Hugging Face folder (converted once into the cache)."""
     from server.model_source import resolve_model

@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import NEW_TOKENS, QUICK_NEW_TOKENS, messages, model_dir, write
+from bench.common import NEW_TOKENS, QUICK_NEW_TOKENS, chat_prompts, model_dir, write
 from bench.machine_limits import compute_bound_now, streaming_bound_now
 from bench.servers import die_with_parent, stop_group
 from bench.targets import target_row
@@ -79,15 +79,6 @@ def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir())
-
-
-def prompts(tok: Any, batch: int) -> list[list[int]]:
-    """Prompt ids as the server encodes chat requests (server/service.py encode_chat)."""
-    out = []
-    for i in range(batch):
-        text = tok.apply_chat_template(messages(i), tokenize=False, add_generation_prompt=True)
-        out.append(list(tok.encode(text, add_special_tokens=False)))
-    return out
 
 
 # ---- loraswap ---------------------------------------------------------------------------------
@@ -144,7 +135,7 @@ def run_engine(engine: Any, ids: list[list[int]], new_tokens: int, tag: str) -> 
 
 
 def measure_loraswap(engine: Any, tok: Any, batch: int, new_tokens: int, mode: str) -> dict[str, Any]:
-    ids = prompts(tok, batch)
+    ids = chat_prompts(tok, batch)
     run_engine(engine, ids, WARM_TOKENS, f"warm{batch}")
     run = run_engine(engine, ids, new_tokens, f"b{batch}")
     decode = run["decode_tokens_per_s"]
@@ -165,7 +156,7 @@ def hf_model() -> Any:
 
 
 def left_padded(tok: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    ids = prompts(tok, batch)
+    ids = chat_prompts(tok, batch)
     pad = tok.convert_tokens_to_ids("<|im_end|>")
     width = max(map(len, ids))
     input_ids = torch.full((batch, width), pad, dtype=torch.int64)
@@ -207,7 +198,7 @@ def measure_hf(model: Any, tok: Any, batch: int, new_tokens: int) -> dict[str, A
     hf_generate(model, tok, batch, WARM_TOKENS)
     _, prefill_s = hf_generate(model, tok, batch, 1)  # the prefill phase: prompt forward + first token
     tokens, elapsed = hf_generate(model, tok, batch, new_tokens)
-    return hf_row("eager", batch, new_tokens, tokens, elapsed, sum(map(len, prompts(tok, batch))), prefill_s)
+    return hf_row("eager", batch, new_tokens, tokens, elapsed, sum(map(len, chat_prompts(tok, batch))), prefill_s)
 
 
 def hf_compile_child(batch: int, new_tokens: int) -> None:

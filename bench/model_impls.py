@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.slot_bank import SlotBank  # noqa: E402
 from adapters.slot_table import SlotTable  # noqa: E402
-from bench.common import make_adapters, messages, model_dir, write  # noqa: E402
+from bench.common import chat_prompts, make_adapters, model_dir, write  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.hf_model import load_transformers_model  # noqa: E402
 from server.runner import ModelRunner  # noqa: E402
@@ -79,8 +79,7 @@ def part_a(batch: int, new_tokens: int, rounds: int) -> dict[str, Any]:
 
     folder = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = [tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=False) for i in range(batch)]
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    prompts = chat_prompts(tokenizer, batch)
     adapters = make_adapters(CACHE / "adapters", 4, base=folder)
     names: list[str | None] = [None if i % 5 == 4 else f"ad{i % 4}" for i in range(batch)]
     engines = {impl: engine_for(load(impl, folder, batch, 512), adapters) for impl in ("native", "transformers")}
@@ -113,7 +112,7 @@ def gemma3_folder() -> Path:
 def part_b(new_tokens: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.adapters.helpers import load_weights, make_peft_adapter
+    from tests.adapters.helpers import load_weights, make_peft_adapter, native_logits
 
     folder = gemma3_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -147,8 +146,7 @@ def part_b(new_tokens: int) -> dict[str, Any]:
     model = load("native", folder, 2, 1024)
     bank = SlotBank(model, num_slots=1, max_rank=16)
     bank.load(0, load_weights(CACHE / "gemma3-adapter", bank))
-    got = model.logits(model(torch.tensor([short]), torch.arange(len(short))[None], row_start=0, kv_len=len(short),
-                             lora=bank.batch(torch.tensor([0]))))[0]
+    got = native_logits(model, bank, torch.tensor([short]), 0)[0]
     out["adapter_vs_peft_max_abs_diff"] = float((got - want_lora).abs().max())
     out["adapter_changes_logits_by"] = float((want_lora - want["short"]).abs().max())
     print(f"B adapter: {out['adapter_vs_peft_max_abs_diff']:.2e} (adapter effect {out['adapter_changes_logits_by']:.2f})")

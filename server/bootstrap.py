@@ -112,7 +112,11 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
     else:
         slots = slot_plan(settings, cfg, dtype.itemsize)  # before loading: a budget too small fails fast
         kv_blocks = kv_plan(settings, cfg, dtype.itemsize)
-        model = build_native(folder, settings, cfg, dtype, device, quantization, placement, kv_blocks)
+        model = build_model(
+            folder, dtype=dtype, device=device, max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
+            cfg=cfg, quantization=quantization, quantize_lm_head=settings.quantize_lm_head, placement=placement,
+            kv_blocks=kv_blocks, block_size=settings.block_size,
+        )
     footprint = model.memory_footprint()
     log.info("weights: decoder projections %.1f MB (%s), other %.1f MB",
              footprint["linear_bytes"] / 1e6, settings.quantization, footprint["other_weight_bytes"] / 1e6)
@@ -197,17 +201,6 @@ def slot_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int, *, per_slo
         per_slot = lora_slot_bytes(cfg, max_rank=settings.max_lora_rank, dtype_bytes=dtype_bytes)
     return plan_slots(settings.max_loras, budget_bytes=settings.lora_memory, per_slot_bytes=per_slot,
                       rank=settings.max_lora_rank, compiled=settings.compile)
-
-
-def build_native(
-    folder: Path, settings: Settings, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-    quantization: str | None, placement: Placement | None, kv_blocks: int,
-) -> Transformer:
-    return build_model(
-        folder, dtype=dtype, device=device, max_rows=settings.max_num_seqs, max_len=settings.max_model_len,
-        cfg=cfg, quantization=quantization, quantize_lm_head=settings.quantize_lm_head, placement=placement,
-        kv_blocks=kv_blocks, block_size=settings.block_size,
-    )
 
 
 def kv_plan(settings: Settings, cfg: ModelConfig, dtype_bytes: int) -> int:

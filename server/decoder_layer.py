@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.forward_batch import ForwardBatch, causal_mask
+from server.forward_batch import ForwardBatch
 from server.kv_cache import write_tokens
 from server.linear import Linear
 from server.model_config import NORM_ROLES, ModelConfig
@@ -79,7 +79,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     *,
     window: int | None,
-    window_group: int | None,  # which of the batch's prompt-chunk masks is this window's (None: build it)
+    window_group: int,  # which of the batch's prompt-chunk masks is this window's
     scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
@@ -102,10 +102,7 @@ def paged_attention(
         qc = q[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, n, hd]
         keys = k_cache.index_select(0, chunk.kv_slots).transpose(0, 1)[None]  # [1, kv_heads, kv_len, hd]
         values = v_cache.index_select(0, chunk.kv_slots).transpose(0, 1)[None]
-        if window_group is None:
-            mask = causal_mask(batch.positions[None, chunk.offset : chunk.offset + chunk.length], chunk.kv_len, window)
-        else:
-            mask = chunk.masks[window_group]
+        mask = chunk.masks[window_group]
         if softcap is None:
             out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=True, scale=scale)
         else:
@@ -118,7 +115,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layer_idx = layer_idx
+        self.split_sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
         self.window = cfg.layer_window(layer_idx)
         self.window_group = cfg.windows.index(self.window)  # which prompt-chunk mask applies
         self.rope_group = cfg.layer_rope(layer_idx)
@@ -144,7 +141,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(tokens, cfg.num_attention_heads, cfg.head_dim)
@@ -187,7 +184,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         for name in cfg.norm_names():
             self.add_module(name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_upcast))
-        self.roles = NORM_ROLES[cfg.norm_placement][1]  # (input, post-attention, pre-MLP, post-MLP)
+        self.roles = NORM_ROLES[cfg.norm_placement]  # (input, post-attention, pre-MLP, post-MLP)
         self.residual_multiplier = cfg.residual_multiplier
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)

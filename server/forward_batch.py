@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.kv_cache import blocks_for
+
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
 
@@ -101,7 +103,7 @@ class CacheLayout:
     def window_slots(self, table: Sequence[int], end: int, kv_len: int, device: torch.device) -> torch.Tensor:
         """Pool slots of positions [0, kv_len) of a sequence that has written [0, end): its own
         for [0, end), the zero block's first slot after. # [kv_len] int64"""
-        blocks = torch.tensor(table[: -(-end // self.block_size)], dtype=torch.int64)  # [b]
+        blocks = torch.tensor(table[: blocks_for(end, self.block_size)], dtype=torch.int64)  # [b]
         own = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:end]  # [end]
         past = torch.full((kv_len - end,), self.zero_block * self.block_size, dtype=torch.int64)
         return torch.cat([own, past]).to(device)
@@ -144,7 +146,7 @@ def build_forward_batch(
     tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T]
     tables = lengths = None
     if decode_positions:
-        needed = [0 if t is None else p // layout.block_size + 1 for p, t in zip(decode_positions, decode_tables)]
+        needed = [0 if t is None else blocks_for(p + 1, layout.block_size) for p, t in zip(decode_positions, decode_tables)]
         width = table_width or max(max(needed), 1)
         # Columns past a row's last block are never read; the zero block keeps them in range.
         rows = [[*(t or ())[:n], *[layout.zero_block] * (width - n)] for t, n in zip(decode_tables, needed)]

@@ -34,7 +34,6 @@ ARCHITECTURES: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "gemma3": ((*_LLAMA_LAYER, "pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm",
                 "self_attn.k_norm"), False, True),
 }
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def unpermute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -75,9 +74,9 @@ def read_tensors(path: Path, *, num_heads: int, num_kv_heads: int, num_layers: i
     reader = gguf.GGUFReader(path)
     field = reader.fields["general.architecture"]
     architecture = bytes(field.parts[field.data[0]]).decode()
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in ARCHITECTURES:
         raise ModelSourceError(f"{path.name}: GGUF architecture {architecture!r} is not supported "
-                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                               f"(supported: {', '.join(ARCHITECTURES)})")
     scaling = f"{architecture}.rope.scaling.factor"
     if architecture == "gemma3" and scaling in reader.fields:
         # Gemma 3 4B and larger: transformers' GGUF config parser drops the rope scaling (and

@@ -37,9 +37,10 @@ from server.paged_model import PagedModel
 
 ATTENTION_NAME = "loraswap"
 _STEP: ContextVar[tuple[ForwardBatch, TransformersModel] | None] = ContextVar("loraswap_step", default=None)
-# While set, the attention function only records each layer's (kv heads, head dim): the probe
-# forward that sizes the KV cache from what the layers really compute, whatever the config says.
-_PROBE: ContextVar[dict[int, tuple[int, int]] | None] = ContextVar("loraswap_probe", default=None)
+# While set, the attention function only records each layer's (kv heads, head dim, sliding window):
+# the probe forward that sizes the KV cache and the prompt masks from what the layers really
+# compute, whatever the config says.
+_PROBE: ContextVar[dict[int, tuple[int, int, int | None]] | None] = ContextVar("loraswap_probe", default=None)
 
 
 class LoraLinear(nn.Linear):
@@ -54,8 +55,8 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
         y = F.linear(x, self.weight, self.bias)  # [..., out]
-        step = _STEP.get()
-        if self.lora is not None and step is not None and step[0].lora is not None:
+        step = None if self.lora is None else _STEP.get()
+        if step is not None and step[0].lora is not None:
             flat = self.lora.add_to(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), step[0].lora)
             y = flat.view(y.shape)
         return y
@@ -79,7 +80,7 @@ def _attention(
     probe = _PROBE.get()
     if probe is not None:
         _check_call(module, key, value, kwargs, probe)
-        probe[module.layer_idx] = (key.shape[1], key.shape[3])
+        probe[module.layer_idx] = (key.shape[1], key.shape[3], sliding_window)
         return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3]), None
     step = _STEP.get()
     if step is None:
@@ -87,30 +88,24 @@ def _attention(
     batch, model = step
     assert model.cache is not None
     heads, tokens, hd = query.shape[1], query.shape[2], query.shape[3]
-    k_cache, v_cache = model.cache.layer(module.layer_idx)
-    if key.shape[1] != k_cache.shape[1] or key.shape[3] != k_cache.shape[2]:
-        raise UnsupportedModelError(
-            f"layer {module.layer_idx} has {key.shape[1]} KV heads of {hd}; the cache was sized for "
-            f"{k_cache.shape[1]} of {k_cache.shape[2]} from the config")
-    windows = model.cfg.windows
+    layer = module.layer_idx
+    k_cache, v_cache = model.cache.layer(layer)  # sized by the probe: the shapes match
     out = paged_attention(
         query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1), value[0].transpose(0, 1), batch, k_cache,
-        v_cache, window=sliding_window, window_group=windows.index(sliding_window) if sliding_window in windows else None,
+        v_cache, window=sliding_window, window_group=model.window_groups[layer],
         scale=scaling if scaling is not None else hd**-0.5, softcap=softcap,
     )  # [T, heads * hd]
     return out.view(1, tokens, heads, hd), None
 
 
 def _check_call(module: nn.Module, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any],
-                seen: dict[int, tuple[int, int]]) -> None:
+                seen: dict[int, tuple[int, int, int | None]]) -> None:
     """Refuse, during the probe forward, what the paged attention would compute wrongly."""
     name = type(module).__name__
     extra = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False)
     if extra:
         raise UnsupportedModelError(f"{name} passes {', '.join(extra)} to its attention, which loraswap's paged "
                                     "attention does not implement")
-    if getattr(module, "is_causal", True) is False:
-        raise UnsupportedModelError(f"{name} attends bidirectionally; loraswap serves decoder-only models")
     if module.layer_idx in seen:
         raise UnsupportedModelError(f"{name}: two attention calls for layer {module.layer_idx} in one forward")
     if value.shape != key.shape:
@@ -131,20 +126,15 @@ def register_attention() -> None:
 
 
 def generic_config(hf_config: Any) -> ModelConfig:
-    """The sizes the engine needs (KV cache, limits) from any transformers text config."""
+    """The sizes the engine needs (KV cache, limits) from any transformers text config; the KV
+    shapes and windows are then taken from the layers themselves (probed_config)."""
     text = hf_config.get_text_config()
     heads, hidden = int(text.num_attention_heads), int(text.hidden_size)
     layers = int(text.num_hidden_layers)
-    sliding = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
-    windows: tuple[int | None, ...] = ()
-    if types is not None:
-        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise UnsupportedModelError(f"{text.model_type!r} has layers of type {', '.join(unknown)}; loraswap's "
-                                        "attention does full and sliding-window layers")
-    if isinstance(sliding, int) and types is not None and len(types) == layers:
-        windows = tuple(sliding if t == "sliding_attention" else None for t in types)
+    unknown = sorted(set(getattr(text, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+    if unknown:  # chunked attention and the like: the windows the probe records would not say it
+        raise UnsupportedModelError(f"{text.model_type!r} has layers of type {', '.join(unknown)}; loraswap's "
+                                    "attention does full and sliding-window layers")
     return ModelConfig(
         model_type=text.model_type, vocab_size=int(text.vocab_size), hidden_size=hidden,
         intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden), num_hidden_layers=layers,
@@ -152,7 +142,7 @@ def generic_config(hf_config: Any) -> ModelConfig:
         head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
         rms_norm_eps=1e-6, max_position_embeddings=int(getattr(text, "max_position_embeddings", None) or 2048),
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
-        qkv_bias=False, o_bias=False, mlp_bias=False, layer_windows=windows,
+        qkv_bias=False, o_bias=False, mlp_bias=False,
         bos_token_id=getattr(text, "bos_token_id", None), eos_token_ids=eos_ids({"eos_token_id": text.eos_token_id}),
     )
 
@@ -170,6 +160,8 @@ class TransformersModel(PagedModel):
                 module.lora = None
                 self._targets[name] = module  # type: ignore[assignment]
         self.layer_devices: list[torch.device] = []
+        # Each layer's prompt-chunk mask: the index of its window among the batch's (cfg.windows).
+        self.window_groups = [cfg.windows.index(cfg.layer_window(i)) for i in range(cfg.num_hidden_layers)]
         self._head = head_transform(hf.config.get_text_config())  # refused at load, not at the first request
 
     @property
@@ -250,9 +242,10 @@ def head_transform(text: Any) -> tuple[float, float | None]:
 
 
 def probed_config(hf: nn.Module, cfg: ModelConfig) -> ModelConfig:
-    """`cfg` with the KV heads and head size the attention layers really produce (GPT-NeoX, for
-    one, ignores a num_key_value_heads its config may carry), from a one-token forward."""
-    shapes: dict[int, tuple[int, int]] = {}
+    """`cfg` with the KV heads, head size and sliding window of each layer as its attention really
+    computes them (GPT-NeoX, for one, ignores a num_key_value_heads its config may carry), from a
+    one-token forward."""
+    shapes: dict[int, tuple[int, int, int | None]] = {}
     token = _PROBE.set(shapes)
     try:
         with torch.no_grad():
@@ -261,12 +254,15 @@ def probed_config(hf: nn.Module, cfg: ModelConfig) -> ModelConfig:
                           position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     finally:
         _PROBE.reset(token)
-    if sorted(shapes) != list(range(cfg.num_hidden_layers)) or len(set(shapes.values())) != 1:
+    kv_shapes = {shape[:2] for shape in shapes.values()}
+    if sorted(shapes) != list(range(cfg.num_hidden_layers)) or len(kv_shapes) != 1:
         raise UnsupportedModelError(f"{cfg.model_type!r}: attention layers {sorted(shapes)} with KV shapes "
-                                    f"{sorted(set(shapes.values()))}; loraswap needs one shape for layers 0.."
+                                    f"{sorted(kv_shapes)}; loraswap needs one shape for layers 0.."
                                     f"{cfg.num_hidden_layers - 1}")
-    kv_heads, head_dim = shapes[0]
-    return replace(cfg, num_key_value_heads=kv_heads, head_dim=head_dim)
+    (kv_heads, head_dim), = kv_shapes
+    windows = tuple(shapes[i][2] for i in range(cfg.num_hidden_layers))
+    return replace(cfg, num_key_value_heads=kv_heads, head_dim=head_dim,
+                   layer_windows=windows if any(w is not None for w in windows) else ())
 
 
 def _rope_types(text: Any) -> set[str]:

@@ -19,6 +19,7 @@ it got from the cache, so shared blocks need no copy-on-write.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ def block_hashes(adapter: str | None, token_ids: Sequence[int], block_size: int)
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
         digest = hashlib.sha256(parent)
-        digest.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in block))
+        digest.update(array("q", block).tobytes())  # int64 ids, native order: the keys never leave the process
         parent = digest.digest()
         yield parent
 

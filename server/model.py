@@ -64,6 +64,7 @@ class Transformer(PagedModel):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layer_devices: list[torch.device] = []  # set by allocate(), from where the weights are
         self._crossings: dict[int, torch.device] = {}  # boundary layer -> its device (allocate())
+        self.embed_scale = 1.0  # the embedding multiplier in the compute dtype (allocate())
 
     def place(self, placement: Placement) -> None:
         """Materialise a meta-device model part by part on the devices `placement` names."""
@@ -141,6 +142,9 @@ class Transformer(PagedModel):
         self._crossings = {i: self.layer_devices[i] for i in self.boundaries()}
         self.allocate_cache(max_rows=max_rows, max_len=max_len, num_blocks=num_blocks, block_size=block_size,
                             dtype=param.dtype, layer_devices=self.layer_devices)
+        # Gemma rounds its embedding scale to the compute dtype first; the multiply is the same then.
+        scale = cfg.embedding_multiplier
+        self.embed_scale = float(torch.tensor(scale, dtype=param.dtype)) if cfg.embedding_multiplier_in_dtype else scale
         for group, rope in enumerate(cfg.ropes):  # one table per rope variant (Gemma 3: local, global)
             cos, sin = rope_tables(cfg.rot_dim, rope, max_len)
             self.register_buffer(f"rope_cos{group}", cos.to(param.device, param.dtype), persistent=False)
@@ -182,9 +186,8 @@ class Transformer(PagedModel):
         if self.cache is None:
             raise RuntimeError("call allocate() before forward()")
         x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
-        if self.cfg.embedding_multiplier != 1.0:
-            scale = self.cfg.embedding_multiplier
-            x = x * (torch.tensor(scale, dtype=x.dtype) if self.cfg.embedding_multiplier_in_dtype else scale)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         # [T, 1, rot] cos and sin per rope table
         ropes = [(getattr(self, f"rope_cos{g}")[batch.positions][:, None],
                   getattr(self, f"rope_sin{g}")[batch.positions][:, None]) for g in range(len(self.cfg.ropes))]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,7 +113,7 @@ class ModelConfig:
     def layer_rope(self, layer: int) -> int:
         return self.layer_ropes[layer] if self.layer_ropes else 0
 
-    @property
+    @cached_property  # read every step: computed once (the config is frozen)
     def windows(self) -> tuple[int | None, ...]:
         """The distinct attention windows, in first-layer order (a prompt chunk gets one mask each)."""
         return tuple(dict.fromkeys(self.layer_window(i) for i in range(self.num_hidden_layers))) or (None,)
@@ -123,20 +124,17 @@ class ModelConfig:
 
     def norm_names(self) -> tuple[str, ...]:
         """The RMSNorm modules of one decoder layer, by their checkpoint names."""
-        return NORM_ROLES[self.norm_placement][0]
+        return tuple(name for name in NORM_ROLES[self.norm_placement] if name is not None)
 
 
-# placement -> (norm module names, (input, post-attention, pre-feedforward, post-feedforward) roles).
-# "post_attention_layernorm" is the MLP's input norm in Llama but normalizes the attention output in
-# Gemma and OLMo 2: the checkpoints share the name, not the role.
-NORM_ROLES: dict[str, tuple[tuple[str, ...], tuple[str | None, str | None, str | None, str | None]]] = {
-    "pre": (("input_layernorm", "post_attention_layernorm"), ("input_layernorm", None, "post_attention_layernorm", None)),
-    "sandwich": (
-        ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-        ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-    ),
-    "post": (("post_attention_layernorm", "post_feedforward_layernorm"),
-             (None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
+# placement -> the RMSNorm module (checkpoint name) of each role: (input, post-attention,
+# pre-feedforward, post-feedforward), None where the placement has none. "post_attention_layernorm"
+# is the MLP's input norm in Llama but normalizes the attention output in Gemma and OLMo 2: the
+# checkpoints share the name, not the role.
+NORM_ROLES: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
 }
 
 

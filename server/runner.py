@@ -158,22 +158,24 @@ class ModelRunner:
         positions: list[int] = []
         tables: list[list[int] | None] = []
         slots: list[int] = []
+        scales: list[float] = []
         for row in range(block):
             if row in decoding:
                 positions.append(self.positions[row])
                 tables.append(self.tables[row])
                 slots.append(self.slots[row])
+                scales.append(self.scales[row])
             else:
                 positions.append(0)
                 tables.append(None)
                 slots.append(PADDING)
+                scales.append(1.0)
         lora = None
         if self.bank is not None:
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
-            segments = [(offset, len(c.token_ids), self.slots[c.row]) for c, offset in zip(chunks, offsets)]
-            scales = [self.scales[row] if row in decoding else 1.0 for row in range(block)]
-            lora = self.bank.route(slots, segments, device=self.device, decode_scales=scales,
-                                   segment_scales=[self.scales[c.row] for c in chunks])
+            segments = [(offset, len(c.token_ids), self.slots[c.row], self.scales[c.row])
+                        for c, offset in zip(chunks, offsets)]
+            lora = self.bank.route(slots, segments, device=self.device, decode_scales=scales)
         return build_forward_batch(
             layout=self.layout, decode_tokens=self.last_tokens[:block] if block else None,
             decode_positions=positions, decode_tables=tables,

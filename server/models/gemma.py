@@ -22,6 +22,7 @@ from server.model_config import (
     positive_float,
     rope_config,
     rope_parameters,
+    single_rope,
     sliding_layers,
     window_size,
 )
@@ -73,7 +74,7 @@ def parse(raw: dict[str, Any]) -> ModelConfig:
         ropes = (by_type["full_attention"], by_type["sliding_attention"])
         layer_ropes = tuple(int(s) for s in sliding)
     else:
-        ropes, layer_ropes = (rope_config(rope_parameters(raw), max_position_embeddings=max_len, rotary_dim=head_dim),), ()
+        ropes, layer_ropes = (single_rope(raw, base),), ()
     later = model_type != "gemma"
     bias = bool(raw.get("attention_bias") or False)
     return ModelConfig(

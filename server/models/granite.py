@@ -11,16 +11,16 @@ from server.models import Family
 
 def parse(raw: dict[str, Any]) -> ModelConfig:
     base = base_fields(raw)
-    rope = single_rope(raw, base)
+    bias = bool(raw.get("attention_bias") or False)
     return ModelConfig(
         **base,
-        qkv_bias=bool(raw.get("attention_bias") or False), o_bias=bool(raw.get("attention_bias") or False),
-        mlp_bias=bool(raw.get("mlp_bias") or False), activation=activation(raw, "hidden_act"),
+        qkv_bias=bias, o_bias=bias, mlp_bias=bool(raw.get("mlp_bias") or False),
+        activation=activation(raw, "hidden_act"),
         embedding_multiplier=positive_float(raw, "embedding_multiplier", 1.0),
         residual_multiplier=positive_float(raw, "residual_multiplier", 1.0),
         attention_scale=positive_float(raw, "attention_multiplier", 1.0),
         logits_divisor=positive_float(raw, "logits_scaling", 1.0),
-        ropes=(rope,),
+        ropes=(single_rope(raw, base),),
     )
 
 

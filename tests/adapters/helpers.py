@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,12 @@ def load_weights(folder: Path, bank: SlotBank, name: str = "a") -> AdapterWeight
     return validate(read_adapter_dir(folder, name), bank.spec(), name)
 
 
-def native_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, slot: int, *, row: int = 0) -> torch.Tensor:
-    """Full-sequence logits of one row on `slot` (bank.null_slot = base). ids # [1, S]"""
+def native_logits(model: Transformer, bank: SlotBank | None, ids: torch.Tensor, slot: int | None = None, *,
+                  row: int = 0) -> torch.Tensor:
+    """Full-sequence logits of one row on `slot` (bank.null_slot, or no bank: the base model),
+    prefilled as one chunk. ids # [1, S]"""
     seq = ids.shape[1]
-    lora = bank.batch(torch.tensor([slot]))
+    lora = None if bank is None or slot is None else bank.batch(torch.tensor([slot]))
     hidden = model(ids, torch.arange(seq)[None], row_start=row, kv_len=seq, lora=lora)
     return model.logits(hidden)
 
@@ -78,3 +82,50 @@ def write_random_adapter(
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "target_modules": targets}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def mixed_batch_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, slots: list[int],
+                       scales: list[float] | None = None) -> torch.Tensor:
+    """One prompt ids # [1, S] on len(slots) rows at once, row i on slots[i] (scaled by
+    scales[i]): the first S-1 tokens prefilled in one forward, the last decoded in one step
+    together. -> logits # [rows, S, V]"""
+    rows, seq = len(slots), ids.shape[1] - 1
+    lora = bank.batch(torch.tensor(slots), scales or ())
+    prefill = model(ids[:, :seq].expand(rows, seq), torch.arange(seq)[None].expand(rows, seq), row_start=0,
+                    kv_len=seq, lora=lora)
+    step = model(ids[:, seq:].expand(rows, 1), torch.full((rows, 1), seq), row_start=0, kv_len=model.max_len,
+                 lora=lora)
+    return model.logits(torch.cat([prefill, step], dim=1))
+
+
+@contextmanager
+def scaled_lora(peft_model: Any, scale: float) -> Iterator[Any]:
+    """PEFT's model with every LoRA layer's scaling multiplied by `scale`, restored after."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = {m: dict(m.scaling) for m in peft_model.modules() if isinstance(m, LoraLayer)}
+    for module in saved:
+        module.scaling = {k: v * scale for k, v in module.scaling.items()}
+    try:
+        yield peft_model
+    finally:
+        for module, scaling in saved.items():
+            module.scaling = scaling
+
+
+def peft_references(base: Any, root: Path, ids: torch.Tensor, specs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Save one random PEFT adapter per spec as root/a0, root/a1, ... on the HF model `base`;
+    return PEFT's logits # [S, V] for ids # [1, S] under each adapter, then the base model's,
+    after checking that every adapter changes them."""
+    expected = []
+    base_logits = None
+    for i, spec in enumerate(specs):
+        peft_model = make_peft_adapter(base, root / f"a{i}", seed=20 + i, **spec)
+        with torch.no_grad():
+            expected.append(peft_model(ids).logits[0])
+            if base_logits is None:
+                with peft_model.disable_adapter():
+                    base_logits = peft_model(ids).logits[0]
+        base = unwrap(peft_model)
+    assert base_logits is not None and all((e - base_logits).abs().max() > 1e-3 for e in expected)
+    return [*expected, base_logits]

@@ -1,6 +1,7 @@
-"""Per-request adapter scale (`lora_scale`): rows of one adapter at scales 0, 0.5, 1 and 2 and a
-base row in one batch equal PEFT with its LoRA scaling multiplied likewise, in prefill and decode,
-eager and compiled (no recompilation); the prefix cache keeps scales apart; the HTTP field."""
+"""Per-request adapter scale (`lora_scale`): rows of one adapter at scales 0, 0.5, 1, 2 and -1 and
+a base row in one batch equal PEFT with its LoRA scaling multiplied likewise, in prefill and decode,
+eager and compiled (no recompilation); the prefix cache keeps scales apart. The HTTP field is
+tested in tests/server/test_hostile_http.py (refusals) and tests/e2e/test_adapters_http.py."""
 
 from __future__ import annotations
 
@@ -17,26 +18,12 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.adapters.helpers import load_weights, make_peft_adapter
-from tests.server.families import make_family
+from tests.adapters.helpers import load_weights, make_peft_adapter, mixed_batch_logits, scaled_lora
+from tests.server.families import hf_greedy, make_family
 from tests.server.fakes import Collector
 
-SCALES = [0.0, 0.5, 1.0, 2.0]
+SCALES = [0.0, 0.5, 1.0, 2.0, -1.0]
 PROMPT = [5, 9, 14, 3, 30, 31, 7, 7, 60, 61, 62]
-
-
-def peft_logits(peft_model: Any, ids: torch.Tensor, scale: float) -> torch.Tensor:
-    from peft.tuners.lora import LoraLayer
-
-    saved = {m: dict(m.scaling) for m in peft_model.modules() if isinstance(m, LoraLayer)}
-    for module in saved:
-        module.scaling = {k: v * scale for k, v in module.scaling.items()}
-    try:
-        with torch.no_grad():
-            return peft_model(ids).logits[0]
-    finally:
-        for module, scaling in saved.items():
-            module.scaling = scaling
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +36,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
 
 def test_scaled_rows_in_one_batch_equal_peft(setup: tuple[Path, Path, Any]) -> None:
     base, adapter, peft_model = setup
-    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=5, max_len=32)
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=len(SCALES) + 1, max_len=32)
     bank = SlotBank(model, num_slots=1, max_rank=8)
     bank.load(0, load_weights(adapter, bank))
     ids = torch.tensor([PROMPT])
-    seq = ids.shape[1] - 1
-    slots, scales = torch.tensor([0, 0, 0, 0, bank.null_slot]), [*SCALES, 1.0]
-    prefill = model.logits(model(ids[:, :seq].expand(5, seq), torch.arange(seq)[None].expand(5, seq), row_start=0,
-                                 kv_len=seq, lora=bank.batch(slots, scales)))
-    step = model.logits(model(ids[:, seq:].expand(5, 1), torch.full((5, 1), seq), row_start=0, kv_len=32,
-                              lora=bank.batch(slots, scales)))
-    got = torch.cat([prefill, step], dim=1)  # [5, S, V]
-    expected = [peft_logits(peft_model, ids, s) for s in SCALES]
+    got = mixed_batch_logits(model, bank, ids, [0] * len(SCALES) + [bank.null_slot], [*SCALES, 1.0])  # [rows, S, V]
+    expected = []
+    for scale in SCALES:
+        with scaled_lora(peft_model, scale), torch.no_grad():
+            expected.append(peft_model(ids).logits[0])
     with torch.no_grad(), peft_model.disable_adapter():
         base_logits = peft_model(ids).logits[0]
     assert (expected[3] - expected[2]).abs().max() > 1e-3  # the scale really matters
@@ -74,7 +58,7 @@ def test_engine_serves_each_request_at_its_scale(setup: tuple[Path, Path, Any], 
     """Greedy tokens of requests at four scales, together, equal PEFT's scaled generate; under
     compile the warm graphs serve every scale without recompiling."""
     base, adapter, peft_model = setup
-    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=4, max_len=64)
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=len(SCALES), max_len=64)
     bank = SlotBank(model, num_slots=1, max_rank=8, fixed_window=compile)
     weights = load_weights(adapter, bank, "ad")
     if compile:
@@ -90,19 +74,12 @@ def test_engine_serves_each_request_at_its_scale(setup: tuple[Path, Path, Any], 
     engine.run_until_idle()
     if compile:
         assert engine.runner.recompilations == 0
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    wants = []
     for i, scale in enumerate(SCALES):
-        saved = [dict(m.scaling) for m in layers]
-        for m in layers:
-            m.scaling = {k: v * scale for k, v in m.scaling.items()}
-        with torch.no_grad():
-            want = peft_model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
-        for m, scaling in zip(layers, saved):
-            m.scaling = scaling
-        assert got.tokens[str(i)] == want, f"scale {scale}"
+        with scaled_lora(peft_model, scale):
+            wants.append(hf_greedy(peft_model, PROMPT, 8))
+        assert got.tokens[str(i)] == wants[-1], f"scale {scale}"
+    assert len({tuple(w) for w in wants}) == len(SCALES)  # every scale gives other tokens here
 
 
 def test_prefix_cache_keeps_scales_apart(setup: tuple[Path, Path, Any]) -> None:
@@ -127,6 +104,7 @@ def test_prefix_cache_keeps_scales_apart(setup: tuple[Path, Path, Any]) -> None:
         return got.tokens[rid]
 
     cold = {scale: run(engine(), scale, "c") for scale in (1.0, 0.5)}
+    assert cold[1.0] != cold[0.5]  # so equal-to-cold below tells the scales apart
     shared = engine()
     assert run(shared, 1.0, "a") == cold[1.0]
     hits = shared.blocks.prefix.hits.get("ad", 0)

@@ -44,7 +44,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
     "gemma2": (
         "Gemma2Config", "Gemma2ForCausalLM",
-        dict(head_dim=16, query_pre_attn_scalar=1, sliding_window=8, attn_logit_softcapping=0.02,
+        dict(head_dim=16, query_pre_attn_scalar=1, sliding_window=8, attn_logit_softcapping=0.15,
              final_logit_softcapping=0.4),
     ),
     "gemma3": (
@@ -152,3 +152,12 @@ def make_cycle_llama(folder: Path, cycle: list[int]) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(embedded / name, folder / name)
     return folder
+
+
+def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' (or PEFT's) greedy continuation of one prompt, EOS ignored: the reference
+    for the engine's greedy tokens."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

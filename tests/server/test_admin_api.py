@@ -106,15 +106,20 @@ def test_token_is_required(client: TestClient) -> None:
         assert client.request(method, path).status_code == 401, path
 
 
-def test_model_info_reports_slots_given_by_the_flag(client: TestClient) -> None:
+def test_model_info_reports_slots_given_by_the_flag(client: TestClient, tiny_llama_dir: Path) -> None:
     info = client.get("/admin/model", headers=AUTH).json()
     slots = info["lora_slots"]
     assert {k: slots[k] for k in ("count", "rank", "budget_bytes", "sized_by")} == {
         "count": 2, "rank": 8, "budget_bytes": None, "sized_by": "flag"}
     assert slots["bytes"] == 3 * slots["bytes_per_slot"] == info["memory"]["lora_slot_bytes"]  # null slot too
     kv = info["kv_cache"]
-    assert kv["tokens"] == kv["blocks"] * kv["block_size"] and kv["prefix_caching"] is True
-    assert kv["bytes"] == info["memory"]["kv_cache_bytes"] > 0
+    # 4 requests of 128 positions in blocks of 16 (the 1 GiB default holds more), plus the
+    # scratch and zero blocks, keys and values, float32.
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert kv["blocks"] == 4 * 128 // 16 and kv["tokens"] == kv["blocks"] * 16 and kv["prefix_caching"] is True
+    per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+    assert kv["bytes"] == (kv["blocks"] + 2) * 16 * per_position == info["memory"]["kv_cache_bytes"]
 
 
 def test_without_a_token_only_loopback_administers(tiny_llama_dir: Path, tmp_path: Path) -> None:

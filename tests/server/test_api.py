@@ -206,7 +206,7 @@ def test_ready(client: TestClient) -> None:
     assert body["model"] == SERVED_NAME
     assert body["running"] == 0 and body["waiting"] == 0
     kv = body["kv_cache"]
-    assert kv["block_size"] == 16 and kv["blocks_total"] >= MAX_MODEL_LEN // 16 and kv["blocks_used"] == 0
+    assert kv["block_size"] == 16 and kv["blocks_total"] == 4 * MAX_MODEL_LEN // 16 and kv["blocks_used"] == 0
 
 
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(client: TestClient) -> None:

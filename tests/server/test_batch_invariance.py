@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adapters.slot_bank import SlotBank
 from server.linear import onednn_packing_available

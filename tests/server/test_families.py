@@ -18,7 +18,7 @@ from server.model_config import ModelConfig, RopeConfig, load_model_config, pars
 from server.rope import inverse_frequencies
 from server.weights import build_model
 from tests.server.families import COMMON, FAMILIES, make_family
-from tests.server.test_model_parity import native_logits
+from tests.adapters.helpers import native_logits
 
 NEW_FAMILIES = ["gemma", "gemma2", "gemma3", "granite", "olmo2", "phi3", "phi3-longrope", "phi4-mini"]
 
@@ -35,7 +35,7 @@ def test_each_spec_reads_its_features(folders: dict[str, Path]) -> None:
     cfg = {name: load_model_config(folder) for name, folder in folders.items()}
     g2, g3 = cfg["gemma2"], cfg["gemma3"]
     assert (g2.norm_placement, g2.norm_offset, g2.activation) == ("sandwich", 1.0, "gelu_tanh")
-    assert g2.layer_windows == (8, None) and g2.attn_softcap == 0.02 and g2.final_softcap == 0.4
+    assert g2.layer_windows == (8, None) and g2.attn_softcap == 0.15 and g2.final_softcap == 0.4
     assert g2.scale == 1.0 and g2.embedding_multiplier == 64**0.5 and g2.tie_word_embeddings
     assert g3.qk_norm == "head" and g3.layer_windows == (8, None) and g3.layer_ropes == (1, 0)
     assert [r.theta for r in g3.ropes] == [1e6, 1e4] and g3.ropes[0].type == "linear" and g3.attn_softcap is None
@@ -61,6 +61,7 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
     ("gemma2", dict(layer_windows=())),
     ("gemma3", dict(layer_ropes=())),
     ("gemma3", dict(layer_windows=())),
+    ("gemma3", dict(attention_scale=None)),
     ("granite", dict(embedding_multiplier=1.0)),
     ("granite", dict(residual_multiplier=1.0)),
     ("granite", dict(attention_scale=None)),
@@ -75,9 +76,9 @@ def test_every_feature_matters(folders: dict[str, Path], family: str, change: di
     folder = folders[family]
     cfg = load_model_config(folder)
     ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(4))
-    on = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=64), ids)
+    on = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=64), None, ids)
     off_model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=64, cfg=replace(cfg, **change))
-    off = native_logits(off_model, ids)
+    off = native_logits(off_model, None, ids)
     assert (on - off).abs().max().item() > 1e-3
 
 
@@ -86,13 +87,13 @@ def test_longrope_picks_its_factor_set_by_the_longest_sequence_served(folders: d
     per server: a sequence's cached keys must not change meaning as it grows)."""
     folder = folders["phi3-longrope"]
     ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(5))
-    short = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=64), ids)
-    long = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=128), ids)
+    short = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=64), None, ids)
+    long = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=128), None, ids)
     assert (short - long).abs().max().item() > 1e-3
     reference = make_family("phi3-longrope", folder.parent / "again")
     with torch.no_grad():  # transformers uses the long set once a sequence passes the original context
         expected = reference(torch.cat([ids, ids, ids], dim=1)).logits[:, -24:]
-    got = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=128),
+    got = native_logits(build_model(folder, dtype=torch.float32, device="cpu", max_rows=1, max_len=128), None,
                         torch.cat([ids, ids, ids], dim=1))[:, -24:]
     assert (got - expected).abs().max().item() < 1e-4
 

@@ -88,7 +88,7 @@ def test_decode_rows_and_arriving_prompts_share_one_forward(tiny_dir: Path) -> N
         engine.step()
     (batch,) = seen  # one forward: a's decode token, b's first chunks and c's whole prompt
     assert batch.decode_rows >= 1 and [(c.row, c.length) for c in batch.chunks] == [(1, 16), (1, 16), (1, 8), (2, 9)]
-    assert batch.lora is not None and [s[1:] for s in batch.lora.segments] == [(16, 1), (16, 1), (8, 1)]
+    assert batch.lora is not None and [s[1:] for s in batch.lora.segments] == [(16, 1, 1.0), (16, 1, 1.0), (8, 1, 1.0)]
     engine.run_until_idle()
     assert got.tokens == alone  # tokens identical to each request served alone
 

@@ -107,7 +107,7 @@ def test_nan_left_in_freed_kv_blocks_cannot_reach_the_next_request(tiny_dir: Pat
     got = run(engine, greedy("b", prompt))
     assert got.tokens["b"] == want and got.final["b"].finish_reason == "length"
     for _, buffer in cache.named_buffers():
-        buffer[: cache.num_blocks] = float("nan")  # every real block; the zero block stays zero
+        buffer[: cache.zero_block] = float("nan")  # every real block and the scratch block; the zero block stays zero
     got = run(engine, greedy("c", prompt))
     assert got.tokens["c"] == want
 

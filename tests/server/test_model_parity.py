@@ -14,13 +14,8 @@ from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
 from tests.server.fakes import Collector
-from tests.server.families import FAMILIES, make_family
-
-
-def native_logits(model, ids: torch.Tensor, *, row: int = 0) -> torch.Tensor:
-    seq = ids.shape[1]
-    hidden = model(ids, torch.arange(seq)[None], row_start=row, kv_len=seq)
-    return model.logits(hidden)  # [1, S, V]
+from tests.adapters.helpers import native_logits
+from tests.server.families import FAMILIES, hf_greedy, make_family
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -30,7 +25,7 @@ def test_logits_match_transformers(family: str, tmp_path: Path) -> None:
     ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).logits  # [1, S, V]
-    got = native_logits(ours, ids, row=1)
+    got = native_logits(ours, None, ids, row=1)
     assert (got - expected).abs().max().item() < 1e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
@@ -47,12 +42,7 @@ def test_greedy_generation_is_token_identical(family: str, tmp_path: Path) -> No
         engine.submit(GenerationRequest(str(i), prompt, max_tokens=12, sampling=SamplingParams(temperature=0)), got)
     engine.run_until_idle()
     for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            expected = reference.generate(
-                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt):].tolist()
-        assert got.tokens[str(i)] == expected, f"row {i} of {family}"
+        assert got.tokens[str(i)] == hf_greedy(reference, prompt, 12), f"row {i} of {family}"
 
 
 def test_sliding_window_is_applied(tmp_path: Path) -> None:
@@ -63,7 +53,7 @@ def test_sliding_window_is_applied(tmp_path: Path) -> None:
     full = build_model(tmp_path, dtype=torch.float32, device="cpu", max_rows=1, max_len=64,
                        cfg=replace(windowed.cfg, layer_windows=()))
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
-    a = native_logits(windowed, ids)
-    b = native_logits(full, ids)
+    a = native_logits(windowed, None, ids)
+    b = native_logits(full, None, ids)
     assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)

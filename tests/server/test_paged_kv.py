@@ -243,6 +243,9 @@ def test_cancellations_and_failures_leak_no_block(tiny_dir: Path) -> None:
     pool = engine.blocks.pool
     assert len(got.final) == 30 and pool.used == 0 and pool.references == 0 and pool.check() is None
     assert pool.available == pool.num_blocks and engine.health() is None
+    # The run did what the name says: cancellations, failures (an unknown adapter) and preemptions.
+    assert {"abort", "error", "length"} <= {event.finish_reason for event in got.final.values()}
+    assert engine.blocks.stats().preemptions > 0
 
 
 def test_a_kv_budget_below_one_request_stops_the_start(tiny_dir: Path) -> None:

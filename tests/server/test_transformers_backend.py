@@ -20,8 +20,8 @@ from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest
 from server.weights import build_model
-from tests.adapters.helpers import load_weights, make_peft_adapter, unwrap
-from tests.server.families import COMMON, TRANSFORMERS_FAMILIES, make_family
+from tests.adapters.helpers import load_weights, mixed_batch_logits, peft_references
+from tests.server.families import COMMON, TRANSFORMERS_FAMILIES, hf_greedy, make_family
 from tests.server.fakes import Collector
 
 FAMILIES = sorted(TRANSFORMERS_FAMILIES)
@@ -58,10 +58,7 @@ def test_logits_and_greedy_tokens_equal_transformers(family: str, tmp_path: Path
     engine = Engine(ModelRunner(model), eos_ids=frozenset(), prefill_chunk=5)
     tokens = generate(engine, PROMPTS)
     for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            want = reference.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, len(prompt):].tolist()
-        assert tokens[str(i)] == want, f"row {i} of {family}"
+        assert tokens[str(i)] == hf_greedy(reference, prompt, 10), f"row {i} of {family}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -70,29 +67,13 @@ def test_mixed_adapter_batch_equals_peft(family: str, tmp_path: Path) -> None:
     model in one batch: each row equals PEFT's logits for its adapter, prefill and decode."""
     base = make_family(family, tmp_path / "base", seed=1)
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2))
-    expected = []
-    for i, rank in enumerate((8, 4)):
-        peft_model = make_peft_adapter(base, tmp_path / f"a{i}", seed=20 + i, r=rank, lora_alpha=2 * rank,
-                                       target_modules="all-linear")
-        with torch.no_grad():
-            expected.append(peft_model(ids).logits[0])
-            if i == 0:
-                with peft_model.disable_adapter():
-                    base_logits = peft_model(ids).logits[0]
-        base = unwrap(peft_model)
-    expected.append(base_logits)
-    assert all((e - base_logits).abs().max() > 1e-3 for e in expected[:2])
+    specs = [dict(r=rank, lora_alpha=2 * rank, target_modules="all-linear") for rank in (8, 4)]
+    expected = peft_references(base, tmp_path, ids, specs)  # adapter 0, adapter 1, base
     model = load(tmp_path / "base", rows=3)
     bank = SlotBank(model, num_slots=2, max_rank=8)
     for slot in range(2):
         bank.load(slot, load_weights(tmp_path / f"a{slot}", bank, f"a{slot}"))
-    slots = torch.tensor([0, 1, bank.null_slot])
-    seq = ids.shape[1] - 1
-    prefill = model.logits(model(ids[:, :seq].expand(3, seq), torch.arange(seq)[None].expand(3, seq), row_start=0,
-                                 kv_len=seq, lora=bank.batch(slots)))
-    step = model.logits(model(ids[:, seq:].expand(3, 1), torch.full((3, 1), seq), row_start=0, kv_len=32,
-                              lora=bank.batch(slots)))
-    got = torch.cat([prefill, step], dim=1)
+    got = mixed_batch_logits(model, bank, ids, [0, 1, bank.null_slot])  # [3, S, V]
     for row in range(3):
         assert (got[row] - expected[row]).abs().max().item() < 1e-4, f"row {row} of {family}"
 
@@ -110,8 +91,9 @@ def test_a_native_family_through_transformers_gives_the_native_tokens(tmp_path: 
 
         engine = Engine(ModelRunner(model, bank), eos_ids=frozenset(), prefill_chunk=5, slot_table=SlotTable(2),
                         adapter_weights=store.__getitem__)
-        outputs.append(generate(engine, PROMPTS, ["ad0", None, "ad1"]))
+        outputs.append(generate(engine, [*PROMPTS, PROMPTS[0]], ["ad0", None, "ad1", None]))
     assert outputs[0] == outputs[1]
+    assert outputs[0]["0"] != outputs[0]["3"]  # the adapter changes the tokens: the LoRA path is not inert
 
 
 def write_config(folder: Path, **raw: object) -> Path:
@@ -183,3 +165,18 @@ def test_a_spec_that_refuses_a_config_is_final_under_auto(tmp_path: Path) -> Non
                           rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(UnsupportedModelError, match="'dynamic' is not supported"):
         model_architecture("auto", folder)
+
+
+def test_sliding_windows_come_from_what_the_layers_compute(tmp_path: Path) -> None:
+    """Mistral's config has a window but no layer_types: the probe records each layer's window,
+    and the prompt masks and decode follow it (a 24-token test past a window of 8)."""
+    reference = make_family("mistral-window", tmp_path, seed=4)
+    model = load(tmp_path)
+    assert model.cfg.layer_windows == (8, 8)
+    ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    got = model.logits(model(ids, torch.arange(24)[None], row_start=1, kv_len=24))
+    assert (got - expected).abs().max().item() < 1e-4
+    tokens = generate(Engine(ModelRunner(model), eos_ids=frozenset(), prefill_chunk=5), [list(range(5, 25))])
+    assert tokens["0"] == hf_greedy(reference, list(range(5, 25)), 10)
