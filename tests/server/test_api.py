@@ -215,7 +215,7 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache(client: TestClient) -
     answers = [client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
                for _ in range(2)]
     assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
-    kv = client.get("/ready").json()["kv_cache"]
+    kv = wait_idle(client)["kv_cache"]  # /ready reports as of the engine's last step
     assert kv["prefix_cache_hits"][SERVED_NAME] - before >= 32 and kv["blocks_used"] == 0
     metrics = client.get("/metrics").text
     assert f'loraswap_prefix_cache_hits_total{{model="{SERVED_NAME}"}}' in metrics
@@ -756,7 +756,7 @@ def test_still_serving_after_errors(client: TestClient, service: CompletionServi
     body = complete(client, prompt=PROMPT, max_tokens=3, **greedy())
     assert body["usage"]["completion_tokens"] == 3
     assert chat(client, messages=CHAT, max_tokens=2, **greedy())["usage"]["completion_tokens"] == 2
-    ready = client.get("/ready").json()
+    ready = wait_idle(client)  # /ready reports as of the engine's last step
     assert {k: ready[k] for k in ("status", "model", "running", "waiting")} == {"status": "ready", "model": SERVED_NAME, "running": 0, "waiting": 0}
     assert ready["slots"]["references"] == [0] * len(ready["slots"]["references"])
     stats = service.engine.stats()
