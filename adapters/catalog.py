@@ -56,10 +56,16 @@ class AdapterVersion:
     source: str
     created: float
     persistent: bool = True  # False: a start-up adapter, kept for this run only
+    dora: bool = False  # a DoRA adapter (use_dora)
 
     @property
     def key(self) -> str:
         return version_key(self.name, self.version)
+
+    def features(self) -> dict[str, bool]:
+        """What the adapter uses and what a request may do with it (GET /v1/models, the admin API)."""
+        # A DoRA adapter's norm is taken at weight 1 over its own weights: no scale, no mix.
+        return {"dora": self.dora, "scalable": not self.dora, "mixable": not self.dora}
 
 
 @dataclass
@@ -80,17 +86,18 @@ class AdapterRef:
 def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persistent: bool) -> AdapterVersion:
     if weights is not None:
         rank, alpha, targets = weights.rank, weights.config.lora_alpha, tuple(weights.target_suffixes)
+        dora = weights.config.use_dora
     else:  # the config alone (cheap): rank, alpha, targets as declared
         problems: list[str] = []
         config = parse_config_file(stored.path / CONFIG_FILE, problems)
         if config is None:
             raise InvalidAdapterError(stored.name, problems)
         targets_raw = config.target_modules
-        rank, alpha = config.r, config.lora_alpha
+        rank, alpha, dora = config.r, config.lora_alpha, config.use_dora
         targets = (targets_raw,) if isinstance(targets_raw, str) else tuple(sorted(targets_raw))
     return AdapterVersion(
         name=stored.name, version=stored.version, rank=rank, alpha=alpha, target_modules=targets,
-        size=stored.size, source=stored.source, created=stored.created, persistent=persistent,
+        size=stored.size, source=stored.source, created=stored.created, persistent=persistent, dora=dora,
     )
 
 

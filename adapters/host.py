@@ -21,6 +21,14 @@ class TargetModule(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    def weight_norms_sq(self) -> torch.Tensor:
+        """||W_i||^2 of every output row of the base weight # [out] (DoRA)."""
+        ...
+
+    def weight_product(self, a: torch.Tensor) -> torch.Tensor:
+        """a # [r, in] -> a W^T # [r, out] with the base weight as the layer computes with it (DoRA)."""
+        ...
+
 
 class TargetPart(Protocol):
     """One Hugging Face projection inside a target module: the module and its output slice."""

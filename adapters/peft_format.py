@@ -23,6 +23,9 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # PEFT saves `base_model.model.<module>.lora_A.weight` (older files may keep the adapter name).
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude per output channel: `<module>.lora_magnitude_vector` (older files: `.weight`
+# after it, or the adapter name in between).
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 # Keys PEFT writes for LoRA on embeddings, or for a wrapped layer's own weight (e.g. a targeted
 # lm_head): they name a module the slots may not support; validation says so by module name.
 _OTHER_LORA_KEY = re.compile(
@@ -52,6 +55,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """Rank and alpha of one module after rank_pattern / alpha_pattern (PEFT's matching).
@@ -152,8 +156,7 @@ def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
     peft_type = raw.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         problems.append(f"peft_type is {_show(peft_type)}; only LORA adapters are supported")
-    if _flag(raw, "use_dora", problems):
-        problems.append("use_dora is true; DoRA adapters are not supported yet")
+    use_dora = _flag(raw, "use_dora", problems)
     to_save = raw.get("modules_to_save")
     if to_save is not None and not isinstance(to_save, list):
         problems.append(f"modules_to_save must be a list of module names or null, got {_show(to_save)}")
@@ -199,6 +202,7 @@ def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
         # PEFT itself ignores fan_in_fan_out for torch.nn.Linear targets (it warns and resets it).
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base if isinstance(base, str) else None,
+        use_dora=use_dora,
     )
 
 
@@ -234,7 +238,7 @@ class RawAdapter:
     """What a folder holds, parsed but not yet checked against a base model."""
 
     config: LoraConfig
-    # module name -> {"A": [r, in], "B": [out, r]} as stored (any float dtype)
+    # module name -> {"A": [r, in], "B": [out, r], "M": [out] (DoRA)} as stored (any float dtype)
     tensors: dict[str, dict[str, torch.Tensor]]
     # Problems found while reading that do not stop validation (it adds its own to these).
     problems: tuple[str, ...] = ()
@@ -290,6 +294,23 @@ def parse_config_file(path: Path, problems: list[str]) -> LoraConfig | None:
     return parse_config(raw, problems)
 
 
+def _dtype_problem(key: str, tensor: torch.Tensor) -> str | None:
+    if tensor.dtype in WEIGHT_DTYPES:
+        return None
+    return (f"tensor {key[:200]!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+            "expected float16, bfloat16, float32 or float64")
+
+
+def _read_magnitude(handle: Any, key: str, module: dict[str, torch.Tensor], problems: list[str]) -> None:
+    tensor = handle.get_tensor(key)
+    if (problem := _dtype_problem(key, tensor)) is not None:
+        problems.append(problem)
+    elif tensor.dim() != 1:
+        problems.append(f"tensor {key[:200]!r} has {tensor.dim()} dimensions; a DoRA magnitude is a vector")
+    else:
+        module["M"] = tensor
+
+
 def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], problems: list[str]) -> bool:
     """Fill `tensors` from a safetensors file; False if the file itself cannot be read."""
     try:
@@ -299,6 +320,10 @@ def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], probl
                     problems.append(f"a tensor name is {len(key)} characters long (at most {MAX_KEY_CHARS})")
                     continue
                 match = _KEY.match(key)
+                magnitude = _MAGNITUDE_KEY.match(key) if match is None else None
+                if magnitude is not None:
+                    _read_magnitude(handle, key, tensors.setdefault(magnitude["module"], {}), problems)
+                    continue
                 other = _OTHER_LORA_KEY.match(key) if match is None else None
                 if other is not None:
                     tensors.setdefault(other["module"], {})
@@ -307,9 +332,8 @@ def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], probl
                     problems.append(f"unexpected tensor {key[:200]!r} (not a lora_A/lora_B weight)")
                     continue
                 tensor = handle.get_tensor(key)
-                if tensor.dtype not in WEIGHT_DTYPES:
-                    problems.append(f"tensor {key[:200]!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                                    "expected float16, bfloat16, float32 or float64")
+                if (problem := _dtype_problem(key, tensor)) is not None:
+                    problems.append(problem)
                     continue
                 if tensor.dim() != 2:
                     problems.append(f"tensor {key[:200]!r} has {tensor.dim()} dimensions; LoRA A and B are matrices")

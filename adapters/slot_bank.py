@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from adapters.host import LoraHost, TargetModule
-from adapters.lora_layer import PADDING, LoraBatch, LoraSlots, Segment
+from adapters.dora import weight_update_norms
+from adapters.lora_layer import PADDING, LoraBatch, LoraSlots, Segment, Terms
 from adapters.validation import AdapterWeights, SlotSpec
 from adapters.shapes import power_of_two_bucket
 
@@ -56,6 +57,9 @@ class SlotBank(nn.Module):
         for name, part in model.linear_parts().items():
             by_module[part.module].append((name, part.start, part.end))
         self._where: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._dora_where: dict[str, torch.Tensor] = {}  # HF module -> its part of the module's s # [K+1, out_p]
+        self._parts: dict[str, tuple[TargetModule, int, int]] = {}  # HF module -> (module, start, end)
+        self._dora_modules: list[set[str]] = [set() for _ in range(num_slots)]  # modules with DoRA, per slot
         self._views: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
         for index, (module, parts) in enumerate(by_module.items()):
@@ -65,18 +69,34 @@ class SlotBank(nn.Module):
             a = torch.zeros(num_slots + 1, max_rank, len(parts), d_in, dtype=self.dtype, device=device)
             self.register_buffer(f"a{index}", a, persistent=False)
             bs = []
+            width = sum(end - start for _, start, end in parts)
+            dora = torch.ones(num_slots + 1, width, dtype=self.dtype, device=device)  # s = 1: no DoRA
+            self.register_buffer(f"s{index}", dora, persistent=False)
+            offset = 0
             for p, (name, start, end) in enumerate(parts):
                 b = torch.zeros(num_slots + 1, max_rank, end - start, dtype=self.dtype, device=device)
                 self.register_buffer(f"b{index}_{p}", b, persistent=False)
                 bs.append(b)
                 self._where[name] = (a, p, b)
+                self._dora_where[name] = dora[:, offset : offset + end - start]
+                self._parts[name] = (module, start, end)
                 self._targets[name] = (d_in, end - start)
-            module.lora = LoraSlots(a, bs)  # type: ignore[assignment]
+                offset += end - start
+            module.lora = LoraSlots(a, bs, dora)  # type: ignore[assignment]
             self._slot_modules.append(module.lora)
         self._others = frozenset(model.hf_module_names() - set(self._targets))
 
     def spec(self) -> SlotSpec:
-        return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank, dtype=self.dtype)
+        return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank, dtype=self.dtype,
+                        base_norms=self.base_norms)
+
+    def base_norms(self, name: str, a: torch.Tensor, slot_b: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W + B A|| per output channel of projection `name` # [out_p] float64, from the
+        base weight as the model computes with it (dequantized, or through its packed form).
+        a # [r, in]; slot_b # [r, out_p], the scaling folded in."""
+        module, start, end = self._parts[name]
+        products = module.weight_product(a.to(self.dtype))[:, start:end]  # [r, out_p] = A W^T
+        return weight_update_norms(module.weight_norms_sq()[start:end], products, a, slot_b)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -97,7 +117,10 @@ class SlotBank(nn.Module):
         self._check_slot(slot)
         for name, rank in self._module_ranks[slot].items():
             self._zero(name, slot, 0, rank)
+        for name in self._dora_modules[slot]:
+            self._dora_where[name][slot].fill_(1.0)
         self._module_ranks[slot] = {}
+        self._dora_modules[slot] = set()
         self._window = self._compute_window()
         self._slot_writes[slot] += 1
 
@@ -113,18 +136,25 @@ class SlotBank(nn.Module):
         for name, old in previous.items():
             if name not in weights.modules:
                 self._zero(name, slot, 0, old)
+        dora = {name for name, lora in weights.modules.items() if lora.dora is not None}
+        for name in self._dora_modules[slot] - dora:
+            self._dora_where[name][slot].fill_(1.0)
         targets: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         for name, lora in weights.modules.items():
             r = lora.rank
             targets += self._corner(name, slot, r)
             sources += [lora.a, lora.slot_b]  # [r, in], [r, out]
+            if lora.dora is not None:
+                targets.append(self._dora_where[name][slot])
+                sources.append(lora.dora)  # [out]
             old = previous.get(name, 0)
             if old > r:  # the previous adapter wrote deeper here
                 self._zero(name, slot, r, old)
         # One call for every copy: per-op dispatch, not bytes, dominates a hotswap on a CPU.
         torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
+        self._dora_modules[slot] = dora
         self._window = self._compute_window()
         self._slot_writes[slot] += 1
 
@@ -147,47 +177,65 @@ class SlotBank(nn.Module):
             return self.max_rank
         return power_of_two_bucket(max(self.ranks), floor=MIN_RANK_WINDOW, cap=self.max_rank)
 
+    def dora_slots(self) -> frozenset[int]:
+        """Slots that hold a DoRA adapter."""
+        return frozenset(slot for slot, modules in enumerate(self._dora_modules) if modules)
+
     def route(
-        self, decode_slots: Sequence[int], segments: Sequence[Segment] = (), *, device: torch.device,
-        decode_scales: Sequence[float] = (),
+        self, decode_rows: Sequence[Terms | None], chunks: Sequence[tuple[int, int, Terms]] = (), *,
+        device: torch.device,
     ) -> LoraBatch | None:
-        """Routing for one forward: the slot of each decode-block row (null_slot = no adapter,
-        PADDING = a row that is not decoding, whose output is dropped) and the prompt chunks on
-        real slots (host values: no device read-back). None when no token uses an adapter. The
-        decode block is dense over all slots under torch.compile (fixed shapes), else each row
-        runs on its row-resident copy of its slot. `decode_scales`: each row's adapter scale
-        (empty: all 1); a segment carries its own."""
-        null = self.null_slot
-        segments = tuple(s for s in segments if s[2] != null)
-        if not segments and all(slot in (null, PADDING) for slot in decode_slots):
+        """Routing for one forward: what each decode-block row adds (its (slot, weight) terms; ()
+        = the base model; None = a row that is not decoding, whose output is dropped) and each
+        prompt chunk's (first flat token, tokens, terms); host values, no device read-back. None
+        when no token uses an adapter. The decode block is dense over all slots under
+        torch.compile (fixed shapes), else each one-adapter row runs on its row-resident copy of
+        its slot and each row that mixes adapters as one-token segments."""
+        segments = [(first, length, slot, weight) for first, length, terms in chunks for slot, weight in terms]
+        rows = tuple(decode_rows)
+        if not segments and not any(rows):
             return None
-        return self._route(tuple(decode_slots), segments, device, tuple(decode_scales))
+        dora = self.dora_slots()
+        for terms in [*(t for t in rows if t), *(t for _, _, t in chunks)]:
+            if len(terms) > 1 or any(weight != 1.0 for _, weight in terms):
+                if any(slot in dora for slot, _ in terms):
+                    raise ValueError("a DoRA adapter can be neither scaled nor mixed with others")
+        return self._route(rows, tuple(segments), device, dora)
 
-    def _route(self, rows: tuple[int, ...], segments: tuple[Segment, ...], device: torch.device,
-               row_scales: tuple[float, ...] = ()) -> LoraBatch:
+    def _route(self, padded: tuple[Terms | None, ...], segments: tuple[Segment, ...], device: torch.device,
+               dora: frozenset[int]) -> LoraBatch:
+        rows = tuple(terms or () for terms in padded)
         common = {"window": self.window(), "null_slot": self.null_slot, "decode_tokens": len(rows),
-                  "segments": segments}
-        dense_rows = tuple(self.null_slot if slot == PADDING else slot for slot in rows)
+                  "row_terms": rows, "dora_slots": dora}
         if not rows:
-            return LoraBatch(**common)  # type: ignore[arg-type]
-
-        def scales() -> torch.Tensor | None:  # [D]; under compile always an input (one graph for any scales)
-            if not self.fixed_window and all(s == 1.0 for s in row_scales):
-                return None
-            return torch.tensor(row_scales or (1.0,) * len(rows), dtype=self.dtype, device=device)
-
+            return LoraBatch(**common, segments=segments)  # type: ignore[arg-type]
+        # The DoRA slot of each row; always an input under compile (one graph whatever is loaded).
+        dora_of = [terms[0][0] if len(terms) == 1 and terms[0][0] in dora else self.null_slot for terms in rows]
+        dora_rows = None
+        if self.fixed_window or any(slot != self.null_slot for slot in dora_of):
+            dora_rows = torch.tensor(dora_of, dtype=torch.int64, device=device)
         if self.fixed_window:
-            ids = torch.tensor(dense_rows, dtype=torch.int64, device=device)
-            onehot = torch.nn.functional.one_hot(ids, self.num_slots + 1).to(self.dtype)  # [D, K+1]
-            return LoraBatch(**common, row_slots=dense_rows, onehot=onehot, scales=scales())  # type: ignore[arg-type]
+            mix = torch.zeros(len(rows), self.num_slots + 1, dtype=self.dtype)  # [D, K+1]
+            for row, terms in enumerate(rows):
+                for slot, weight in terms:
+                    mix[row, slot] = weight
+            return LoraBatch(**common, segments=segments, mix=mix.to(device), dora_rows=dora_rows)  # type: ignore[arg-type]
         if len(rows) > self._max_rows:
             raise ValueError(f"a decode block of {len(rows)} rows; the model has {self._max_rows}")
-        active = self._refresh_rows(rows)
-        if not active:  # only prompt chunks use adapters
-            return LoraBatch(**common, row_slots=dense_rows)  # type: ignore[arg-type]
+        # Rows that mix adapters run as one segment per adapter (flat token = row); the others on
+        # their row-resident copy of their slot.
+        mixed = tuple((row, 1, slot, weight) for row, terms in enumerate(rows) if len(terms) > 1 for slot, weight in terms)
+        single = tuple(PADDING if terms is None else terms[0][0] if len(terms) == 1 else self.null_slot
+                       for terms in padded)
+        active = self._refresh_rows(single)
+        if not active:  # only prompt chunks and mixed rows use adapters
+            return LoraBatch(**common, segments=mixed + segments, dora_rows=dora_rows)  # type: ignore[arg-type]
+        weights = [terms[0][1] if len(terms) == 1 else 1.0 for terms in rows]
+        scales = None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=self.dtype, device=device)
         # A few adapter rows among many: gather just theirs; else every block row (null rows are zero).
         index = torch.tensor(active, dtype=torch.int64, device=device) if 3 * len(active) <= len(rows) else None
-        return LoraBatch(**common, row_slots=dense_rows, rows=True, active=index, scales=scales())  # type: ignore[arg-type]
+        return LoraBatch(**common, segments=mixed + segments, rows=True, active=index, scales=scales,  # type: ignore[arg-type]
+                         dora_rows=dora_rows)
 
     def _refresh_rows(self, rows: tuple[int, ...]) -> list[int]:
         """Make every decoding row's row-resident weights hold its slot (zeros for the null slot),
@@ -227,4 +275,10 @@ class SlotBank(nn.Module):
     def batch(self, slots: torch.Tensor, scales: Sequence[float] = ()) -> LoraBatch:
         """Routing for a decode block whose rows use `slots` # [B], scaled by `scales` (tests
         and tools; reads the slots back to the host)."""
-        return self._route(tuple(slots.tolist()), (), slots.device, tuple(scales))
+        weights = list(scales) or [1.0] * slots.shape[0]
+        rows = [() if slot == self.null_slot else ((slot, w),) for slot, w in zip(slots.tolist(), weights)]
+        return self.mix_batch(rows, device=slots.device)
+
+    def mix_batch(self, rows: Sequence[Terms], *, device: torch.device | str = "cpu") -> LoraBatch:
+        """Routing for a decode block whose row i adds `rows[i]` (tests and tools)."""
+        return self._route(tuple(rows), (), torch.device(device), self.dora_slots())

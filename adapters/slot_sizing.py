@@ -5,9 +5,10 @@
 
     a    # [K+1, R, P, in]     one A per part, side by side
     b_p  # [K+1, R, out_p]     one B per part
+    s    # [K+1, out]          DoRA's per-channel factor (1 for plain LoRA)
 
-in the model dtype. One slot of rank R therefore costs R * (P * in + sum(out_p)) elements per
-module, and K real slots cost K+1 slots' bytes: slot K is the null slot (always zero, a row on it
+in the model dtype. One slot of rank R therefore costs R * (P * in + out) + out elements per
+module (out = sum(out_p)), and K real slots cost K+1 slots' bytes: slot K is the null slot (always zero, a row on it
 computes the base model), which takes memory like any other.
 
 Pure functions only: the model's shapes come in as `FusedShape`s, from a built model
@@ -53,8 +54,8 @@ def fused_shapes(parts: Mapping[str, TargetPart]) -> list[FusedShape]:
 
 
 def slot_bytes(shapes: Iterable[FusedShape], *, max_rank: int, dtype_bytes: int) -> int:
-    """Bytes of one slot of rank `max_rank` over `shapes`: A [R, P, in] plus the Bs [R, out_p]."""
-    return max_rank * dtype_bytes * sum(s.parts * s.d_in + s.d_out for s in shapes)
+    """Bytes of one slot of rank `max_rank` over `shapes`: A [R, P, in], the Bs [R, out_p] and s [out]."""
+    return dtype_bytes * sum(max_rank * (s.parts * s.d_in + s.d_out) + s.d_out for s in shapes)
 
 
 def bank_bytes(per_slot_bytes: int, num_slots: int) -> int:

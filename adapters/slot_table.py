@@ -103,6 +103,16 @@ class SlotTable:
             self._where.pop(state.name, None)
         state.name, state.pinned, state.retiring = None, False, False
 
+    def unpinned_capacity(self, names: Iterable[str]) -> int:
+        """Slots that could hold `names` at once: the unpinned ones, plus pinned ones holding one of them."""
+        wanted = set(names)
+        return sum(not s.pinned or s.name in wanted for s in self.slots)
+
+    def could_hold(self, names: Iterable[str]) -> bool:
+        """Whether `names` (distinct) could ever be resident together, pins staying as they are."""
+        wanted = list(names)
+        return len(wanted) <= self.unpinned_capacity(wanted)
+
     def pin(self, name: str, pinned: bool) -> None:
         """Keep (or stop keeping) a resident adapter in its slot. At least one slot always stays
         unpinned, so every other adapter can still be served."""

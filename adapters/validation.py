@@ -9,12 +9,14 @@ output layer, layers_to_transform / layers_pattern filtering).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from adapters import patterns
+from adapters.dora import dora_factor
 from adapters.errors import InvalidAdapterError
 from adapters.peft_format import LoraConfig, RawAdapter
 
@@ -33,6 +35,8 @@ class SlotSpec:
     other_modules: frozenset[str]  # every other module name of the base (lm_head, embed_tokens, ...)
     max_rank: int
     dtype: torch.dtype = torch.float32  # what the slots hold
+    # DoRA: (module, A # [r, in], scaled B^T # [r, out]) -> ||W + B A|| per output channel # [out]
+    base_norms: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class ModuleLora:
     a: torch.Tensor  # [r, in] float32
     b: torch.Tensor  # [out, r] float32
     scaling: float
+    dora: torch.Tensor | None = None  # [out] float32: DoRA's s = m / ||W + B A||; None for plain LoRA
 
     @property
     def rank(self) -> int:
@@ -65,6 +70,10 @@ class AdapterWeights:
     @property
     def target_suffixes(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(m.dora is not None for m in self.modules.values())
 
 
 def _matches(config: LoraConfig, module: str) -> bool:
@@ -127,6 +136,34 @@ def slot_value_problems(module: str, lora: ModuleLora, dtype: torch.dtype) -> li
     return found
 
 
+def _check_magnitude(module: str, magnitude: torch.Tensor | None, d_out: int, problems: list[str]) -> None:
+    if magnitude is None:
+        problems.append(f"{module}: use_dora is true but its lora_magnitude_vector is missing")
+    elif tuple(magnitude.shape) != (d_out,):
+        problems.append(f"{module}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, expected {(d_out,)}")
+    elif not bool(torch.isfinite(magnitude).all()):
+        problems.append(f"{module}: lora_magnitude_vector contains NaN or infinite values")
+
+
+def _with_dora(module: str, lora: ModuleLora, magnitude: torch.Tensor, spec: SlotSpec,
+               problems: list[str]) -> ModuleLora:
+    """The module's DoRA factor s = m / ||W + B A||, checked as a slot value."""
+    if spec.base_norms is None:
+        problems.append(f"{module}: DoRA needs the base weights, which this slot bank does not offer")
+        return lora
+    norms = spec.base_norms(module, lora.a, lora.slot_b)  # [out] float64
+    if not bool((norms > 0).all()):
+        problems.append(f"{module}: a row of W + B A has norm 0, so DoRA's magnitude cannot be applied")
+        return lora
+    factor = dora_factor(magnitude, norms)  # [out]
+    limit = torch.finfo(spec.dtype).max * WEIGHT_HEADROOM
+    biggest = float(factor.abs().max())
+    if not math.isfinite(biggest) or biggest > limit:
+        problems.append(f"{module}: the DoRA factor m / ||W + B A|| reaches {biggest:g} (at most {limit:g})")
+        return lora
+    return ModuleLora(a=lora.a, b=lora.b, scaling=lora.scaling, dora=factor)
+
+
 def validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
     """Every check against the base model; raises InvalidAdapterError with all problems at once.
     The config's patterns are matched within one time budget (adapters/patterns.py)."""
@@ -165,9 +202,16 @@ def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
         scaling = config.scaling(rank, alpha)
         if not math.isfinite(scaling) or abs(scaling) > MAX_SCALING:
             problems.append(f"{module}: the LoRA scaling (lora_alpha / r) is {scaling:g}; at most {MAX_SCALING:g} in size")
+        magnitude = pair.get("M")
+        if config.use_dora:
+            _check_magnitude(module, magnitude, d_out, problems)
+        elif magnitude is not None:
+            problems.append(f"{module}: a lora_magnitude_vector is stored but use_dora is false")
         if len(problems) == found:
             lora = ModuleLora(a=a.float().contiguous(), b=b.float(), scaling=scaling)
             problems += slot_value_problems(module, lora, spec.dtype)  # computes slot_b, off the engine thread
+            if config.use_dora and len(problems) == found:
+                lora = _with_dora(module, lora, magnitude, spec, problems)  # type: ignore[arg-type]
             out[module] = lora
     stray = sorted(set(raw.tensors) - set(modules) - set(unsupported))
     for module in stray:

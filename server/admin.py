@@ -52,7 +52,7 @@ def describe(info: AdapterVersion) -> dict[str, Any]:
     return {
         "name": info.name, "version": info.version, "rank": info.rank, "alpha": info.alpha,
         "target_modules": list(info.target_modules), "size": info.size, "source": info.source,
-        "created": info.created, "persistent": info.persistent,
+        "created": info.created, "persistent": info.persistent, "features": info.features(),
     }
 
 

@@ -185,6 +185,7 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
         request_timeout=settings.request_timeout,
         admin=admin,
         metrics=metrics,
+        max_loras=slots.count,
     )
     return service
 

@@ -46,7 +46,7 @@ class Engine(Scheduler):
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         if self._stopping.is_set():
             raise EngineStoppedError("the engine is shutting down")
-        if request.adapter is not None and self.slot_table is None:
+        if request.uses and self.slot_table is None:
             raise ValueError("this engine has no LoRA slots")
         self._inbox.submit(request, sink)
 
@@ -103,7 +103,7 @@ class Engine(Scheduler):
         """Replace the snapshot other threads read (engine thread only)."""
         slots = wait = None
         if self.slots is not None:
-            slots = self.slots.view(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter is not None)
+            slots = self.slots.view(key for w in self._waiting for key in w.seq.request.adapter_keys)
             wait = replace(self.wait_stats)
         runner = self.runner
         self._snapshot = EngineSnapshot(

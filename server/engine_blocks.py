@@ -65,14 +65,15 @@ class EngineBlocks:
         if seq.block_hashes is None:
             seq.hash_window = self._window(seq)
             request = seq.request
-            # The adapter version, the rank window it is computed at and its scale decide its keys and values.
-            scale = "" if request.lora_scale == 1.0 else f"*{request.lora_scale!r}"
-            key = None if request.adapter is None else f"{request.adapter}#{seq.hash_window}{scale}"
+            # The adapter versions, the rank window they are computed at and their weights decide its
+            # keys and values.
+            uses = "+".join(use.key if use.weight == 1.0 else f"{use.key}*{use.weight!r}" for use in request.uses)
+            key = f"{uses}#{seq.hash_window}" if uses else None
             seq.block_hashes = list(block_hashes(key, seq.prefill_ids, self.block_size))
         return seq.block_hashes
 
     def _window(self, seq: Sequence) -> int:
-        return 0 if seq.request.adapter is None else self.lora_window()
+        return self.lora_window() if seq.request.uses else 0
 
     def _hit(self, seq: Sequence) -> int:
         """Cached leading blocks the sequence may use: whole hit units, and at least the last
@@ -92,7 +93,8 @@ class EngineBlocks:
         seq.blocks = self.pool.match(self._hashes(seq)[: self._hit(seq)])
         seq.prefilled = len(seq.blocks) * self.block_size
         seq.registered = len(seq.blocks)
-        name = self.base_name if seq.request.adapter is None else key_name(seq.request.adapter)
+        keys = seq.request.adapter_keys
+        name = "+".join(key_name(key) for key in keys) if keys else self.base_name
         self.prefix.add(name, seq.prefill_len, seq.prefilled)
 
     # ---- growth ----------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class EngineBlocks:
         done = min(seq.prefilled, full_chunks_end) // self.block_size
         if self._window(seq) == seq.hash_window:  # else computed under another window than its keys say
             for i in range(seq.registered, done):
-                self.pool.register(seq.blocks[i], hashes[i], seq.request.adapter)
+                self.pool.register(seq.blocks[i], hashes[i], seq.request.adapter_keys)
         seq.registered = max(seq.registered, done)
 
     def release(self, seq: Sequence) -> None:

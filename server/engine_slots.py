@@ -23,6 +23,27 @@ class EngineSlots:
     def acquire(self, key: str) -> SlotGrant | None:
         return self.table.acquire(key)
 
+    def acquire_all(self, keys: Iterable[str]) -> list[SlotGrant] | None:
+        """A slot for each of `keys` (one request's adapters), or none of them: None, and every
+        slot taken on the way is given back, when one cannot be had now."""
+        grants: list[SlotGrant] = []
+        for key in keys:
+            grant = self.table.acquire(key)
+            if grant is None:
+                self.give_back(grants)
+                return None
+            grants.append(grant)
+        return grants
+
+    def give_back(self, grants: list[SlotGrant], written: int = 0) -> None:
+        """Undo `grants`, of which the first `written` hold their adapter now: slots still to be
+        written go back empty, the others (resident) lose this reference."""
+        for i, grant in enumerate(grants):
+            if grant.load and i >= written:
+                self.abandon(grant.slot)
+            else:
+                self.release(grant.slot)
+
     def write(self, slot: int, weights: Any) -> None:
         start = time.monotonic()
         self.runner.load_slot(slot, weights)

@@ -53,11 +53,20 @@ class LoraLinear(nn.Linear):
     def device(self) -> torch.device:
         return self.weight.device
 
+    def weight_norms_sq(self) -> torch.Tensor:
+        """||W_i||^2 per output row # [out] float64 (DoRA's norms)."""
+        return self.weight.detach().double().pow(2).sum(1)
+
+    def weight_product(self, a: torch.Tensor) -> torch.Tensor:
+        """a # [r, in] -> a W^T # [r, out], without the bias."""
+        return a.to(self.weight.dtype) @ self.weight.detach().t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
         y = F.linear(x, self.weight, self.bias)  # [..., out]
         step = None if self.lora is None else _STEP.get()
         if step is not None and step[0].lora is not None:
-            flat = self.lora.add_to(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), step[0].lora)
+            flat = self.lora.add_to(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), step[0].lora,
+                                     self.bias)
             y = flat.view(y.shape)
         return y
 

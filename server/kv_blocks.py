@@ -63,7 +63,7 @@ class BlockPool:
         self._total_refs = 0  # sum(self._refs), kept as it changes (read every engine step)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: low blocks first
         self._cached: OrderedDict[int, None] = OrderedDict()  # refcount 0 with a hash, LRU first
-        self._hash_of: dict[int, tuple[BlockHash, str | None]] = {}  # block -> (hash, adapter key)
+        self._hash_of: dict[int, tuple[BlockHash, tuple[str, ...]]] = {}  # block -> (hash, adapter keys)
         self._by_hash: dict[BlockHash, int] = {}
 
     # ---- counts ----------------------------------------------------------------------------
@@ -144,18 +144,18 @@ class BlockPool:
         self._total_refs += len(found)
         return found
 
-    def register(self, block: int, digest: BlockHash, adapter: str | None) -> None:
+    def register(self, block: int, digest: BlockHash, adapters: tuple[str, ...] = ()) -> None:
         """Make a full, computed block findable by its hash (first writer wins: an equal block
         that another sequence computed meanwhile stays private to it)."""
         if not self.prefix_caching or digest in self._by_hash or block in self._hash_of:
             return
         self._by_hash[digest] = block
-        self._hash_of[block] = (digest, adapter)
+        self._hash_of[block] = (digest, adapters)
 
     def forget_adapter(self, adapter: str) -> int:
         """Drop every cached block of an adapter version (replaced or deleted): none is found
         again; unheld ones become free at once. Returns how many were dropped."""
-        dropped = [block for block, (_, key) in self._hash_of.items() if key == adapter]
+        dropped = [block for block, (_, keys) in self._hash_of.items() if adapter in keys]
         for block in dropped:
             self._forget(block)
             if block in self._cached:

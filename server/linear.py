@@ -58,6 +58,7 @@ class Linear(nn.Linear):
         self.packed = None
         self.quantized = None
         self.lora = None
+        self._norms_sq: torch.Tensor | None = None  # [out] float64, DoRA's ||W_i||^2 (weight_norms_sq)
 
     def quantize(self, method: str, device: torch.device | None = None) -> None:
         """Replace the weight by a bitsandbytes copy quantized on its device: `int8` (LLM.int8(),
@@ -98,6 +99,7 @@ class Linear(nn.Linear):
         weight = self.weight.detach()
         if self.quantized is not None or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return
+        self._norms_sq = weight.double().pow(2).sum(1)  # the dense weight is about to go
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         handle = next(_HANDLES)
         _PACKED[handle] = self.packed
@@ -113,6 +115,28 @@ class Linear(nn.Linear):
         if self.quantized is not None:
             return next(self.quantized.parameters()).device
         return self.weight.device
+
+    def computed_weight(self) -> torch.Tensor:
+        """The weight # [out, in] this layer multiplies by, in the compute dtype: the dense one,
+        or a quantized one dequantized (a fresh tensor). Not for a packed layer."""
+        if self.quantized is not None:
+            return dequantize(self.quantized.weight).to(self.weight.dtype)
+        if self.packed is not None:
+            raise RuntimeError("a packed layer keeps no dense weight")
+        return self.weight.detach()
+
+    def weight_norms_sq(self) -> torch.Tensor:
+        """||W_i||^2 of every output row # [out] float64 (DoRA's norms), computed once."""
+        if self._norms_sq is None:
+            self._norms_sq = self.computed_weight().double().pow(2).sum(1)
+        return self._norms_sq
+
+    def weight_product(self, a: torch.Tensor) -> torch.Tensor:
+        """a # [r, in] -> a W^T # [r, out], without the bias, as the layer computes it."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(a.float(), self.packed, None, "none", [], "")
+        weight = self.computed_weight()
+        return a.to(weight.dtype) @ weight.t()
 
     def weight_bytes(self) -> int:
         """Bytes the projection's weight and bias take in the form used at run time."""
@@ -132,7 +156,7 @@ class Linear(nn.Linear):
         else:
             y = F.linear(x, self.weight, self.bias)
         if lora is not None and self.lora is not None:
-            y = self.lora.add_to(y, x, lora)
+            y = self.lora.add_to(y, x, lora, self.quantized.bias if self.quantized is not None else self.bias)
         return y
 
 
@@ -146,6 +170,20 @@ def keep_compute_dtype(module: nn.Module) -> None:
     the compute dtype as an AVX2 host does: the same numbers everywhere, any shape."""
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
+
+
+def dequantize(param: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes weight as the float32 matrix # [out, in] its layer multiplies by (what
+    PEFT's DoRA reads too): LLM.int8() rows times their scales / 127, or 4-bit blocks decoded."""
+    import bitsandbytes as bnb
+
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return bnb.functional.dequantize_4bit(param.data, state).float()
+    scales = getattr(param, "SCB", None)
+    if scales is None:
+        raise RuntimeError("not a bitsandbytes weight")
+    return param.data.float() * (scales.float()[:, None] / 127.0)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

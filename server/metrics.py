@@ -88,7 +88,8 @@ class ServerMetrics:
         self.observe_disk_load = self.adapter_load.labels("disk").observe
 
     def track(self, request: GenerationRequest, base_name: str) -> RequestTracker:
-        model = base_name if request.adapter is None else key_name(request.adapter)
+        keys = request.adapter_keys
+        model = "+".join(key_name(key) for key in keys) if keys else base_name
         return RequestTracker(self, request.request_id, model, len(request.prompt_ids))
 
     def render(self) -> tuple[bytes, str]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.lora_layer import PADDING
+from adapters.lora_layer import Terms
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
 from server.model import LayerFn, Transformer, run_layer
@@ -92,30 +92,32 @@ class ModelRunner:
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
         self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
-        # Host mirrors: next position to write, and LoRA slot (null_slot = exactly the base model).
+        # Host mirrors: next position to write, and what each row's LoRA adds ((slot, weight) per
+        # adapter; () = exactly the base model).
         self.positions: list[int] = [0] * rows
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
-        self.slots: list[int] = [self.null_slot] * rows
-        self.scales: list[float] = [1.0] * rows  # each row's adapter scale (the request's lora_scale)
+        self.terms: list[Terms] = [()] * rows
         self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
-                  table: list[int] | None = None, steps: int = 0, scale: float = 1.0) -> None:
+                  table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = ()) -> None:
         """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
         appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
         (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
         directly). `steps`: tokens it sampled before (a preempted sequence resumes its seeded
-        random stream where it left off). `scale`: multiplies the row's adapter delta."""
-        if slot is not None and (self.bank is None or not 0 <= slot < self.bank.num_slots):
-            raise ValueError(f"LoRA slot {slot} does not exist")
+        random stream where it left off). `scale`: multiplies the row's adapter delta. `mix`:
+        instead of `slot` and `scale`, the (slot, weight) of each adapter the row adds."""
+        terms = mix or ((() if slot is None else ((slot, scale),)))
+        for used, _ in terms:
+            if self.bank is None or not 0 <= used < self.bank.num_slots:
+                raise ValueError(f"LoRA slot {used} does not exist")
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.seeds[row] = seed
         self.steps[row] = steps
         self.last_tokens[row] = 0
-        self.slots[row] = self.null_slot if slot is None else slot
-        self.scales[row] = scale
+        self.terms[row] = terms
         self.positions[row] = 0
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
@@ -125,8 +127,7 @@ class ModelRunner:
         since no reader ever looks at positions its sequence has not written."""
         self.positions[row] = 0
         self.last_tokens[row] = 0
-        self.slots[row] = self.null_slot
-        self.scales[row] = 1.0
+        self.terms[row] = ()
         self.tables[row] = []
 
     def load_slot(self, slot: int, weights: object) -> None:
@@ -157,25 +158,21 @@ class ModelRunner:
         decoding = set(decode_rows)
         positions: list[int] = []
         tables: list[list[int] | None] = []
-        slots: list[int] = []
-        scales: list[float] = []
+        terms: list[Terms | None] = []
         for row in range(block):
             if row in decoding:
                 positions.append(self.positions[row])
                 tables.append(self.tables[row])
-                slots.append(self.slots[row])
-                scales.append(self.scales[row])
+                terms.append(self.terms[row])
             else:
                 positions.append(0)
                 tables.append(None)
-                slots.append(PADDING)
-                scales.append(1.0)
+                terms.append(None)  # padding: its output is dropped
         lora = None
         if self.bank is not None:
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
-            segments = [(offset, len(c.token_ids), self.slots[c.row], self.scales[c.row])
-                        for c, offset in zip(chunks, offsets)]
-            lora = self.bank.route(slots, segments, device=self.device, decode_scales=scales)
+            spans = [(offset, len(c.token_ids), self.terms[c.row]) for c, offset in zip(chunks, offsets)]
+            lora = self.bank.route(terms, spans, device=self.device)
         return build_forward_batch(
             layout=self.layout, decode_tokens=self.last_tokens[:block] if block else None,
             decode_positions=positions, decode_tables=tables,

@@ -234,66 +234,79 @@ class Scheduler:
         entry[1](event)
 
     def _admit(self) -> None:
-        """Give free rows to waiting requests, oldest first. Requests whose adapter is already in a
-        slot (or that use none) cost nothing; others take an idle slot (evicting its least recently
-        used adapter) or keep waiting. Once the oldest request has waited max_wait_s without a
-        slot, nobody behind it is admitted, so busy slots drain and it cannot starve."""
+        """Give free rows to waiting requests, oldest first. Requests whose adapters are already in
+        slots (or that use none) cost nothing; others take idle slots (evicting their least
+        recently used adapters) or keep waiting; a request that mixes adapters needs all of them
+        at once. Once the oldest request has waited max_wait_s without slots, nobody behind it is
+        admitted, so busy slots drain and it cannot starve."""
         now = time.monotonic()
         for item in list(self._waiting):
             if not self._free_rows or not self.blocks.can_start(item.seq):
                 break  # in order: a long prompt waiting for memory is not overtaken for ever
-            name = item.seq.request.adapter
-            placement = None
-            if name is not None:
+            keys = item.seq.request.adapter_keys
+            grants: list[SlotGrant] = []
+            if keys:
                 assert self.slots is not None
-                placement = self.slots.acquire(name)
-                if placement is None:  # every slot busy with other adapters
+                if not self.slots.table.could_hold(keys):
+                    self._dequeue(item)
+                    item.sink(self._count(item.seq.abort("error", error=(
+                        f"the request mixes {len(keys)} adapters but only "
+                        f"{self.slots.table.unpinned_capacity(keys)} slots can hold them (the others are pinned)"))))
+                    continue
+                found = self.slots.acquire_all(keys)
+                if found is None:  # every slot busy with other adapters
                     if now - item.since >= self.max_wait_s:
                         break  # starving: hold everyone behind it
                     continue
+                grants = found
             self._dequeue(item)
-            if placement is not None and placement.load and not self._load(item, placement):
-                continue  # its adapter failed to load; the request is already answered
-            self._start(item, None if placement is None else placement.slot, now)
+            if not self._load(item, grants):
+                continue  # an adapter failed to load; the request is already answered
+            self._start(item, [grant.slot for grant in grants], now)
         if self.slot_table is not None:  # unloaded versions stay marked only while queued rows need them
-            self.slot_table.prune_retired(w.seq.request.adapter for w in self._waiting if w.seq.request.adapter)
+            self.slot_table.prune_retired(key for w in self._waiting for key in w.seq.request.adapter_keys)
 
-    def _load(self, item: Waiting, placement: SlotGrant) -> bool:
-        """Write the request's adapter into its slot; on failure answer the request, return False."""
-        name = item.seq.request.adapter
-        assert name is not None and self.slots is not None
-        try:
-            weights = item.seq.request.adapter_weights
-            if weights is None:
-                if self.adapter_weights is None:
-                    raise LookupError("the request carries no adapter weights")
-                weights = self.adapter_weights(name)
-            self.slots.write(placement.slot, weights)
-            return True
-        except Exception as exc:  # the adapter vanished or is broken: fail this request only
-            log.exception("loading adapter %s failed", name)
-            self.slots.abandon(placement.slot)
-            item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {name!r}: {exc}")))
-            return False
+    def _load(self, item: Waiting, grants: list[SlotGrant]) -> bool:
+        """Write the request's adapters that are not resident into their slots; on failure give
+        every slot back, answer the request and return False."""
+        uses = item.seq.request.uses
+        for i, (use, grant) in enumerate(zip(uses, grants)):
+            if not grant.load:
+                continue
+            assert self.slots is not None
+            try:
+                weights = use.weights
+                if weights is None:
+                    if self.adapter_weights is None:
+                        raise LookupError("the request carries no adapter weights")
+                    weights = self.adapter_weights(use.key)
+                self.slots.write(grant.slot, weights)
+            except Exception as exc:  # the adapter vanished or is broken: fail this request only
+                log.exception("loading adapter %s failed", use.key)
+                self.slots.give_back(grants, written=i)
+                item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {use.key!r}: {exc}")))
+                return False
+        return True
 
     def _dequeue(self, item: Waiting) -> None:
         self._waiting.remove(item)
         self._inbox.left_queue()
 
-    def _start(self, item: Waiting, slot: int | None, now: float) -> None:
+    def _start(self, item: Waiting, slots: list[int], now: float) -> None:
         seq = item.seq
-        if seq.request.adapter is not None and not seq.output_ids:  # a resumed request waited once already
+        if slots and not seq.output_ids:  # a resumed request waited once already
             self.wait_stats.add(now - item.since)
         seq.row = heapq.heappop(self._free_rows)
-        seq.slot = slot
+        seq.slots = slots
         self._running[seq.request_id] = (seq, item.sink)
         self.blocks.start(seq)
         if seq.seed is None:  # drawn once: a preempted request resumes the same random stream
             seed = seq.request.sampling.seed
             seq.seed = random.getrandbits(62) if seed is None else seed
         try:
-            self.runner.reset_row(seq.row, seq.request.sampling, seq.seed, slot, table=seq.blocks,
-                                  steps=len(seq.output_ids), scale=seq.request.lora_scale)
+            mix = tuple((slot, use.weight) for slot, use in zip(slots, seq.request.uses))
+            self.runner.reset_row(seq.row, seq.request.sampling, seq.seed, table=seq.blocks,
+                                  steps=len(seq.output_ids), mix=mix)
         except Exception as exc:  # e.g. a parameter the row's tensors cannot hold: this request only
             log.exception("request %s could not start", seq.request_id)
             self._fail(seq, f"the request could not start: {exc}")
@@ -322,9 +335,10 @@ class Scheduler:
             self._prefilling.remove(seq)
         self.runner.free_row(seq.row)
         self.blocks.release(seq)
-        if seq.slot is not None and self.slots is not None:
-            self.slots.release(seq.slot)  # unloaded while in use: emptied with its last row
-            seq.slot = None
+        if self.slots is not None:
+            for slot in seq.slots:
+                self.slots.release(slot)  # unloaded while in use: emptied with its last row
+        seq.slots = []
         heapq.heappush(self._free_rows, seq.row)
         self._running.pop(seq.request_id, None)
 

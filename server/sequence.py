@@ -18,6 +18,15 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One adapter a request adds, and how strongly."""
+
+    key: str  # slot key of the adapter version
+    weights: Any = None  # the version's weights, resolved when the request was accepted
+    weight: float = 1.0  # multiplies its contribution
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What the engine core takes: token ids and how to sample the next ones."""
 
@@ -32,6 +41,19 @@ class GenerationRequest:
     # version it was accepted with even if the adapter is replaced or deleted meanwhile.
     adapter_weights: Any = None
     lora_scale: float = 1.0  # multiplies the adapter's contribution (the request's `lora_scale`)
+    # Several adapters, their contributions summed with weights (instead of the three fields above).
+    mix: tuple[AdapterUse, ...] = ()
+
+    @property
+    def uses(self) -> tuple[AdapterUse, ...]:
+        """Every adapter the request adds (none: the base model)."""
+        if self.mix:
+            return self.mix
+        return () if self.adapter is None else (AdapterUse(self.adapter, self.adapter_weights, self.lora_scale),)
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        return tuple(use.key for use in self.uses)
 
 
 @dataclass(frozen=True)
@@ -52,7 +74,7 @@ class Sequence:
     def __init__(self, request: GenerationRequest, *, eos_ids: frozenset[int], max_len: int) -> None:
         self.request = request
         self.row: int = -1
-        self.slot: int | None = None  # LoRA slot held while running
+        self.slots: list[int] = []  # LoRA slots held while running, one per adapter it uses
         # What the sequence prefills: its prompt; after a preemption, prompt and output so far.
         self.prefill_ids: list[int] = request.prompt_ids
         self.prefilled = 0  # prefill tokens already in the cache

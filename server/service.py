@@ -20,11 +20,12 @@ from typing import Any
 
 from adapters.catalog import AdapterCatalog, AdapterRef
 from adapters.errors import AdapterNotFoundError
+from server.adapter_mix import Mix, check_mix, is_mix, mix_label, parse_mix
 from server.engine_client import EngineClient
 from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import RequestTracker, ServerMetrics, finish_status
 from server.sampling import SamplingParams
-from server.sequence import GenerationRequest, TokenOutput
+from server.sequence import AdapterUse, GenerationRequest, TokenOutput
 from server.text_stream import RequestOutput, TextStream
 
 _counter = itertools.count()
@@ -42,6 +43,10 @@ class GenerationOptions:
     ignore_eos: bool = False
     n: int = 1  # choices per prompt; sample i of a seeded request uses seed + i
     lora_scale: float = 1.0  # multiplies the adapter's contribution
+    adapters: Mix | None = None  # the `adapters` field: a weighted mix (then `model` names the base)
+
+
+Uses = tuple[tuple[AdapterRef, float], ...]  # the adapter versions a request adds, with weights
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,22 @@ class Generation:
     model: str
     streams: list[RequestEvents]
     prompt_ids: list[list[int]]
+
+
+def check_scale(uses: Uses, scale: float) -> None:
+    """lora_scale scales one adapter, and not a DoRA one (its norm is fixed at scale 1)."""
+    if scale == 1.0:
+        if len(uses) == 1 and uses[0][1] != 1.0 and uses[0][0].weights.uses_dora:
+            raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be weighted: its norm is "
+                                      "taken at weight 1", param="model")
+        return
+    if not uses:
+        raise InvalidRequestError("lora_scale scales an adapter; this request names the base model", param="lora_scale")
+    if len(uses) > 1:
+        raise InvalidRequestError("lora_scale scales one adapter; give a mix its weights instead", param="lora_scale")
+    if uses[0][0].weights.uses_dora:
+        raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be scaled: its norm is "
+                                  "taken at scale 1", param="lora_scale")
 
 
 def check_text(text: str, param: str) -> None:
@@ -78,9 +99,11 @@ class CompletionService:
         request_timeout: float | None = None,
         admin: Any = None,
         metrics: ServerMetrics | None = None,
+        max_loras: int | None = None,
     ) -> None:
         """`admin`: the AdminService (server/admin.py) the admin routes use; None: no admin API.
-        `metrics`: where request timelines are recorded; None: not measured."""
+        `metrics`: where request timelines are recorded; None: not measured. `max_loras`: the
+        slots, which bound how many adapters one request may mix."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.catalog = catalog
@@ -90,6 +113,7 @@ class CompletionService:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.request_timeout = request_timeout
+        self.max_loras = max_loras
 
     def stats(self) -> dict[str, object]:
         """The engine's counters and the adapter CPU cache's (for /ready and /metrics)."""
@@ -103,30 +127,50 @@ class CompletionService:
         if not prompts:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         self._check_choices(len(prompts), options.n)
-        served, adapter = await self.check_model(model)
+        served, uses = await self.check_model(model, options.adapters)
         # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
         ids = await asyncio.to_thread(lambda: [self.encode_prompt(p) for p in prompts])
-        return self._submit_all(served, ids, options, adapter)
+        return self._submit_all(served, ids, options, uses)
 
     async def submit_chat(self, model: str | None, messages: list[dict[str, str]],
                           options: GenerationOptions) -> Generation:
         """The n choices of a /v1/chat/completions request, submitted."""
         self._check_choices(1, options.n)
-        served, adapter = await self.check_model(model)
+        served, uses = await self.check_model(model, options.adapters)
         ids = await asyncio.to_thread(self.encode_chat, messages)
-        return self._submit_all(served, [ids], options, adapter)
+        return self._submit_all(served, [ids], options, uses)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids))
 
     # ---- names ---------------------------------------------------------------------------
-    async def check_model(self, name: str | None) -> tuple[str, AdapterRef | None]:
-        """(served name, adapter version) for a request's `model` field; None or the base name =
-        no adapter. Looked up on a worker thread: the catalog may re-read the store (another
-        process changed it) and a cold adapter is read from disk."""
-        if name is None or name == self.model_name:
-            return self.model_name, None
-        return name, await asyncio.to_thread(self._resolve_adapter, name)
+    async def check_model(self, name: str | None, adapters: Mix | None = None) -> tuple[str, Uses]:
+        """(served name, adapter versions with weights) for a request's `model` field and
+        `adapters` mix; None or the base name = no adapter. Looked up on a worker thread: the
+        catalog may re-read the store (another process changed it) and a cold adapter is read
+        from disk."""
+        if adapters is not None:
+            if name is not None and name != self.model_name:
+                raise InvalidRequestError(f"with `adapters`, `model` names the base model ({self.model_name!r}) or is "
+                                          "left out", param="model")
+            terms, param, served = check_mix(adapters, "adapters"), "adapters", mix_label(adapters)
+        elif name is None or name == self.model_name:
+            return self.model_name, ()
+        elif is_mix(name):
+            terms, param, served = parse_mix(name), "model", name
+        else:
+            return name, ((await asyncio.to_thread(self._resolve_adapter, name), 1.0),)
+        if any(term == self.model_name for term, _ in terms):
+            raise InvalidRequestError("a mix lists adapters; the base model is what they are added to", param=param)
+        if self.max_loras is not None and len(terms) > self.max_loras:
+            raise InvalidRequestError(f"the mix needs {len(terms)} adapters in slots at once; this server has "
+                                      f"{self.max_loras} (--max-loras)", param=param)
+        refs = await asyncio.to_thread(lambda: [self._resolve_adapter(term) for term, _ in terms])
+        dora = [ref.name for ref in refs if ref.weights.uses_dora]
+        if dora and len(terms) > 1:
+            raise InvalidRequestError(f"{dora[0]!r} is a DoRA adapter, which cannot be mixed: its norm is taken over "
+                                      "its own weights alone", param=param)
+        return served, tuple(zip(refs, (weight for _, weight in terms)))
 
     def _resolve_adapter(self, name: str) -> AdapterRef:
         try:
@@ -176,11 +220,8 @@ class CompletionService:
             raise InvalidRequestError("the prompt is empty", param="messages")
         return ids
 
-    def build_request(self, prompt_ids: list[int], options: GenerationOptions,
-                      adapter: AdapterRef | None = None) -> GenerationRequest:
-        if adapter is None and options.lora_scale != 1.0:
-            raise InvalidRequestError("lora_scale scales an adapter; this request names the base model",
-                                      param="lora_scale")
+    def build_request(self, prompt_ids: list[int], options: GenerationOptions, uses: Uses = ()) -> GenerationRequest:
+        check_scale(uses, options.lora_scale)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if options.max_tokens is None else options.max_tokens
         if room < 1 or max_tokens > room:
@@ -197,13 +238,10 @@ class CompletionService:
             sampling=options.sampling,
             stop_token_ids=options.stop_token_ids,
             ignore_eos=options.ignore_eos,
-            adapter=None if adapter is None else adapter.key,
-            adapter_weights=None if adapter is None else adapter.weights,
-            lora_scale=options.lora_scale,
+            mix=tuple(AdapterUse(ref.key, ref.weights, weight * options.lora_scale) for ref, weight in uses),
         )
 
-    def fan_out(self, prompts: list[list[int]], options: GenerationOptions,
-                adapter: AdapterRef | None = None) -> list[GenerationRequest]:
+    def fan_out(self, prompts: list[list[int]], options: GenerationOptions, uses: Uses = ()) -> list[GenerationRequest]:
         """One engine request per (prompt, sample); sample i of a seeded request uses seed + i.
         Every request is checked before any is submitted."""
         options = self._checked(options)
@@ -213,7 +251,7 @@ class CompletionService:
                 sampling = options.sampling
                 if sampling.seed is not None and i:
                     sampling = replace(sampling, seed=sampling.seed + i)
-                requests.append(self.build_request(ids, replace(options, sampling=sampling), adapter))
+                requests.append(self.build_request(ids, replace(options, sampling=sampling), uses))
         return requests
 
     def _checked(self, options: GenerationOptions) -> GenerationOptions:
@@ -230,12 +268,12 @@ class CompletionService:
 
     # ---- running -------------------------------------------------------------------------
     def _submit_all(self, served: str, prompts: list[list[int]], options: GenerationOptions,
-                    adapter: AdapterRef | None) -> Generation:
+                    uses: Uses) -> Generation:
         """Submit every choice now, so that a full queue (429) or a shutdown (503) is raised
         before any response is sent; if one fails, those already submitted are cancelled.
         Closing a stream (the routes do, in a `finally`) cancels what has not finished, whether
         or not it was ever read."""
-        requests = self.fan_out(prompts, options, adapter)
+        requests = self.fan_out(prompts, options, uses)
         loop = asyncio.get_running_loop()
         streams: list[RequestEvents] = []
         try:

@@ -59,6 +59,7 @@ def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions
         ignore_eos=body.ignore_eos,
         n=body.n,
         lora_scale=body.lora_scale,
+        adapters=None if body.adapters is None else tuple((a.name, a.weight) for a in body.adapters),
     )
 
 
@@ -258,5 +259,6 @@ async def list_models(service: CompletionService = Depends(get_service)) -> Mode
     """Names only: where an adapter came from (a server path, a hub id) is the admin API's."""
     base = ModelCard(id=service.model_name, max_model_len=service.max_model_len)
     served = await asyncio.to_thread(service.catalog.all)  # may re-read the store: off the event loop
-    adapters = [ModelCard(id=a.name, parent=service.model_name, max_model_len=service.max_model_len) for a in served]
+    adapters = [ModelCard(id=a.name, parent=service.model_name, max_model_len=service.max_model_len,
+                          features=a.features()) for a in served]
     return ModelList(data=[base, *adapters])

@@ -7,13 +7,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.adapter_mix import MAX_MIX, MAX_WEIGHT
+
 MAX_STOP_STRINGS = 16
-MAX_LORA_SCALE = 16.0  # |lora_scale|: far past any useful strength, well inside float16
+MAX_LORA_SCALE = MAX_WEIGHT  # |lora_scale|: far past any useful strength, well inside float16
 INT64_MAX = 2**63 - 1
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = True
+
+
+class AdapterWeight(BaseModel):
+    """One adapter of a mix (the `adapters` extension field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(default=1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
 
 
 class _SamplingFields(BaseModel):
@@ -34,6 +45,10 @@ class _SamplingFields(BaseModel):
     lora_scale: float = Field(
         default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
         description="multiplies the adapter's contribution (loraswap extension; 0: the base model's output)",
+    )
+    adapters: list[AdapterWeight] | None = Field(
+        default=None, min_length=1, max_length=MAX_MIX,
+        description="a weighted mix of adapters (loraswap extension; `model` then names the base model)",
     )
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -174,6 +189,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    features: dict[str, bool] | None = None  # an adapter's: dora, scalable, mixable (loraswap extension)
 
 
 class ModelList(BaseModel):

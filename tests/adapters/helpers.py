@@ -13,8 +13,12 @@ from safetensors.torch import save_file
 
 from adapters.peft_format import read_adapter_dir
 from adapters.slot_bank import SlotBank
+from adapters.slot_table import SlotTable
 from adapters.validation import AdapterWeights, validate
+from server.engine import Engine
 from server.model import Transformer
+from server.runner import ModelRunner
+from server.weights import build_model
 
 
 def make_peft_adapter(base: Any, folder: Path, *, seed: int, **lora_kwargs: Any) -> Any:
@@ -35,6 +39,22 @@ def unwrap(peft_model: Any) -> Any:
 
 def load_weights(folder: Path, bank: SlotBank, name: str = "a") -> AdapterWeights:
     return validate(read_adapter_dir(folder, name), bank.spec(), name)
+
+
+def slot_engine(base: Path, folders: list[Path], *, slots: int, rows: int, compile: bool = False,
+                max_len: int = 64, **engine_kwargs: Any) -> tuple[Engine, dict[str, AdapterWeights]]:
+    """An engine on `base` with `slots` LoRA slots of rank 8 and the adapters in `folders` as
+    a0, a1, ... (their weights returned too); compiled and warmed up with `compile`."""
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=rows, max_len=max_len)
+    bank = SlotBank(model, num_slots=slots, max_rank=8, fixed_window=compile)
+    weights = {f"a{i}": load_weights(folder, bank, f"a{i}") for i, folder in enumerate(folders)}
+    if compile:
+        torch._dynamo.reset()
+    engine = Engine(ModelRunner(model, bank, compile=compile), eos_ids=frozenset(), prefill_chunk=5,
+                    slot_table=SlotTable(slots), adapter_weights=weights.__getitem__, **engine_kwargs)
+    if compile:
+        engine.runner.warm_up()
+    return engine, weights
 
 
 def native_logits(model: Transformer, bank: SlotBank | None, ids: torch.Tensor, slot: int | None = None, *,
@@ -89,8 +109,13 @@ def mixed_batch_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, sl
     """One prompt ids # [1, S] on len(slots) rows at once, row i on slots[i] (scaled by
     scales[i]): the first S-1 tokens prefilled in one forward, the last decoded in one step
     together. -> logits # [rows, S, V]"""
-    rows, seq = len(slots), ids.shape[1] - 1
-    lora = bank.batch(torch.tensor(slots), scales or ())
+    return terms_batch_logits(model, bank, ids, bank.batch(torch.tensor(slots), scales or ()))
+
+
+def terms_batch_logits(model: Transformer, bank: SlotBank, ids: torch.Tensor, lora: Any) -> torch.Tensor:
+    """As mixed_batch_logits for a routing of the rows (`bank.mix_batch(...)`: row i adds its
+    (slot, weight) terms). -> logits # [rows, S, V]"""
+    rows, seq = lora.decode_tokens, ids.shape[1] - 1
     prefill = model(ids[:, :seq].expand(rows, seq), torch.arange(seq)[None].expand(rows, seq), row_start=0,
                     kv_len=seq, lora=lora)
     step = model(ids[:, seq:].expand(rows, 1), torch.full((rows, 1), seq), row_start=0, kv_len=model.max_len,

@@ -57,7 +57,7 @@ def test_swaps_never_recompile_and_match_eager(tmp_path: Path) -> None:
                 target.load(slot, weights)  # type: ignore[arg-type]
 
     load(0, adapters[0])
-    assert twin_bank.batch(slots).onehot is None  # the twin really runs the other formulation
+    assert twin_bank.batch(slots).mix is None  # the twin really runs the other formulation
     first = step(compiled)  # compiles once
     assert torch.allclose(first, reference(), atol=1e-5)
     swaps = [

@@ -184,7 +184,7 @@ def test_all_linear_is_accepted(base: tuple[Any, Path], spec: SlotSpec, tmp_path
 # ---- config problems -------------------------------------------------------------------------
 
 CONFIG_CASES: list[tuple[str, Json, tuple[str, ...]]] = [
-    ("use-dora", {"use_dora": True}, ("use_dora is true", "DoRA adapters are not supported")),
+    ("dora-without-magnitudes", {"use_dora": True}, ("use_dora is true but its lora_magnitude_vector is missing",)),
     (
         "modules-to-save",
         {"modules_to_save": ["lm_head"]},
@@ -590,8 +590,7 @@ def test_build_service_refuses_an_invalid_adapter(tiny_llama_dir: Path, llama_ad
     with pytest.raises(InvalidAdapterError) as info:
         build_service(http_settings(tiny_llama_dir, {"bad": str(bad)}))
     assert info.value.name == "bad"
-    assert "use_dora is true" in str(info.value)
-    assert_problem(info.value, "DoRA adapters are not supported")
+    assert_problem(info.value, "use_dora is true but its lora_magnitude_vector is missing")
 
 
 def test_many_patterns_share_one_time_budget(adapter: Path, spec: SlotSpec, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,7 +44,8 @@ def actual_sizes(model: Transformer, bank: SlotBank) -> PartSizes:
     slot_bytes: dict[int, int] = {}
     for i, layer in enumerate(model.model.layers):
         modules = [m for m in layer.modules() if getattr(m, "lora", None) is not None]
-        slot_bytes[i] = sum(tensor_bytes(m.lora.a) + sum(tensor_bytes(b) for b in m.lora.bs) for m in modules)
+        slot_bytes[i] = sum(tensor_bytes(m.lora.a) + sum(tensor_bytes(b) for b in m.lora.bs) + tensor_bytes(m.lora.s)
+                            for m in modules)
 
     def weight_bytes(module: torch.nn.Module) -> int:
         linears = [m for m in module.modules() if isinstance(m, Linear)]

@@ -46,6 +46,26 @@ INFERENCE: list[tuple[str, str, str, int, str]] = [
     ("lora-scale-huge", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": 1e300}', 400, "lora_scale"),
     ("lora-scale-string", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": "half"}', 400, "lora_scale"),
     ("lora-scale-base-model", "completions", '{"prompt": "hi", "max_tokens": 2, "lora_scale": 0.5}', 400, "lora_scale"),
+    ("mix-weight-nan", "completions", '{"model": "a:nan+b", "prompt": "hi", "max_tokens": 2}', 400, "finite"),
+    ("mix-weight-huge", "completions", '{"model": "a:1e300+b", "prompt": "hi", "max_tokens": 2}', 400, "finite"),
+    ("mix-weight-text", "completions", '{"model": "a:half+b", "prompt": "hi", "max_tokens": 2}', 400, "not a number"),
+    ("mix-twice", "completions", '{"model": "a:0.5+a:0.5", "prompt": "hi", "max_tokens": 2}', 400, "appears twice"),
+    ("mix-empty-name", "completions", '{"model": "+a", "prompt": "hi", "max_tokens": 2}', 400, "empty"),
+    ("mix-too-many", "completions", json.dumps({"model": "+".join(f"a{i}" for i in range(9)), "prompt": "hi"}), 400,
+     "1 to 8"),
+    ("mix-too-long", "completions", json.dumps({"model": "a+" + "b" * 5000, "prompt": "hi"}), 400, "characters"),
+    ("mix-over-slots", "completions", '{"model": "a+b+c", "prompt": "hi", "max_tokens": 2}', 400, "--max-loras"),
+    ("mix-unknown", "completions", '{"model": "nope1+nope2", "prompt": "hi", "max_tokens": 2}', 404, "nope1"),
+    ("adapters-inf", "chat/completions", '{"messages": [{"role": "user", "content": "hi"}], '
+     '"adapters": [{"name": "a", "weight": Infinity}]}', 400, "adapters"),
+    ("adapters-extra-key", "completions", '{"prompt": "hi", "adapters": [{"name": "a", "path": "/etc"}]}', 400,
+     "adapters"),
+    ("adapters-empty", "completions", '{"prompt": "hi", "adapters": []}', 400, "adapters"),
+    ("adapters-not-list", "completions", '{"prompt": "hi", "adapters": {"name": "a"}}', 400, "adapters"),
+    ("adapters-too-many", "completions", json.dumps({"prompt": "hi", "adapters": [{"name": f"a{i}"} for i in range(9)]}),
+     400, "adapters"),
+    ("adapters-and-adapter-model", "completions", '{"model": "x", "prompt": "hi", "adapters": [{"name": "a"}]}', 400,
+     "names the base model"),
 ]
 
 

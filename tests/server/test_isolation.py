@@ -72,7 +72,7 @@ def test_the_dense_product_keeps_another_slots_overflow_out_of_a_row() -> None:
     y = torch.randn(4, d_out)
     row_slots = torch.tensor([slots, 0, 2, 1])
     onehot = torch.nn.functional.one_hot(row_slots, slots + 1).float()
-    out = layer.add_to(y.clone(), x, LoraBatch(window=rank, null_slot=slots, decode_tokens=4, onehot=onehot))
+    out = layer.add_to(y.clone(), x, LoraBatch(window=rank, null_slot=slots, decode_tokens=4, mix=onehot))
     assert torch.equal(out[0], y[0])  # the null slot: exactly the base output
     for row in (1, 3):
         slot = int(row_slots[row])

@@ -32,7 +32,7 @@ def test_blocks_are_counted_shared_and_evicted_least_recently_released_first() -
     assert a == [0, 1] and pool.available == 2 and pool.allocate(3) is None and pool.available == 2
     hashes = list(block_hashes(None, [1, 2, 3, 4], 2))
     for block, digest in zip(a, hashes):
-        pool.register(block, digest, None)
+        pool.register(block, digest)
     assert pool.match(hashes) == [0, 1] and pool.references == 4  # shared: held twice
     pool.release(a)
     assert pool.used == 2  # still held by the second holder
@@ -59,7 +59,7 @@ def test_hashes_depend_on_the_adapter_version_and_every_earlier_token() -> None:
     blocks = pool.allocate(2)
     assert blocks is not None
     for block, digest in zip(blocks, list(block_hashes("a@1", tokens, 16))):
-        pool.register(block, digest, "a@1")
+        pool.register(block, digest, ("a@1",))
     pool.release(blocks)
     assert pool.forget_adapter("a@1") == 2 and pool.cached == 0 and pool.available == 4
     assert pool.peek(list(block_hashes("a@1", tokens, 16))) == 0

@@ -196,15 +196,21 @@ def test_other_families_quantize_like_transformers(family: str, method: str, tmp
 
     hf = make_family(family, tmp_path / "base", hidden_size=128, intermediate_size=256)
     make_peft_adapter(hf, tmp_path / "ad", seed=4, r=8, lora_alpha=16, target_modules="all-linear")
-    model = build_model(tmp_path / "base", dtype=torch.float32, device="cpu", max_rows=2, max_len=64,
-                        quantization=method)
+    assert_within_quantization_error(method, *quantized_logits(tmp_path / "base", tmp_path / "ad", method), floor=1e-4)
+
+
+def quantized_logits(base: Path, adapter: Path, method: str) -> tuple[torch.Tensor, ...]:
+    """(loraswap base, reference base, loraswap adapter, reference adapter, unquantized adapter)
+    logits on a fixed prompt, the base quantized by `method`: assert_within_quantization_error's
+    arguments."""
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=2, max_len=64, quantization=method)
     bank = SlotBank(model, num_slots=1, max_rank=8)
-    bank.load(0, load_weights(tmp_path / "ad", bank))
+    bank.load(0, load_weights(adapter, bank))
     ids = torch.randint(3, 90, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        want_base = reference(tmp_path / "base", method)(ids).logits
-        want_lora = reference(tmp_path / "base", method, tmp_path / "ad")(ids).logits
-        exact_lora = unquantized(tmp_path / "base", tmp_path / "ad")(ids).logits
+        want_base = reference(base, method)(ids).logits
+        want_lora = reference(base, method, adapter)(ids).logits
+        exact_lora = unquantized(base, adapter)(ids).logits
         got_base = native_logits(model, bank, ids, bank.null_slot)
         got_lora = native_logits(model, bank, ids, 0)
-    assert_within_quantization_error(method, got_base, want_base, got_lora, want_lora, exact_lora, floor=1e-4)
+    return got_base, want_base, got_lora, want_lora, exact_lora
