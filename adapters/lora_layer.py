@@ -29,7 +29,8 @@ chunks of one row each. Three formulations, picked by `SlotBank.route`:
   times the scale for one adapter): fixed shapes, so the compiled graph never changes with what
   is loaded, who uses it, or how rows mix adapters.
 
-A decode row that mixes several adapters runs, eagerly, as one-token segments, one per adapter.
+Eager decode rows that mix several adapters run together in the dense formulation, restricted
+to those rows (`mixed_rows`): one batched product per row over every slot, weighted.
 
 Batch invariance: a row's delta is bit-identical whichever rows share its step. Rows: every
 product has one row (the kernel a matmul picks depends on its row count, so it is held fixed;
@@ -66,6 +67,8 @@ class LoraBatch:
     active: torch.Tensor | None = None  # [n] with `rows`: only these block rows (None: all of them)
     segments: tuple[Segment, ...] = ()
     scales: torch.Tensor | None = None  # [D] with `rows`: each row's adapter weight (None: all 1)
+    mixed_rows: torch.Tensor | None = None  # [m] eager: decode rows that mix adapters (dense over their `mixed`)
+    mixed: torch.Tensor | None = None  # [m, K+1] those rows' weight per slot
     dora_rows: torch.Tensor | None = None  # [D] int64: each decode row's DoRA slot (null: none); None: no row
     dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter (for segments)
 
@@ -74,7 +77,7 @@ class LoraBatch:
             return None if t is None else t.to(device)
 
         return replace(self, mix=move(self.mix), active=move(self.active), scales=move(self.scales),
-                       dora_rows=move(self.dora_rows))
+                       mixed_rows=move(self.mixed_rows), mixed=move(self.mixed), dora_rows=move(self.dora_rows))
 
     def per_row_tokens(self, tokens: int) -> LoraBatch:
         """The same rows' routing when each of them carries `tokens` prompt tokens instead of one
@@ -82,7 +85,7 @@ class LoraBatch:
         segments = tuple((i * tokens, tokens, slot, weight) for i, terms in enumerate(self.row_terms)
                          for slot, weight in terms)
         return replace(self, decode_tokens=0, row_terms=(), mix=None, rows=False, active=None, segments=segments,
-                       scales=None, dora_rows=None)
+                       scales=None, mixed_rows=None, mixed=None, dora_rows=None)
 
 
 def dora_rescale(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -169,6 +172,13 @@ class LoraSlots(nn.Module):
         assert self.a_rows is not None
         return [self.a_rows[row], *(b[row] for b in self.b_rows)]
 
+    def dense_delta(self, x: torch.Tensor, mix: torch.Tensor, window: int) -> torch.Tensor:
+        """x # [n, in] rows weighted over every slot by mix # [n, K+1] -> delta # [n, out]"""
+        h = lora_shrink(x[:, None], self.a, mix, window)  # [n, 1, K+1, window, P], weighted
+        deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
+        # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
+        return (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]
+
     def add_to(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch,
                bias: torch.Tensor | None = None) -> torch.Tensor:
         """y # [T, out] + every part's delta for x # [T, in]. `y` is the projection's own fresh
@@ -179,10 +189,7 @@ class LoraSlots(nn.Module):
             s = self.s.index_select(0, lora.dora_rows)  # [D, out]; 1 on every row without DoRA
             dora_rescale(y[:d], s, bias)
         if lora.mix is not None:
-            h = lora_shrink(x[:d, None], self.a, lora.mix, lora.window)  # [D, 1, K+1, window, P], weighted
-            deltas = [lora_expand(h, b, p) for p, b in enumerate(self.bs)]
-            # Parts tile the output in order (q|k|v, gate|up), so one cat gives the full delta.
-            delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))[:, 0]  # [D, out]
+            delta = self.dense_delta(x[:d], lora.mix, lora.window)  # [D, out]
             y[:d] += delta if s is None else delta * s
         elif lora.rows:
             assert self.a_rows is not None
@@ -199,6 +206,9 @@ class LoraSlots(nn.Module):
                 if lora.scales is not None:
                     delta = delta * lora.scales.index_select(0, idx)[:, None]
                 y.index_add_(0, idx, delta if s is None else delta * s.index_select(0, idx))
+        if lora.mixed_rows is not None:  # rows that mix adapters (never DoRA: s = 1 there)
+            assert lora.mixed is not None
+            y.index_add_(0, lora.mixed_rows, self.dense_delta(x.index_select(0, lora.mixed_rows), lora.mixed, lora.window))
         for offset, length, slot, weight in lora.segments:
             delta = lora_single(x[offset : offset + length], self.a, self.bs, slot, lora.window)  # [n, out]
             if weight != 1.0:

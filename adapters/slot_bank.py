@@ -215,27 +215,35 @@ class SlotBank(nn.Module):
         if self.fixed_window or any(slot != self.null_slot for slot in dora_of):
             dora_rows = torch.tensor(dora_of, dtype=torch.int64, device=device)
         if self.fixed_window:
-            mix = torch.zeros(len(rows), self.num_slots + 1, dtype=self.dtype)  # [D, K+1]
-            for row, terms in enumerate(rows):
-                for slot, weight in terms:
-                    mix[row, slot] = weight
-            return LoraBatch(**common, segments=segments, mix=mix.to(device), dora_rows=dora_rows)  # type: ignore[arg-type]
+            mix = self._weights(rows, device)  # [D, K+1]
+            return LoraBatch(**common, segments=segments, mix=mix, dora_rows=dora_rows)  # type: ignore[arg-type]
         if len(rows) > self._max_rows:
             raise ValueError(f"a decode block of {len(rows)} rows; the model has {self._max_rows}")
-        # Rows that mix adapters run as one segment per adapter (flat token = row); the others on
-        # their row-resident copy of their slot.
-        mixed = tuple((row, 1, slot, weight) for row, terms in enumerate(rows) if len(terms) > 1 for slot, weight in terms)
+        # Rows that mix adapters run dense over every slot, weighted; the others on their
+        # row-resident copy of their slot.
+        mixing = [row for row, terms in enumerate(rows) if len(terms) > 1]
+        if mixing:
+            common["mixed_rows"] = torch.tensor(mixing, dtype=torch.int64, device=device)
+            common["mixed"] = self._weights([rows[row] for row in mixing], device)
         single = tuple(PADDING if terms is None else terms[0][0] if len(terms) == 1 else self.null_slot
                        for terms in padded)
         active = self._refresh_rows(single)
         if not active:  # only prompt chunks and mixed rows use adapters
-            return LoraBatch(**common, segments=mixed + segments, dora_rows=dora_rows)  # type: ignore[arg-type]
+            return LoraBatch(**common, segments=segments, dora_rows=dora_rows)  # type: ignore[arg-type]
         weights = [terms[0][1] if len(terms) == 1 else 1.0 for terms in rows]
         scales = None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=self.dtype, device=device)
         # A few adapter rows among many: gather just theirs; else every block row (null rows are zero).
         index = torch.tensor(active, dtype=torch.int64, device=device) if 3 * len(active) <= len(rows) else None
-        return LoraBatch(**common, segments=mixed + segments, rows=True, active=index, scales=scales,  # type: ignore[arg-type]
+        return LoraBatch(**common, segments=segments, rows=True, active=index, scales=scales,  # type: ignore[arg-type]
                          dora_rows=dora_rows)
+
+    def _weights(self, rows: Sequence[Terms], device: torch.device) -> torch.Tensor:
+        """Each row's weight per slot # [n, K+1] in the slots' dtype."""
+        weights = torch.zeros(len(rows), self.num_slots + 1, dtype=self.dtype)
+        for row, terms in enumerate(rows):
+            for slot, weight in terms:
+                weights[row, slot] = weight
+        return weights.to(device)
 
     def _refresh_rows(self, rows: tuple[int, ...]) -> list[int]:
         """Make every decoding row's row-resident weights hold its slot (zeros for the null slot),

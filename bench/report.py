@@ -140,6 +140,24 @@ def itl_lines(itl: dict[str, Any]) -> list[str]:
     return lines
 
 
+FEATURE_LABELS = {
+    "base": "base model",
+    "lora_8": "8 plain LoRA adapters mixed (baseline)",
+    "dora_half_8": "8 adapters mixed, 4 of them DoRA",
+    "mix2": "every request mixes two adapters (`ad{i}:0.5+ad{i+1}:0.5`)",
+}
+
+
+def feature_lines(features: dict[str, Any]) -> list[str]:
+    """bench/adapter_features.py's rows: DoRA and mixed-adapter requests against plain LoRA."""
+    lines = ["", f"**DoRA and adapter mixes: {features.get('requests')} concurrent chat requests, one server** "
+             "(bench/adapter_features.py)", "", "| requests | tok/s | vs plain LoRA | vs base |", "|---|---:|---:|---:|"]
+    for r in features["rows"]:
+        lines.append(f"| {FEATURE_LABELS.get(r['point'], r['point'])} | {_fmt(r['tok_s'])} | {_fmt(r['vs_lora_8'], 2)} | "
+                     f"{_fmt(r['vs_base'], 2)} |")
+    return lines
+
+
 def markdown(merged: dict[str, Any]) -> str:
     parts = merged["parts"]
     lines = [f"Run of {merged['date']} on `{merged['host']}` ({merged.get('cpus')} CPUs, torch {merged['torch']}"
@@ -201,6 +219,8 @@ def markdown(merged: dict[str, Any]) -> str:
                   f"| PEFT `load_adapter` + `set_adapter` | {hot['peft_load_adapter_ms_median']} |"]
     if parts.get("long_prompt_itl", {}).get("rows"):
         lines += itl_lines(parts["long_prompt_itl"])
+    if parts.get("adapter_features", {}).get("rows"):
+        lines += feature_lines(parts["adapter_features"])
     found = targets(parts)
     lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
     lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {met_cell(t)} |" for t in found]

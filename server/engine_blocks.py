@@ -93,8 +93,7 @@ class EngineBlocks:
         seq.blocks = self.pool.match(self._hashes(seq)[: self._hit(seq)])
         seq.prefilled = len(seq.blocks) * self.block_size
         seq.registered = len(seq.blocks)
-        keys = seq.request.adapter_keys
-        name = "+".join(key_name(key) for key in keys) if keys else self.base_name
+        name = seq.request.label(self.base_name, key_name)
         self.prefix.add(name, seq.prefill_len, seq.prefilled)
 
     # ---- growth ----------------------------------------------------------------------------

@@ -88,8 +88,7 @@ class ServerMetrics:
         self.observe_disk_load = self.adapter_load.labels("disk").observe
 
     def track(self, request: GenerationRequest, base_name: str) -> RequestTracker:
-        keys = request.adapter_keys
-        model = "+".join(key_name(key) for key in keys) if keys else base_name
+        model = request.label(base_name, key_name)
         return RequestTracker(self, request.request_id, model, len(request.prompt_ids))
 
     def render(self) -> tuple[bytes, str]:

@@ -9,6 +9,7 @@ stop string into a cancel.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +55,14 @@ class GenerationRequest:
     @property
     def adapter_keys(self) -> tuple[str, ...]:
         return tuple(use.key for use in self.uses)
+
+    def label(self, base_name: str, name_of: Callable[[str], str]) -> str:
+        """What statistics call the request: the base model, its adapter's name (`name_of(key)`),
+        or `(mix of N)` for a mix: combinations of adapters would make label values unbounded."""
+        keys = self.adapter_keys
+        if not keys:
+            return base_name
+        return name_of(keys[0]) if len(keys) == 1 else f"(mix of {len(keys)})"
 
 
 @dataclass(frozen=True)

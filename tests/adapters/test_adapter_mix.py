@@ -112,3 +112,27 @@ def test_a_mix_waits_for_all_of_its_slots_and_one_that_never_fits_is_refused(set
     assert got.tokens["single"] == wants[2] and got.tokens["pair"] == wants[0]
     assert "only 2 slots" in (got.final["triple"].error or "")
     assert engine.slot_table is not None and engine.slot_table.references() == [0, 0]
+
+
+def test_a_mixed_row_is_bit_identical_alone_and_among_other_rows(setup: Any) -> None:
+    """Batch invariance: a mixing row's logits do not depend on which rows share its step."""
+    base, folders, _, _ = setup
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=4, max_len=32)
+    bank = SlotBank(model, num_slots=3, max_rank=8)
+    for slot, folder in enumerate(folders):
+        bank.load(slot, load_weights(folder, bank, f"a{slot}"))
+    ids = torch.tensor([PROMPT])
+    pair = tuple(MIXES[0])
+    alone = terms_batch_logits(model, bank, ids, bank.mix_batch([pair]))[0]
+    crowd = [pair, tuple(MIXES[1]), ((2, 1.0),), ((1, 0.25), (2, 2.0))]
+    together = terms_batch_logits(model, bank, ids, bank.mix_batch(crowd))[0]
+    assert torch.equal(alone, together)
+
+
+def test_statistics_label_a_mix_by_its_size_only() -> None:
+    """Metric labels and prefix statistics stay bounded: combinations of adapters are not names."""
+    mix = (AdapterUse("a@1", None, 0.5), AdapterUse("b@2", None, 0.5))
+    name_of = lambda key: key.split("@")[0]  # noqa: E731
+    assert GenerationRequest("m", [1], 1, mix=mix).label("base", name_of) == "(mix of 2)"
+    assert GenerationRequest("s", [1], 1, adapter="a@1").label("base", name_of) == "a"
+    assert GenerationRequest("b", [1], 1).label("base", name_of) == "base"
