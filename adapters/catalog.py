@@ -57,15 +57,20 @@ class AdapterVersion:
     created: float
     persistent: bool = True  # False: a start-up adapter, kept for this run only
     dora: bool = False  # a DoRA adapter (use_dora)
+    modules_to_save: tuple[str, ...] = ()  # modules it saved whole (served from a module slot)
+    trainable_tokens: int = 0  # embedding rows it retrained (PEFT's trainable tokens; a module slot too)
 
     @property
     def key(self) -> str:
         return version_key(self.name, self.version)
 
-    def features(self) -> dict[str, bool]:
+    def features(self) -> dict[str, object]:
         """What the adapter uses and what a request may do with it (GET /v1/models, the admin API)."""
-        # A DoRA adapter's norm is taken at weight 1 over its own weights: no scale, no mix.
-        return {"dora": self.dora, "scalable": not self.dora, "mixable": not self.dora}
+        # A DoRA adapter's norm is taken at weight 1 over its own weights: no scale, no mix; saved
+        # modules replace the base's, which a mix cannot sum.
+        whole = bool(self.modules_to_save or self.trainable_tokens)
+        return {"dora": self.dora, "modules_to_save": list(self.modules_to_save), "trainable_tokens": self.trainable_tokens,
+                "scalable": not self.dora, "mixable": not self.dora and not whole}
 
 
 @dataclass
@@ -86,18 +91,20 @@ class AdapterRef:
 def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persistent: bool) -> AdapterVersion:
     if weights is not None:
         rank, alpha, targets = weights.rank, weights.config.lora_alpha, tuple(weights.target_suffixes)
-        dora = weights.config.use_dora
+        config = weights.config
     else:  # the config alone (cheap): rank, alpha, targets as declared
         problems: list[str] = []
         config = parse_config_file(stored.path / CONFIG_FILE, problems)
         if config is None:
             raise InvalidAdapterError(stored.name, problems)
         targets_raw = config.target_modules
-        rank, alpha, dora = config.r, config.lora_alpha, config.use_dora
+        rank, alpha = config.r, config.lora_alpha
         targets = (targets_raw,) if isinstance(targets_raw, str) else tuple(sorted(targets_raw))
     return AdapterVersion(
         name=stored.name, version=stored.version, rank=rank, alpha=alpha, target_modules=targets,
-        size=stored.size, source=stored.source, created=stored.created, persistent=persistent, dora=dora,
+        size=stored.size, source=stored.source, created=stored.created, persistent=persistent, dora=config.use_dora,
+        modules_to_save=config.modules_to_save,
+        trainable_tokens=len({i for ids in config.trainable_token_indices.values() for i in ids}),
     )
 
 

@@ -26,6 +26,10 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 # DoRA's magnitude per output channel: `<module>.lora_magnitude_vector` (older files: `.weight`
 # after it, or the adapter name in between).
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+# PEFT's trainable tokens: the new rows of an embedding's chosen token ids.
+_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+# A module of modules_to_save, saved whole: `<module>.weight` (older files: `<module>.modules_to_save.<adapter>.weight`).
+_FULL_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?\.weight$")
 # Keys PEFT writes for LoRA on embeddings, or for a wrapped layer's own weight (e.g. a targeted
 # lm_head): they name a module the slots may not support; validation says so by module name.
 _OTHER_LORA_KEY = re.compile(
@@ -56,6 +60,9 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # fully fine-tuned modules PEFT saved whole (names or suffixes)
+    # PEFT's trainable tokens: embedding module (name or suffix; "" = the input embedding) -> token ids
+    trainable_token_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """Rank and alpha of one module after rank_pattern / alpha_pattern (PEFT's matching).
@@ -158,19 +165,17 @@ def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
         problems.append(f"peft_type is {_show(peft_type)}; only LORA adapters are supported")
     use_dora = _flag(raw, "use_dora", problems)
     to_save = raw.get("modules_to_save")
-    if to_save is not None and not isinstance(to_save, list):
+    modules_to_save: tuple[str, ...] | None = ()
+    if to_save is not None and (not isinstance(to_save, list) or not all(isinstance(m, str) and m for m in to_save)):
         problems.append(f"modules_to_save must be a list of module names or null, got {_show(to_save)}")
-    elif to_save:
-        problems.append(
-            f"modules_to_save={_show(to_save)}: fully fine-tuned modules cannot live in LoRA slots; "
-            "retrain without modules_to_save"
-        )
+    elif to_save is not None:
+        modules_to_save = _string_list(to_save, "modules_to_save", problems, regexes=False)
     bias = raw.get("bias", "none")
     if bias != "none":
         problems.append(f"bias is {_show(bias)}; only bias='none' is supported")
-    for key in ("target_parameters", "trainable_token_indices"):
-        if raw.get(key):
-            problems.append(f"{key} is not supported")
+    if raw.get("target_parameters"):
+        problems.append("target_parameters is not supported")
+    trainable = _parse_token_indices(raw.get("trainable_token_indices"), problems)
     # The problems above are features loraswap refuses; those below make the config unusable
     # (validation then stops here instead of also checking the weights).
     structural = len(problems)
@@ -203,6 +208,8 @@ def parse_config(raw: dict[str, Any], problems: list[str]) -> LoraConfig | None:
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base if isinstance(base, str) else None,
         use_dora=use_dora,
+        modules_to_save=modules_to_save or (),
+        trainable_token_indices=trainable,
     )
 
 
@@ -222,6 +229,21 @@ def _parse_targets(value: object, problems: list[str]) -> tuple[str, ...] | str 
     return _string_list(value, "target_modules", problems, regexes=False)
 
 
+def _parse_token_indices(value: object, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """trainable_token_indices: a list of token ids (the input embedding's) or {module: ids}."""
+    if value is None:
+        return {}
+    by_module = {"": value} if isinstance(value, list) else value
+    valid = isinstance(by_module, dict) and len(by_module) <= MAX_LIST and all(
+        isinstance(k, str) and len(k) <= MAX_NAME_CHARS and isinstance(ids, list) and len(ids) <= MAX_RANK
+        and all(_is_int(i) and 0 <= i < 1 << 31 for i in ids) for k, ids in by_module.items())
+    if not valid:
+        problems.append(f"trainable_token_indices must be a list of token ids or an object mapping embedding "
+                        f"names to lists of token ids, got {_show(value)}")
+        return {}
+    return {k: tuple(ids) for k, ids in by_module.items()}
+
+
 def _parse_layers(value: object, problems: list[str]) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -238,7 +260,8 @@ class RawAdapter:
     """What a folder holds, parsed but not yet checked against a base model."""
 
     config: LoraConfig
-    # module name -> {"A": [r, in], "B": [out, r], "M": [out] (DoRA)} as stored (any float dtype)
+    # module name -> {"A": [r, in], "B": [out, r], "M": [out] (DoRA), "W": [rows, cols] (modules_to_save),
+    # "T": [tokens, hidden] (trainable tokens)} as stored (any float dtype)
     tensors: dict[str, dict[str, torch.Tensor]]
     # Problems found while reading that do not stop validation (it adds its own to these).
     problems: tuple[str, ...] = ()
@@ -301,6 +324,19 @@ def _dtype_problem(key: str, tensor: torch.Tensor) -> str | None:
             "expected float16, bfloat16, float32 or float64")
 
 
+def _read_full(handle: Any, key: str, problems: list[str], *, named: bool) -> torch.Tensor | None:
+    """A whole module's weight matrix (modules_to_save; which modules may have one is
+    validation's call), or None with a problem. `named`: the key has the form of one."""
+    tensor = handle.get_tensor(key) if named else None
+    if tensor is None or tensor.dim() != 2:
+        problems.append(f"unexpected tensor {key[:200]!r} (not a lora_A/lora_B weight or a module's saved matrix)")
+        return None
+    if (problem := _dtype_problem(key, tensor)) is not None:
+        problems.append(problem)
+        return None
+    return tensor
+
+
 def _read_magnitude(handle: Any, key: str, module: dict[str, torch.Tensor], problems: list[str]) -> None:
     tensor = handle.get_tensor(key)
     if (problem := _dtype_problem(key, tensor)) is not None:
@@ -320,6 +356,12 @@ def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], probl
                     problems.append(f"a tensor name is {len(key)} characters long (at most {MAX_KEY_CHARS})")
                     continue
                 match = _KEY.match(key)
+                tokens = _TOKENS_KEY.match(key) if match is None else None
+                if tokens is not None:
+                    rows = _read_full(handle, key, problems, named=True)
+                    if rows is not None:
+                        tensors.setdefault(tokens["module"], {})["T"] = rows
+                    continue
                 magnitude = _MAGNITUDE_KEY.match(key) if match is None else None
                 if magnitude is not None:
                     _read_magnitude(handle, key, tensors.setdefault(magnitude["module"], {}), problems)
@@ -329,7 +371,10 @@ def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], probl
                     tensors.setdefault(other["module"], {})
                     continue
                 if match is None:
-                    problems.append(f"unexpected tensor {key[:200]!r} (not a lora_A/lora_B weight)")
+                    full = _FULL_KEY.match(key)
+                    weight = _read_full(handle, key, problems, named=full is not None)
+                    if weight is not None:
+                        tensors.setdefault(full["module"], {})["W"] = weight  # type: ignore[index]
                     continue
                 tensor = handle.get_tensor(key)
                 if (problem := _dtype_problem(key, tensor)) is not None:

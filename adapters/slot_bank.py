@@ -85,10 +85,19 @@ class SlotBank(nn.Module):
             module.lora = LoraSlots(a, bs, dora)  # type: ignore[assignment]
             self._slot_modules.append(module.lora)
         self._others = frozenset(model.hf_module_names() - set(self._targets))
+        # modules_to_save is the native model's (a module bank may be attached after the slots).
+        # Bound methods and a lambda: the model must not become a submodule of the bank.
+        self._full_modules = getattr(model, "full_modules", None)
+        self._base_embedding = getattr(model, "base_embedding", None)
+        self._module_bank = lambda: getattr(model, "module_bank", None)
 
     def spec(self) -> SlotSpec:
+        full, modules = self._full_modules, self._module_bank()
         return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank, dtype=self.dtype,
-                        base_norms=self.base_norms)
+                        base_norms=self.base_norms, full_modules={} if full is None else full(),
+                        max_vocab=0 if modules is None else modules.max_vocab, base_embedding=self._base_embedding,
+                        no_module_slots="the transformers-backed path serves no full module copies" if full is None
+                        else "this server has no module slots (--max-module-slots 0)")
 
     def base_norms(self, name: str, a: torch.Tensor, slot_b: torch.Tensor) -> torch.Tensor:
         """DoRA's ||W + B A|| per output channel of projection `name` # [out_p] float64, from the

@@ -37,6 +37,13 @@ class SlotSpec:
     dtype: torch.dtype = torch.float32  # what the slots hold
     # DoRA: (module, A # [r, in], scaled B^T # [r, out]) -> ||W + B A|| per output channel # [out]
     base_norms: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+    # modules_to_save: HF name -> (kind, vocabulary, hidden) of the modules served as full copies
+    # ("embed", "head"); max_vocab: the rows a module slot holds (0: none, `no_module_slots` says why).
+    full_modules: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    max_vocab: int = 0
+    no_module_slots: str = "this server has no module slots"
+    # trainable tokens: () -> (the base embedding # [vocab, hidden] in the slot dtype, whether the head is tied to it)
+    base_embedding: Callable[[], tuple[torch.Tensor, bool]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,24 @@ class ModuleLora:
 
 
 @dataclass(frozen=True)
+class FullModules:
+    """The embedding and output head an adapter saved whole (modules_to_save), in the slot dtype."""
+
+    vocab: int  # rows: the base vocabulary plus the adapter's added tokens
+    embed: torch.Tensor | None = None  # [vocab, hidden]
+    head: torch.Tensor | None = None  # [vocab, hidden]
+
+    @property
+    def names(self) -> list[str]:
+        return [kind for kind, t in (("embed_tokens", self.embed), ("lm_head", self.head)) if t is not None]
+
+
+@dataclass(frozen=True)
 class AdapterWeights:
     name: str
     config: LoraConfig
     modules: dict[str, ModuleLora]
+    full: FullModules | None = None  # modules_to_save, served from a module slot
 
     @property
     def rank(self) -> int:
@@ -74,6 +95,11 @@ class AdapterWeights:
     @property
     def uses_dora(self) -> bool:
         return any(m.dora is not None for m in self.modules.values())
+
+    @property
+    def vocab(self) -> int | None:
+        """Token ids the adapter knows when it adds tokens (its saved embedding's rows), else None."""
+        return None if self.full is None else self.full.vocab
 
 
 def _matches(config: LoraConfig, module: str) -> bool:
@@ -213,14 +239,102 @@ def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
             if config.use_dora and len(problems) == found:
                 lora = _with_dora(module, lora, magnitude, spec, problems)  # type: ignore[arg-type]
             out[module] = lora
-    stray = sorted(set(raw.tensors) - set(modules) - set(unsupported))
+    full, saved = _full_modules(config, raw, spec, problems)
+    stray = sorted(set(raw.tensors) - set(modules) - set(unsupported) - saved)
     for module in stray:
         where = "is not in the base model" if module not in spec.targets and module not in spec.other_modules else (
             "is not targeted by adapter_config.json"
         )
         problems.append(f"weights for {module}: the module {where}")
-    if not problems and not out:
+    if not problems and not out and full is None:
         problems.append("the adapter changes no module")
     if problems:
         raise InvalidAdapterError(name, problems)
-    return AdapterWeights(name=name, config=config, modules=out)
+    return AdapterWeights(name=name, config=config, modules=out, full=full)
+
+
+def _full_modules(config: LoraConfig, raw: RawAdapter, spec: SlotSpec,
+                  problems: list[str]) -> tuple[FullModules | None, set[str]]:
+    """modules_to_save checked: only the embedding and the head, saved whole, with the base's
+    hidden size and its vocabulary plus at most the added tokens a module slot holds.
+    Returns (the copies, the module names they were read from)."""
+    saved = {m for m, pair in raw.tensors.items() if "W" in pair or "T" in pair}
+    if config.trainable_token_indices:
+        if config.modules_to_save:
+            problems.append("modules_to_save and trainable_token_indices together are not supported")
+            return None, saved
+        return _trainable_tokens(config, raw, spec, problems), saved
+    if not config.modules_to_save:
+        for module in sorted(saved):
+            problems.append(f"weights for {module}: a whole module is stored but modules_to_save does not list it")
+        return None, saved
+    found = len(problems)
+    copies: dict[str, torch.Tensor] = {}
+    everything = set(spec.targets) | spec.other_modules
+    for entry in config.modules_to_save:
+        matched = [m for m in spec.full_modules if m == entry or m.endswith(f".{entry}")]
+        if not matched:
+            known = any(m == entry or m.endswith(f".{entry}") for m in everything)
+            problems.append(f"modules_to_save: {entry!r} " + (
+                "is not served: only the embeddings and the output head can be full copies "
+                f"({', '.join(sorted(spec.full_modules)) or 'none on this model path'})" if known
+                else "matches no module of the base model"))
+            continue
+        for module in matched:
+            kind, vocab, hidden = spec.full_modules[module]
+            weight = raw.tensors.get(module, {}).get("W")
+            if weight is None:
+                problems.append(f"modules_to_save lists {module} but its weight is missing")
+            elif weight.shape[1] != hidden or not vocab <= weight.shape[0]:
+                problems.append(f"{module}: the saved weight has shape {tuple(weight.shape)}, expected "
+                                f"({vocab} or more rows, {hidden})")
+            elif weight.shape[0] > max(spec.max_vocab, vocab):
+                problems.append(f"{module}: {weight.shape[0] - vocab} added tokens; module slots hold "
+                                f"{max(spec.max_vocab - vocab, 0)} (--max-added-tokens)")
+            elif not bool(torch.isfinite(weight).all()):
+                problems.append(f"{module}: the saved weight contains NaN or infinite values")
+            elif float(weight.abs().max()) > torch.finfo(spec.dtype).max * WEIGHT_HEADROOM:
+                problems.append(f"{module}: the saved weight is too large for {str(spec.dtype).removeprefix('torch.')}")
+            else:
+                copies[kind] = weight.to(spec.dtype).contiguous()
+    if spec.max_vocab == 0:
+        problems.append(f"modules_to_save={list(config.modules_to_save)}: {spec.no_module_slots}")
+    sizes = {t.shape[0] for t in copies.values()}
+    if len(sizes) > 1:
+        problems.append(f"the saved embedding and head disagree on the vocabulary: {sorted(sizes)} rows")
+    base_vocab = min((vocab for _, vocab, _ in spec.full_modules.values()), default=0)
+    if "head" not in copies and any(size > base_vocab for size in sizes):
+        problems.append("the adapter adds tokens but did not save lm_head: the base head has no logits for them")
+    if len(problems) > found or not copies:
+        return None, saved
+    return FullModules(vocab=sizes.pop(), embed=copies.get("embed"), head=copies.get("head")), saved
+
+
+def _trainable_tokens(config: LoraConfig, raw: RawAdapter, spec: SlotSpec, problems: list[str]) -> FullModules | None:
+    """PEFT's trainable tokens served as a copy of the base embedding with the chosen rows
+    replaced (and the head too when it is tied to the embedding, as PEFT ties them)."""
+    embeds = [m for m, (kind, _, _) in spec.full_modules.items() if kind == "embed"]
+    if not embeds or spec.base_embedding is None or spec.max_vocab == 0:
+        problems.append(f"trainable_token_indices: {spec.no_module_slots if embeds else 'not served on this model path'}")
+        return None
+    module, (_, vocab, hidden) = embeds[0], spec.full_modules[embeds[0]]
+    found = len(problems)
+    for key in config.trainable_token_indices:
+        if key and not (module == key or module.endswith(f".{key}")):
+            problems.append(f"trainable_token_indices: {key!r} is not the base model's embedding ({module})")
+    ids = sorted({i for indices in config.trainable_token_indices.values() for i in indices})
+    rows = raw.tensors.get(module, {}).get("T")
+    if any(i >= vocab for i in ids):
+        problems.append(f"trainable_token_indices: token ids past the vocabulary ({vocab}): {[i for i in ids if i >= vocab][:5]}")
+    if rows is None:
+        problems.append(f"{module}: trainable_token_indices is set but trainable_tokens_delta is missing")
+    elif tuple(rows.shape) != (len(ids), hidden):
+        problems.append(f"{module}: trainable_tokens_delta has shape {tuple(rows.shape)}, expected {(len(ids), hidden)}")
+    elif not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > torch.finfo(spec.dtype).max * WEIGHT_HEADROOM:
+        problems.append(f"{module}: trainable_tokens_delta holds values that are not finite or too large")
+    if len(problems) > found or rows is None:
+        return None
+    weight, tied = spec.base_embedding()
+    index = torch.tensor(ids, dtype=torch.int64)
+    copy = weight.detach().to("cpu", spec.dtype).clone().index_copy_(0, index, rows.to(spec.dtype))  # [vocab, hidden]
+    return FullModules(vocab=vocab, embed=copy, head=copy if tied else None)

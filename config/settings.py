@@ -111,6 +111,17 @@ class Settings(BaseSettings):
         "gets 2 rank-64 slots from it, so raise it on large GPUs or lower max_lora_rank.",
     )
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Rank of every LoRA slot.")
+    max_module_slots: int = Field(
+        default=0, ge=0, le=256,
+        description="Module slots for adapters that save the whole embedding or output head (PEFT "
+        "modules_to_save): each holds one such adapter's copies, 2 x vocabulary x hidden, so they are "
+        "allocated only when asked for; 0 refuses such adapters.",
+    )
+    max_added_tokens: int = Field(
+        default=0, ge=0, le=1 << 20,
+        description="Tokens an adapter with a saved embedding or head may add to the vocabulary; "
+        "widens every module slot by this many rows.",
+    )
     lora_modules: dict[str, str] = Field(
         default_factory=dict,
         description="Adapters served by this run: name -> PEFT adapter folder (not kept for the next start).",

@@ -131,6 +131,11 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
         log.info("LoRA row copies for decode: up to %.1f MB (%d rows x one slot; less for adapters below rank %d)",
                  row_bytes_max / 1e6, settings.max_num_seqs, settings.max_lora_rank)
     bank = SlotBank(model, num_slots=slots.count, max_rank=slots.rank, fixed_window=settings.compile)
+    modules = None
+    if settings.max_module_slots and isinstance(model, Transformer):  # check_options refuses the other path
+        modules = model.attach_module_bank(settings.max_module_slots, cfg.vocab_size + settings.max_added_tokens)
+        log.info("module slots (modules_to_save): %d of %d tokens (%d added), %.1f MB", modules.num_slots,
+                 modules.max_vocab, settings.max_added_tokens, modules.bytes / 1e6)
     name = served_name(settings, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     engine = Engine(
@@ -170,6 +175,9 @@ def build_service(settings: Settings, metrics: ServerMetrics | None = None) -> C
             "memory": {**footprint, "lora_slot_bytes": sum(tensor_bytes(t) for t in bank.buffers()),
                        "lora_row_bytes_max": row_bytes_max},
             "lora_slots": slots.info(),
+            "module_slots": {"count": settings.max_module_slots,
+                             "vocab": cfg.vocab_size + settings.max_added_tokens if modules else None,
+                             "bytes": 0 if modules is None else modules.bytes},
             "kv_cache": {"blocks": kv_blocks, "block_size": settings.block_size,
                          "tokens": kv_blocks * settings.block_size, "bytes": footprint["kv_cache_bytes"],
                          "prefix_caching": settings.enable_prefix_caching},
@@ -231,7 +239,8 @@ def place(settings: Settings, cfg: ModelConfig, spec: str, quantization: str | N
             cfg, dtype_bytes=dtype_bytes, quantization=quantization, quantize_lm_head=settings.quantize_lm_head,
             kv_blocks=kv_plan(settings, cfg, dtype_bytes), block_size=settings.block_size,
             num_slots=slot_plan(settings, cfg, dtype_bytes).count, max_rank=settings.max_lora_rank,
-            max_len=settings.max_model_len,
+            max_len=settings.max_model_len, module_slots=settings.max_module_slots,
+            max_vocab=cfg.vocab_size + settings.max_added_tokens,
         )
 
     return resolve_device_map(spec, cfg, sizes)

@@ -70,10 +70,14 @@ def estimate_part_sizes(
     num_slots: int,
     max_rank: int,
     max_len: int = 0,
+    module_slots: int = 0,
+    max_vocab: int = 0,
 ) -> PartSizes:
     """Bytes of each part as it will sit on its device: a layer counts its weights, its KV cache
     and its LoRA slot tensors (null slot included); the embedding's part also holds the rope
-    tables (cos and sin for `max_len` positions, one pair per rope variant)."""
+    tables (cos and sin for `max_len` positions, one pair per rope variant). `module_slots` of
+    `max_vocab` rows (modules_to_save) put an embedding copy each with the embedding and a head
+    copy each with the head."""
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     biases = (cfg.q_size + 2 * cfg.kv_size) * cfg.qkv_bias + hidden * cfg.o_bias
     biases += (2 * cfg.intermediate_size + hidden) * cfg.mlp_bias
@@ -90,11 +94,12 @@ def estimate_part_sizes(
     tied = cfg.tie_word_embeddings
     head = 0 if tied else linear_bytes(hidden, vocab, dtype_bytes, quantization if quantize_lm_head else None)
     rope_tables = len(cfg.ropes) * 2 * max_len * cfg.rot_dim * dtype_bytes
+    copies = module_slots * max_vocab * hidden * dtype_bytes  # of one kind: embeddings, or heads
     return PartSizes(
-        embed=vocab * hidden * dtype_bytes + rope_tables,
+        embed=vocab * hidden * dtype_bytes + rope_tables + copies * (2 if tied else 1),
         layers=[layer] * cfg.num_hidden_layers,
         norm=hidden * dtype_bytes,
-        lm_head=head,
+        lm_head=head + (0 if tied else copies),
         tied=tied,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.slot_table import SlotGrant, SlotTable
@@ -13,40 +14,75 @@ from server.errors import ConflictError, SlotsBusyError
 from server.runner import ModelRunner
 
 
+@dataclass
+class Grants:
+    """The slots one request holds: a LoRA slot per adapter, and a module slot when its adapter
+    saved its embedding or head (modules_to_save)."""
+
+    lora: list[SlotGrant] = field(default_factory=list)
+    module: SlotGrant | None = None
+
+
 class EngineSlots:
-    def __init__(self, table: SlotTable, runner: ModelRunner, on_load: Callable[[float], None] | None = None) -> None:
-        """`on_load(seconds)` is told how long each slot write took (metrics)."""
+    def __init__(self, table: SlotTable, runner: ModelRunner, on_load: Callable[[float], None] | None = None,
+                 modules: SlotTable | None = None) -> None:
+        """`on_load(seconds)` is told how long each slot write took (metrics). `modules`: the
+        table of the module slots (None: none)."""
         self.table = table
         self.runner = runner
         self.on_load = on_load
+        self.modules = modules
 
     def acquire(self, key: str) -> SlotGrant | None:
         return self.table.acquire(key)
 
-    def acquire_all(self, keys: Iterable[str]) -> list[SlotGrant] | None:
-        """A slot for each of `keys` (one request's adapters), or none of them: None, and every
-        slot taken on the way is given back, when one cannot be had now."""
-        grants: list[SlotGrant] = []
+    def acquire_all(self, keys: Iterable[str], module_key: str | None = None) -> Grants | None:
+        """A slot for each of `keys` (one request's adapters) and a module slot for `module_key`,
+        or none of them: None, and every slot taken on the way is given back, when one cannot
+        be had now."""
+        grants = Grants()
         for key in keys:
             grant = self.table.acquire(key)
             if grant is None:
                 self.give_back(grants)
                 return None
-            grants.append(grant)
+            grants.lora.append(grant)
+        if module_key is not None:
+            grants.module = None if self.modules is None else self.modules.acquire(module_key)
+            if grants.module is None:
+                self.give_back(grants)
+                return None
         return grants
 
-    def give_back(self, grants: list[SlotGrant], written: int = 0) -> None:
-        """Undo `grants`, of which the first `written` hold their adapter now: slots still to be
-        written go back empty, the others (resident) lose this reference."""
-        for i, grant in enumerate(grants):
+    def give_back(self, grants: Grants, written: int = 0, module_written: bool = False) -> None:
+        """Undo `grants`, of which the first `written` LoRA slots (and the module slot if
+        `module_written`) hold their adapter now: slots still to be written go back empty, the
+        others (resident) lose this reference."""
+        for i, grant in enumerate(grants.lora):
             if grant.load and i >= written:
                 self.abandon(grant.slot)
             else:
                 self.release(grant.slot)
+        module = grants.module
+        if module is not None and self.modules is not None:
+            self.release_module(module.slot)
+            if module.load and not module_written:
+                self.modules.forget(module.slot)
+
+    def write_module(self, slot: int, full: Any) -> None:
+        self._timed(lambda: self.runner.load_module_slot(slot, full))
+
+    def release_module(self, slot: int) -> None:
+        if self.modules is not None and self.modules.release(slot):
+            self.runner.clear_module_slot(slot)
 
     def write(self, slot: int, weights: Any) -> None:
+        self._timed(lambda: self.runner.load_slot(slot, weights))
+
+    def _timed(self, write: Callable[[], None]) -> None:
+        """Run a slot write, telling `on_load` how long it took."""
         start = time.monotonic()
-        self.runner.load_slot(slot, weights)
+        write()
         if self.on_load is not None:
             self.on_load(time.monotonic() - start)
 
@@ -83,6 +119,8 @@ class EngineSlots:
     def unload_now(self, key: str, retire: bool) -> None:
         if (slot := self.table.unload(key, retire=retire)) is not None:
             self.runner.clear_slot(slot)
+        if self.modules is not None and (slot := self.modules.unload(key, retire=retire)) is not None:
+            self.runner.clear_module_slot(slot)
 
     def view(self, waiting: Iterable[str]) -> SlotView:
         return SlotView.of(self.table, waiting)

@@ -58,6 +58,9 @@ class ForwardBatch:
     decode_lengths: torch.Tensor | None = None  # [D] int64, positions each attends (0: padding)
     chunks: tuple[PrefillChunk, ...] = ()
     lora: LoraBatch | None = None
+    # Tokens looked up in a module slot's embedding (modules_to_save): (flat index [n], slot *
+    # max_vocab [n]); None: every token reads the base embedding.
+    embed_copies: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -214,9 +214,10 @@ class TransformersModel(PagedModel):
             _STEP.reset(token)
         return out.last_hidden_state[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, heads: object = None) -> torch.Tensor:
         """The model's head, then what its causal-LM class does to the logits after it (see
-        head_transform). # [..., vocab] float32"""
+        head_transform). # [..., vocab] float32. No module slots on this path (`heads` unused:
+        validation refuses modules_to_save here)."""
         logits = self.hf.get_output_embeddings()(hidden).float()
         multiplier, softcap = self._head
         if multiplier != 1.0:

@@ -20,12 +20,15 @@ per chunk for prompts).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from adapters.module_bank import ModuleBank
 from server.decoder_layer import DecoderLayer, LayerFn, RMSNorm, run_layer
 from server.forward_batch import ForwardBatch
 from server.kv_cache import KVCache
@@ -65,6 +68,23 @@ class Transformer(PagedModel):
         self.layer_devices: list[torch.device] = []  # set by allocate(), from where the weights are
         self._crossings: dict[int, torch.device] = {}  # boundary layer -> its device (allocate())
         self.embed_scale = 1.0  # the embedding multiplier in the compute dtype (allocate())
+        self.module_bank: ModuleBank | None = None  # modules_to_save copies (attach_module_bank)
+
+    def attach_module_bank(self, slots: int, max_vocab: int) -> ModuleBank:
+        """Allocate `slots` module slots of `max_vocab` rows next to the embedding and the head."""
+        self.module_bank = ModuleBank(
+            num_slots=slots, vocab=self.cfg.vocab_size, max_vocab=max_vocab, hidden=self.cfg.hidden_size,
+            dtype=self.compute_dtype, embed_device=self.model.embed_tokens.weight.device, head_device=self.lm_head.device)
+        return self.module_bank
+
+    def base_embedding(self) -> tuple[torch.Tensor, bool]:
+        """The embedding weight # [vocab, hidden] and whether the head is tied to it."""
+        return self.model.embed_tokens.weight.detach(), self.cfg.tie_word_embeddings
+
+    def full_modules(self) -> dict[str, tuple[str, int, int]]:
+        """The modules an adapter may save whole (modules_to_save): name -> (kind, vocab, hidden)."""
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        return {"model.embed_tokens": ("embed", *shape), "lm_head": ("head", *shape)}
 
     def place(self, placement: Placement) -> None:
         """Materialise a meta-device model part by part on the devices `placement` names."""
@@ -185,7 +205,7 @@ class Transformer(PagedModel):
         `run_layer`; the runner passes a compiled one for decode)."""
         if self.cache is None:
             raise RuntimeError("call allocate() before forward()")
-        x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
+        x = self.embed(batch)  # [T, hidden]
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         # [T, 1, rot] cos and sin per rope table
@@ -202,10 +222,22 @@ class Transformer(PagedModel):
             x = run(layer, x, cos, sin, batch, k_cache, v_cache)
         return self.model.norm(x.to(self.model.norm.weight.device))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Project hidden states to float32 vocabulary logits, on the home device. # [..., vocab]"""
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """The tokens' embeddings # [T, hidden]; tokens of rows on a module slot read its copy."""
+        if batch.embed_copies is None or self.module_bank is None:
+            return self.model.embed_tokens(batch.tokens)
+        # An added token's id exists only in its adapter's copy: the base lookup never sees it.
+        x = self.model.embed_tokens(batch.tokens.clamp(max=self.cfg.vocab_size - 1))
+        return self.module_bank.embed_tokens(x, batch.tokens, *batch.embed_copies)
+
+    def logits(self, hidden: torch.Tensor, heads: Sequence[int | None] | None = None) -> torch.Tensor:
+        """Project hidden states # [n, hidden] to float32 vocabulary logits, on the home device.
+        `heads`: each row's module slot (modules_to_save; None: the base head). # [n, vocab]"""
         logits = self.lm_head(hidden.to(self.lm_head.device)).float().to(self.home_device)
-        return final_logits(logits, divisor=self.cfg.logits_divisor, softcap=self.cfg.final_softcap)
+        post = partial(final_logits, divisor=self.cfg.logits_divisor, softcap=self.cfg.final_softcap)
+        if heads is None or self.module_bank is None:
+            return post(logits)
+        return self.module_bank.logits(post(logits), hidden, heads, post)
 
 
 def final_logits(logits: torch.Tensor, *, divisor: float, softcap: float | None) -> torch.Tensor:

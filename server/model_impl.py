@@ -57,7 +57,8 @@ def check_options(impl: Impl, settings: Settings) -> None:
         return
     refused = [flag for flag, on in (("--quantization", settings.quantization != "none"),
                                      ("--device-map", settings.device_map is not None),
-                                     ("--compile", settings.compile)) if on]
+                                     ("--compile", settings.compile),
+                                     ("--max-module-slots", settings.max_module_slots > 0)) if on]
     if refused:
         raise UnsupportedModelError(
             f"{', '.join(refused)} need a native model spec; this model runs transformers-backed "

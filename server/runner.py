@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapters.lora_layer import Terms
+from adapters.module_bank import PAD_LOGIT
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
 from server.model import LayerFn, Transformer, run_layer
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
 
 MIN_KV_BUCKET = 64
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
+
+
+def pad_logits(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """logits # [n, V] widened to [n, width] with PAD_LOGIT (no sampler picks those columns)."""
+    out = logits.new_full((logits.shape[0], width), PAD_LOGIT)
+    out[:, : logits.shape[-1]] = logits
+    return out
 
 
 def chunk_window(needed: int, max_len: int) -> int:
@@ -97,16 +105,22 @@ class ModelRunner:
         self.positions: list[int] = [0] * rows
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
         self.terms: list[Terms] = [()] * rows
+        self.module_slots: list[int | None] = [None] * rows  # each row's module slot (modules_to_save)
         self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
-                  table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = ()) -> None:
+                  table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = (),
+                  module_slot: int | None = None) -> None:
         """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
         appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
         (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
         directly). `steps`: tokens it sampled before (a preempted sequence resumes its seeded
         random stream where it left off). `scale`: multiplies the row's adapter delta. `mix`:
-        instead of `slot` and `scale`, the (slot, weight) of each adapter the row adds."""
+        instead of `slot` and `scale`, the (slot, weight) of each adapter the row adds.
+        `module_slot`: where the row's adapter keeps its saved embedding and head."""
+        bank = getattr(self.model, "module_bank", None)
+        if module_slot is not None and (bank is None or not 0 <= module_slot < bank.num_slots):
+            raise ValueError(f"module slot {module_slot} does not exist")
         terms = mix or ((() if slot is None else ((slot, scale),)))
         for used, _ in terms:
             if self.bank is None or not 0 <= used < self.bank.num_slots:
@@ -118,6 +132,7 @@ class ModelRunner:
         self.steps[row] = steps
         self.last_tokens[row] = 0
         self.terms[row] = terms
+        self.module_slots[row] = module_slot
         self.positions[row] = 0
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
@@ -128,6 +143,7 @@ class ModelRunner:
         self.positions[row] = 0
         self.last_tokens[row] = 0
         self.terms[row] = ()
+        self.module_slots[row] = None
         self.tables[row] = []
 
     def load_slot(self, slot: int, weights: object) -> None:
@@ -139,6 +155,18 @@ class ModelRunner:
     def clear_slot(self, slot: int) -> None:
         if self.bank is not None:
             self.bank.clear(slot)
+
+    def load_module_slot(self, slot: int, full: object) -> None:
+        """Write an adapter's saved embedding and head into a module slot (engine thread)."""
+        bank = getattr(self.model, "module_bank", None)
+        if bank is None:
+            raise RuntimeError("no module slots")
+        bank.load(slot, full)
+
+    def clear_module_slot(self, slot: int) -> None:
+        bank = getattr(self.model, "module_bank", None)
+        if bank is not None:
+            bank.clear(slot)
 
     @property
     def num_blocks(self) -> int:
@@ -173,7 +201,7 @@ class ModelRunner:
             offsets = itertools.accumulate((len(c.token_ids) for c in chunks), initial=block)
             spans = [(offset, len(c.token_ids), self.terms[c.row]) for c, offset in zip(chunks, offsets)]
             lora = self.bank.route(terms, spans, device=self.device)
-        return build_forward_batch(
+        batch = build_forward_batch(
             layout=self.layout, decode_tokens=self.last_tokens[:block] if block else None,
             decode_positions=positions, decode_tables=tables,
             # Fixed-shape (compiled) decode keeps one table width, so growing never recompiles.
@@ -182,6 +210,27 @@ class ModelRunner:
             window=lambda needed: chunk_window(needed, self.max_len),
             windows=self.model.cfg.windows, device=self.device, lora=lora,
         )
+        return self._embed_copies(batch, [row for row in range(block) if row in decoding], chunks)
+
+    def _embed_copies(self, batch: ForwardBatch, decode_rows: Sequence[int], chunks: Sequence[PromptChunk]) -> ForwardBatch:
+        """Route the tokens of rows whose adapter saved its embedding to their module slot."""
+        bank = getattr(self.model, "module_bank", None)
+        if bank is None or not any(bank.embeds(self.module_slots[r]) for r in [*decode_rows, *(c.row for c in chunks)]):
+            return batch
+        flat: list[int] = []
+        offsets: list[int] = []
+        for row in decode_rows:  # the decode block's flat token is its row
+            if bank.embeds(slot := self.module_slots[row]):
+                flat.append(row)
+                offsets.append(slot * bank.max_vocab)
+        start = batch.decode_rows
+        for chunk in chunks:
+            if bank.embeds(slot := self.module_slots[chunk.row]):
+                flat += range(start, start + len(chunk.token_ids))
+                offsets += [slot * bank.max_vocab] * len(chunk.token_ids)
+            start += len(chunk.token_ids)
+        index = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        return replace(batch, embed_copies=(index, torch.tensor(offsets, dtype=torch.int64, device=self.device)))
 
     def _block(self, decode_rows: Sequence[int]) -> int:
         if not decode_rows:
@@ -201,18 +250,21 @@ class ModelRunner:
             wanted = list(decode_rows) + ends
             if not wanted:
                 return None
-            return self.model.logits(hidden[torch.tensor(wanted, dtype=torch.int64, device=self.device)])
+            heads = [self.module_slots[r] for r in [*decode_rows, *(c.row for c in chunks if c.last)]]
+            return self.model.logits(hidden[torch.tensor(wanted, dtype=torch.int64, device=self.device)], heads)
         parts: list[torch.Tensor] = []
         if decode_rows:  # all rows, a fixed shape (lm_head too: an unpacked one depends on the row count)
             hidden = self.model.forward_batch(self._batch(decode_rows, [], block), self._layer_fn)
             index = torch.tensor(list(decode_rows), dtype=torch.int64, device=self.device)
-            parts.append(self.model.logits(hidden)[index])
+            parts.append(self.model.logits(hidden, self.module_slots[:block])[index])
         for chunk in chunks:
             hidden = self.model.forward_batch(self._batch([], [chunk], 0))
             if chunk.last:
-                parts.append(self.model.logits(hidden[-1:]))
+                parts.append(self.model.logits(hidden[-1:], [self.module_slots[chunk.row]]))
         if not parts:
             return None
+        width = max(p.shape[-1] for p in parts)  # a row whose adapter adds tokens widens the step
+        parts = [p if p.shape[-1] == width else pad_logits(p, width) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- stepping --------------------------------------------------------------------------

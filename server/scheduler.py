@@ -25,16 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.slot_table import SlotGrant, SlotTable
+from adapters.slot_table import SlotTable
 from server.engine_blocks import EngineBlocks
 from server.engine_client import Sink
 from server.engine_inbox import Inbox
-from server.engine_slots import EngineSlots
+from server.engine_slots import EngineSlots, Grants
 from server.forward_batch import PromptChunk
 from server.kv_blocks import BlockPool
 from server.runner import NON_FINITE, ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
-from server.sequence import FinishReason, Sequence, TokenOutput
+from server.sequence import AdapterUse, FinishReason, GenerationRequest, Sequence, TokenOutput
 
 log = logging.getLogger("loraswap.engine")
 
@@ -89,7 +89,9 @@ class Scheduler:
         self.blocks = EngineBlocks(pool, chunk_size=self.chunk_size, base_name=base_name,
                                    lora_window=(lambda: 0) if bank is None else bank.window)
         self._inbox = Inbox(max_waiting)  # submissions and commands (server/engine.py drains it)
-        self.slots = None if slot_table is None else EngineSlots(slot_table, runner, on_slot_load)
+        modules = getattr(runner.model, "module_bank", None)  # module slots get a table of their own
+        self.slots = None if slot_table is None else EngineSlots(
+            slot_table, runner, on_slot_load, None if modules is None else SlotTable(modules.num_slots))
         self.adapter_weights = adapter_weights
         self.max_wait_s = max_wait_s
         self.wait_stats = WaitStats()
@@ -244,16 +246,19 @@ class Scheduler:
             if not self._free_rows or not self.blocks.can_start(item.seq):
                 break  # in order: a long prompt waiting for memory is not overtaken for ever
             keys = item.seq.request.adapter_keys
-            grants: list[SlotGrant] = []
+            grants = Grants()
             if keys:
                 assert self.slots is not None
                 if not self.slots.table.could_hold(keys):
-                    self._dequeue(item)
-                    item.sink(self._count(item.seq.abort("error", error=(
-                        f"the request mixes {len(keys)} adapters but only "
-                        f"{self.slots.table.unpinned_capacity(keys)} slots can hold them (the others are pinned)"))))
+                    self._refuse(item, f"the request mixes {len(keys)} adapters but only "
+                                       f"{self.slots.table.unpinned_capacity(keys)} slots can hold them (the others are pinned)")
                     continue
-                found = self.slots.acquire_all(keys)
+                try:
+                    module_key = self._module_key(item.seq.request)
+                except Exception as exc:  # the adapter vanished: this request only
+                    self._refuse(item, f"cannot load adapter {keys[0]!r}: {exc}")
+                    continue
+                found = self.slots.acquire_all(keys, module_key)
                 if found is None:  # every slot busy with other adapters
                     if now - item.since >= self.max_wait_s:
                         break  # starving: hold everyone behind it
@@ -262,42 +267,66 @@ class Scheduler:
             self._dequeue(item)
             if not self._load(item, grants):
                 continue  # an adapter failed to load; the request is already answered
-            self._start(item, [grant.slot for grant in grants], now)
+            self._start(item, grants, now)
         if self.slot_table is not None:  # unloaded versions stay marked only while queued rows need them
             self.slot_table.prune_retired(key for w in self._waiting for key in w.seq.request.adapter_keys)
 
-    def _load(self, item: Waiting, grants: list[SlotGrant]) -> bool:
+    def _refuse(self, item: Waiting, message: str) -> None:
+        """Answer a queued request that can never be admitted with an error."""
+        self._dequeue(item)
+        item.sink(self._count(item.seq.abort("error", error=message)))
+
+    def _weights(self, use: AdapterUse) -> Any:
+        if use.weights is not None:
+            return use.weights
+        if self.adapter_weights is None:
+            raise LookupError("the request carries no adapter weights")
+        return self.adapter_weights(use.key)
+
+    def _module_key(self, request: GenerationRequest) -> str | None:
+        """The key of the request's adapter that saved its embedding or head (modules_to_save)."""
+        for use in request.uses:
+            if getattr(self._weights(use), "full", None) is not None:
+                return use.key
+        return None
+
+    def _load(self, item: Waiting, grants: Grants) -> bool:
         """Write the request's adapters that are not resident into their slots; on failure give
         every slot back, answer the request and return False."""
+        assert grants.lora or not item.seq.request.uses
         uses = item.seq.request.uses
-        for i, (use, grant) in enumerate(zip(uses, grants)):
-            if not grant.load:
-                continue
+        written = 0
+        try:
+            for written, (use, grant) in enumerate(zip(uses, grants.lora)):
+                if grant.load:
+                    assert self.slots is not None
+                    self.slots.write(grant.slot, self._weights(use))
+            written = len(grants.lora)
+            if grants.module is not None and grants.module.load:
+                assert self.slots is not None
+                use = next(u for u in uses if getattr(self._weights(u), "full", None) is not None)
+                self.slots.write_module(grants.module.slot, self._weights(use).full)
+        except Exception as exc:  # the adapter vanished or is broken: fail this request only
+            key = uses[min(written, len(uses) - 1)].key
+            log.exception("loading adapter %s failed", key)
             assert self.slots is not None
-            try:
-                weights = use.weights
-                if weights is None:
-                    if self.adapter_weights is None:
-                        raise LookupError("the request carries no adapter weights")
-                    weights = self.adapter_weights(use.key)
-                self.slots.write(grant.slot, weights)
-            except Exception as exc:  # the adapter vanished or is broken: fail this request only
-                log.exception("loading adapter %s failed", use.key)
-                self.slots.give_back(grants, written=i)
-                item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {use.key!r}: {exc}")))
-                return False
+            self.slots.give_back(grants, written=written)
+            item.sink(self._count(item.seq.abort("error", error=f"cannot load adapter {key!r}: {exc}")))
+            return False
         return True
 
     def _dequeue(self, item: Waiting) -> None:
         self._waiting.remove(item)
         self._inbox.left_queue()
 
-    def _start(self, item: Waiting, slots: list[int], now: float) -> None:
+    def _start(self, item: Waiting, grants: Grants, now: float) -> None:
         seq = item.seq
+        slots = [grant.slot for grant in grants.lora]
         if slots and not seq.output_ids:  # a resumed request waited once already
             self.wait_stats.add(now - item.since)
         seq.row = heapq.heappop(self._free_rows)
         seq.slots = slots
+        seq.module_slot = None if grants.module is None else grants.module.slot
         self._running[seq.request_id] = (seq, item.sink)
         self.blocks.start(seq)
         if seq.seed is None:  # drawn once: a preempted request resumes the same random stream
@@ -306,7 +335,7 @@ class Scheduler:
         try:
             mix = tuple((slot, use.weight) for slot, use in zip(slots, seq.request.uses))
             self.runner.reset_row(seq.row, seq.request.sampling, seq.seed, table=seq.blocks,
-                                  steps=len(seq.output_ids), mix=mix)
+                                  steps=len(seq.output_ids), mix=mix, module_slot=seq.module_slot)
         except Exception as exc:  # e.g. a parameter the row's tensors cannot hold: this request only
             log.exception("request %s could not start", seq.request_id)
             self._fail(seq, f"the request could not start: {exc}")
@@ -338,7 +367,9 @@ class Scheduler:
         if self.slots is not None:
             for slot in seq.slots:
                 self.slots.release(slot)  # unloaded while in use: emptied with its last row
-        seq.slots = []
+            if seq.module_slot is not None:
+                self.slots.release_module(seq.module_slot)
+        seq.slots, seq.module_slot = [], None
         heapq.heappush(self._free_rows, seq.row)
         self._running.pop(seq.request_id, None)
 

@@ -84,6 +84,7 @@ class Sequence:
         self.request = request
         self.row: int = -1
         self.slots: list[int] = []  # LoRA slots held while running, one per adapter it uses
+        self.module_slot: int | None = None  # module slot held while running (modules_to_save)
         # What the sequence prefills: its prompt; after a preemption, prompt and output so far.
         self.prefill_ids: list[int] = request.prompt_ids
         self.prefilled = 0  # prefill tokens already in the cache

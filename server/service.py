@@ -128,8 +128,9 @@ class CompletionService:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         self._check_choices(len(prompts), options.n)
         served, uses = await self.check_model(model, options.adapters)
+        vocab = self.vocab_of(uses)
         # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
-        ids = await asyncio.to_thread(lambda: [self.encode_prompt(p) for p in prompts])
+        ids = await asyncio.to_thread(lambda: [self.encode_prompt(p, vocab) for p in prompts])
         return self._submit_all(served, ids, options, uses)
 
     async def submit_chat(self, model: str | None, messages: list[dict[str, str]],
@@ -170,6 +171,10 @@ class CompletionService:
         if dora and len(terms) > 1:
             raise InvalidRequestError(f"{dora[0]!r} is a DoRA adapter, which cannot be mixed: its norm is taken over "
                                       "its own weights alone", param=param)
+        whole = [ref.name for ref in refs if ref.weights.full is not None]
+        if whole and len(terms) > 1:
+            raise InvalidRequestError(f"{whole[0]!r} saved its own embedding or head (modules_to_save), which a mix "
+                                      "cannot combine", param=param)
         return served, tuple(zip(refs, (weight for _, weight in terms)))
 
     def _resolve_adapter(self, name: str) -> AdapterRef:
@@ -187,18 +192,21 @@ class CompletionService:
                                       param="prompt")
 
     # ---- prompts -------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def vocab_of(self, uses: Uses) -> int:
+        """Token ids a request may use: the base vocabulary, or its adapter's when that adds tokens."""
+        return max([self.vocab_size, *(ref.weights.vocab or 0 for ref, _ in uses)])
+
+    def encode_prompt(self, prompt: str | Sequence[int], vocab: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
             # An empty string is an empty prompt, even where the tokenizer would add a BOS token.
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
         else:
             ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            limit = vocab or self.vocab_size
+            bad = [t for t in ids if not 0 <= t < limit]
             if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
-                )
+                raise InvalidRequestError(f"prompt token ids must be in [0, {limit}); got {bad[:5]}", param="prompt")
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
@@ -244,7 +252,7 @@ class CompletionService:
     def fan_out(self, prompts: list[list[int]], options: GenerationOptions, uses: Uses = ()) -> list[GenerationRequest]:
         """One engine request per (prompt, sample); sample i of a seeded request uses seed + i.
         Every request is checked before any is submitted."""
-        options = self._checked(options)
+        options = self._checked(options, self.vocab_of(uses))
         requests = []
         for ids in prompts:
             for i in range(options.n):
@@ -254,17 +262,18 @@ class CompletionService:
                 requests.append(self.build_request(ids, replace(options, sampling=sampling), uses))
         return requests
 
-    def _checked(self, options: GenerationOptions) -> GenerationOptions:
+    def _checked(self, options: GenerationOptions, vocab: int) -> GenerationOptions:
         """The options with what is the same for every choice checked once: stop token ids in
-        the vocabulary, stop strings encodable, top_k past the vocabulary clamped (it keeps all)."""
-        bad_stop = [t for t in options.stop_token_ids if not 0 <= t < self.vocab_size]
+        the vocabulary (`vocab`: the adapter's, when it adds tokens), stop strings encodable,
+        top_k past the vocabulary clamped (it keeps all)."""
+        bad_stop = [t for t in options.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
         for stop in options.stop:
             check_text(stop, "stop")
-        if options.sampling.top_k <= self.vocab_size:
+        if options.sampling.top_k <= vocab:
             return options
-        return replace(options, sampling=replace(options.sampling, top_k=self.vocab_size))
+        return replace(options, sampling=replace(options.sampling, top_k=vocab))
 
     # ---- running -------------------------------------------------------------------------
     def _submit_all(self, served: str, prompts: list[list[int]], options: GenerationOptions,

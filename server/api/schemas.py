@@ -189,7 +189,8 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
-    features: dict[str, bool] | None = None  # an adapter's: dora, scalable, mixable (loraswap extension)
+    # an adapter's: dora, modules_to_save, trainable_tokens, scalable, mixable (loraswap extension)
+    features: dict[str, bool | int | list[str]] | None = None
 
 
 class ModelList(BaseModel):

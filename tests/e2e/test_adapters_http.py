@@ -103,7 +103,8 @@ def test_models_lists_adapters_with_parent(client: openai.OpenAI) -> None:
     for name in ADAPTERS:
         assert getattr(cards[name], "parent", None) == BASE
         dora = name == "dora-qv"
-        assert getattr(cards[name], "features", None) == {"dora": dora, "scalable": not dora, "mixable": not dora}
+        assert getattr(cards[name], "features", None) == {"dora": dora, "modules_to_save": [], "trainable_tokens": 0,
+                                                          "scalable": not dora, "mixable": not dora}
 
 
 def test_greedy_tokens_equal_peft(client: openai.OpenAI, adapter_dirs: dict[str, Path]) -> None:

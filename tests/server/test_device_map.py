@@ -58,10 +58,15 @@ def actual_sizes(model: Transformer, bank: SlotBank) -> PartSizes:
         k, v = model.cache.layer(i)
         layers.append(weight_bytes(layer) + tensor_bytes(k) + tensor_bytes(v) + slot_bytes[i])
     tied = model.cfg.tie_word_embeddings
+    modules = model.module_bank  # modules_to_save copies: embeddings with the embedding, heads with the head
+    embed_copies = 0 if modules is None else tensor_bytes(modules.embed)
+    head_copies = 0 if modules is None else tensor_bytes(modules.head)
     return PartSizes(
-        embed=tensor_bytes(model.model.embed_tokens.weight) + sum(tensor_bytes(b) for b in model.buffers(recurse=False)),
+        embed=tensor_bytes(model.model.embed_tokens.weight) + sum(tensor_bytes(b) for b in model.buffers(recurse=False))
+        + embed_copies + (head_copies if tied else 0),
         layers=layers,
-        norm=tensor_bytes(model.model.norm.weight), lm_head=0 if tied else model.lm_head.weight_bytes(), tied=tied,
+        norm=tensor_bytes(model.model.norm.weight),
+        lm_head=0 if tied else model.lm_head.weight_bytes() + head_copies, tied=tied,
     )
 
 
@@ -79,6 +84,19 @@ def test_estimated_sizes_equal_what_loading_allocates(
                                    kv_blocks=ROWS * -(-LEN // 16), block_size=16, num_slots=SLOTS, max_rank=RANK,
                                    max_len=LEN)
     assert estimate == actual_sizes(model, bank)
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "llama-mha-untied"])
+def test_module_slots_are_estimated_where_they_are_allocated(family_dirs: dict[str, Path], family: str) -> None:
+    model = build_model(family_dirs[family], dtype=torch.float32, device="cpu", max_rows=ROWS, max_len=LEN, pack=False)
+    max_vocab = model.cfg.vocab_size + 8
+    model.attach_module_bank(2, max_vocab)
+    bank = SlotBank(model, num_slots=SLOTS, max_rank=RANK)
+    estimate = estimate_part_sizes(model.cfg, dtype_bytes=4, quantization=None, quantize_lm_head=False,
+                                   kv_blocks=ROWS * -(-LEN // 16), block_size=16, num_slots=SLOTS, max_rank=RANK,
+                                   max_len=LEN, module_slots=2, max_vocab=max_vocab)
+    assert estimate == actual_sizes(model, bank)
+    assert estimate.embed + estimate.lm_head > 4 * max_vocab * model.cfg.hidden_size * 4  # the copies count
 
 
 def test_resolve_named_devices_against_what_is_visible(tiny_llama_dir: Path) -> None:

@@ -128,6 +128,8 @@ def test_options_the_transformers_path_lacks_are_refused() -> None:
     check_options("native", Settings(quantization="nf4", compile=True))
     with pytest.raises(UnsupportedModelError, match="--quantization, --compile need a native model spec"):
         check_options("transformers", Settings(quantization="nf4", compile=True))
+    with pytest.raises(UnsupportedModelError, match="--max-module-slots need a native model spec"):
+        check_options("transformers", Settings(max_module_slots=1))
 
 
 def test_attention_extras_it_does_not_compute_are_refused_at_load(tmp_path: Path) -> None:
