@@ -104,7 +104,7 @@ def _describe(stored: StoredVersion, weights: AdapterWeights | None, *, persiste
         name=stored.name, version=stored.version, rank=rank, alpha=alpha, target_modules=targets,
         size=stored.size, source=stored.source, created=stored.created, persistent=persistent, dora=config.use_dora,
         modules_to_save=config.modules_to_save,
-        trainable_tokens=len({i for ids in config.trainable_token_indices.values() for i in ids}),
+        trainable_tokens=sum(len(ids) for ids in config.trainable_token_indices.values()),
     )
 
 

@@ -322,8 +322,10 @@ def _trainable_tokens(config: LoraConfig, raw: RawAdapter, spec: SlotSpec, probl
     for key in config.trainable_token_indices:
         if key and not (module == key or module.endswith(f".{key}")):
             problems.append(f"trainable_token_indices: {key!r} is not the base model's embedding ({module})")
-    ids = sorted({i for indices in config.trainable_token_indices.values() for i in indices})
+    ids = [i for indices in config.trainable_token_indices.values() for i in indices]  # the delta's row order
     rows = raw.tensors.get(module, {}).get("T")
+    if len(set(ids)) != len(ids):
+        problems.append("trainable_token_indices lists a token id twice")
     if any(i >= vocab for i in ids):
         problems.append(f"trainable_token_indices: token ids past the vocabulary ({vocab}): {[i for i in ids if i >= vocab][:5]}")
     if rows is None:

@@ -201,7 +201,7 @@ def test_trainable_token_indices_equal_peft(family: str, tmp_path: Path) -> None
 
     make_family(family, tmp_path / "base", seed=7)
     torch.manual_seed(70)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 5, 40, 90],
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[40, 3, 90, 5],
                         init_lora_weights=False)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
     with torch.no_grad():
@@ -228,3 +228,15 @@ def test_trainable_token_indices_equal_peft(family: str, tmp_path: Path) -> None
     runner.reset_row(0, SamplingParams(temperature=0), 0, 0, module_slot=0)
     logits = runner._logits([], [PromptChunk(0, ids, 0, True)])
     assert logits is not None and (logits[0] - want_logits).abs().max().item() < 1e-4
+    import json
+
+    config_path = tmp_path / "ad" / "adapter_config.json"
+    broken = json.loads(config_path.read_text())
+    broken["trainable_token_indices"] = [40, 40, 90, 5]
+    config_path.write_text(json.dumps(broken))
+    with pytest.raises(InvalidAdapterError, match="lists a token id twice"):
+        load_weights(tmp_path / "ad", bank)
+    broken["trainable_token_indices"] = [40, 3, 90]  # three ids, four rows saved
+    config_path.write_text(json.dumps(broken))
+    with pytest.raises(InvalidAdapterError, match=r"trainable_tokens_delta has shape \(4, 64\), expected \(3, 64\)"):
+        load_weights(tmp_path / "ad", bank)
