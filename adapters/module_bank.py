@@ -10,8 +10,9 @@ tensors and is their only writer; the model reads them for the rows routed to a 
 * embedding: tokens of such rows are looked up in the slot's copy instead of the base table;
 * head: such a row's logits are its hidden state times the slot's head, one row at a time (a
   fixed row count, so a row's logits never depend on its neighbours);
-* vocabulary: when a row's adapter adds tokens, every row of that step gets `max_vocab`
-  columns; columns a row's vocabulary lacks hold PAD_LOGIT, which no sampling ever picks.
+* vocabulary: every row gets `max_vocab` columns (the base vocabulary plus --max-added-tokens,
+  whatever its neighbours use, so sampling reduces over the same length alone or in a batch);
+  columns a row's vocabulary lacks hold PAD_LOGIT, which no sampling ever picks.
 """
 
 from __future__ import annotations
@@ -74,16 +75,12 @@ class ModuleBank:
         rows = table.index_select(0, tokens.index_select(0, flat) + offsets)  # [n, hidden]
         return x.index_copy(0, flat, rows.to(x.device))
 
-    def width(self, slots: Sequence[int | None]) -> int:
-        """Logit columns of a step whose rows use `slots`: the widest vocabulary among them."""
-        return max([self.vocab, *(self.rows[s] for s in slots if s is not None)])
-
     def logits(self, logits: torch.Tensor, hidden: torch.Tensor, slots: Sequence[int | None],
                post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The step's logits # [n, width]: the base head's `logits` # [n, vocab] for rows
+        """The step's logits # [n, max_vocab]: the base head's `logits` # [n, vocab] for rows
         without a head copy, each other row through its slot's head (then `post`, the model's
         final scaling), padded with PAD_LOGIT past each row's vocabulary. hidden # [n, hidden]"""
-        width = self.width(slots)
+        width = self.max_vocab
         heads = [i for i, s in enumerate(slots) if s is not None and self.has_head[s]]
         if width == logits.shape[-1] and not heads:
             return logits

@@ -28,8 +28,11 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 # PEFT's trainable tokens: the new rows of an embedding's chosen token ids.
 _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
-# A module of modules_to_save, saved whole: `<module>.weight` (older files: `<module>.modules_to_save.<adapter>.weight`).
-_FULL_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?\.weight$")
+# A module of modules_to_save, saved whole: `<module>.weight`; PEFT also writes the wrapper's
+# `<module>.modules_to_save[.<adapter>].weight` (the same copy) and, when it saves embedding layers
+# of a resized vocabulary, `<module>.original_module.weight` (the base's own, unused by the adapter).
+_FULL_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)"
+                       r"(?P<wrap>\.modules_to_save(?:\.[^.]+)?|\.original_module(?:\.[^.]+)?)?\.weight$")
 # Keys PEFT writes for LoRA on embeddings, or for a wrapped layer's own weight (e.g. a targeted
 # lm_head): they name a module the slots may not support; validation says so by module name.
 _OTHER_LORA_KEY = re.compile(
@@ -235,11 +238,11 @@ def _parse_token_indices(value: object, problems: list[str]) -> dict[str, tuple[
         return {}
     by_module = {"": value} if isinstance(value, list) else value
     valid = isinstance(by_module, dict) and len(by_module) <= MAX_LIST and all(
-        isinstance(k, str) and len(k) <= MAX_NAME_CHARS and isinstance(ids, list) and len(ids) <= MAX_RANK
+        isinstance(k, str) and len(k) <= MAX_NAME_CHARS and isinstance(ids, list) and 0 < len(ids) <= MAX_RANK
         and all(_is_int(i) and 0 <= i < 1 << 31 for i in ids) for k, ids in by_module.items())
     if not valid:
-        problems.append(f"trainable_token_indices must be a list of token ids or an object mapping embedding "
-                        f"names to lists of token ids, got {_show(value)}")
+        problems.append(f"trainable_token_indices must be a non-empty list of token ids or an object mapping "
+                        f"embedding names to such lists, got {_show(value)}")
         return {}
     return {k: tuple(ids) for k, ids in by_module.items()}
 
@@ -372,6 +375,8 @@ def _read_tensors(path: Path, tensors: dict[str, dict[str, torch.Tensor]], probl
                     continue
                 if match is None:
                     full = _FULL_KEY.match(key)
+                    if full is not None and (full["wrap"] or "").startswith(".original_module"):
+                        continue  # the base's own module, as PEFT keeps it beside the copy
                     weight = _read_full(handle, key, problems, named=full is not None)
                     if weight is not None:
                         tensors.setdefault(full["module"], {})["W"] = weight  # type: ignore[index]

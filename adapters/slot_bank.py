@@ -32,6 +32,12 @@ from adapters.shapes import power_of_two_bucket
 MIN_RANK_WINDOW = 8
 
 
+def nonzero(terms: Terms) -> Terms:
+    """A row's terms without those of weight 0: they add nothing, and an overflowing product
+    times 0 would be NaN."""
+    return tuple(term for term in terms if term[1] != 0.0)
+
+
 class SlotBank(nn.Module):
     def __init__(
         self, model: LoraHost, *, num_slots: int, max_rank: int, fixed_window: bool = False,
@@ -104,8 +110,8 @@ class SlotBank(nn.Module):
         base weight as the model computes with it (dequantized, or through its packed form).
         a # [r, in]; slot_b # [r, out_p], the scaling folded in."""
         module, start, end = self._parts[name]
-        products = module.weight_product(a.to(self.dtype))[:, start:end]  # [r, out_p] = A W^T
-        return weight_update_norms(module.weight_norms_sq()[start:end], products, a, slot_b)
+        products = module.weight_product(a.to(module.device, self.dtype))[:, start:end].cpu()  # [r, out_p] = A W^T
+        return weight_update_norms(module.weight_norms_sq()[start:end].cpu(), products, a, slot_b)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -200,6 +206,8 @@ class SlotBank(nn.Module):
         when no token uses an adapter. The decode block is dense over all slots under
         torch.compile (fixed shapes), else each one-adapter row runs on its row-resident copy of
         its slot and each row that mixes adapters as one-token segments."""
+        chunks = [(first, length, nonzero(terms)) for first, length, terms in chunks]
+        decode_rows = [None if terms is None else nonzero(terms) for terms in decode_rows]
         segments = [(first, length, slot, weight) for first, length, terms in chunks for slot, weight in terms]
         rows = tuple(decode_rows)
         if not segments and not any(rows):
@@ -298,4 +306,4 @@ class SlotBank(nn.Module):
 
     def mix_batch(self, rows: Sequence[Terms], *, device: torch.device | str = "cpu") -> LoraBatch:
         """Routing for a decode block whose row i adds `rows[i]` (tests and tools)."""
-        return self._route(tuple(rows), (), torch.device(device), self.dora_slots())
+        return self._route(tuple(nonzero(terms) for terms in rows), (), torch.device(device), self.dora_slots())

@@ -84,6 +84,19 @@ class SlotTable:
         self.counters.loads += 1
         return SlotGrant(slot=slot, load=True, evicted=evicted)
 
+    def can_acquire(self, names: Iterable[str]) -> bool:
+        """Whether `acquire` would give every one of `names` (distinct) a slot now; changes
+        nothing, so a request that needs several slots at once never evicts for nothing."""
+        wanted = set(names)
+        missing = 0
+        for name in wanted:
+            slot = self._where.get(name)
+            if slot is None:
+                missing += 1
+            elif self.slots[slot].retiring and name not in self._retired:
+                return False  # a retiring copy drains before it is reloaded
+        return missing <= sum(self._evictable(s) and s.name not in wanted for s in self.slots)
+
     def release(self, slot: int) -> bool:
         """One row stopped using the slot. True when the caller must now clear it (it was
         unloaded while in use and this was its last row)."""

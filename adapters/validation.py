@@ -86,7 +86,7 @@ class AdapterWeights:
 
     @property
     def rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
+        return max((m.rank for m in self.modules.values()), default=0)
 
     @property
     def target_suffixes(self) -> list[str]:
@@ -256,21 +256,22 @@ def _validate(raw: RawAdapter, spec: SlotSpec, name: str) -> AdapterWeights:
 def _full_modules(config: LoraConfig, raw: RawAdapter, spec: SlotSpec,
                   problems: list[str]) -> tuple[FullModules | None, set[str]]:
     """modules_to_save checked: only the embedding and the head, saved whole, with the base's
-    hidden size and its vocabulary plus at most the added tokens a module slot holds.
-    Returns (the copies, the module names they were read from)."""
+    hidden size and its vocabulary plus at most the added tokens a module slot holds. An
+    embedding or head saved whole without being listed counts too: PEFT saves them so when the
+    vocabulary was resized (`save_embedding_layers`), and loading the adapter replaces the
+    base's. Returns (the copies, the module names they were read from)."""
     saved = {m for m, pair in raw.tensors.items() if "W" in pair or "T" in pair}
     if config.trainable_token_indices:
         if config.modules_to_save:
             problems.append("modules_to_save and trainable_token_indices together are not supported")
             return None, saved
         return _trainable_tokens(config, raw, spec, problems), saved
-    if not config.modules_to_save:
-        for module in sorted(saved):
-            problems.append(f"weights for {module}: a whole module is stored but modules_to_save does not list it")
-        return None, saved
     found = len(problems)
-    copies: dict[str, torch.Tensor] = {}
     everything = set(spec.targets) | spec.other_modules
+    chosen = {m for m in saved if m in spec.full_modules and "W" in raw.tensors[m]}
+    for module in sorted(m for m in saved if m not in spec.full_modules):
+        problems.append(f"weights for {module}: a whole module is stored, but only the embeddings and the output "
+                        "head can be served whole")
     for entry in config.modules_to_save:
         matched = [m for m in spec.full_modules if m == entry or m.endswith(f".{entry}")]
         if not matched:
@@ -279,32 +280,37 @@ def _full_modules(config: LoraConfig, raw: RawAdapter, spec: SlotSpec,
                 "is not served: only the embeddings and the output head can be full copies "
                 f"({', '.join(sorted(spec.full_modules)) or 'none on this model path'})" if known
                 else "matches no module of the base model"))
-            continue
         for module in matched:
-            kind, vocab, hidden = spec.full_modules[module]
-            weight = raw.tensors.get(module, {}).get("W")
-            if weight is None:
+            if "W" not in raw.tensors.get(module, {}):
                 problems.append(f"modules_to_save lists {module} but its weight is missing")
-            elif weight.shape[1] != hidden or not vocab <= weight.shape[0]:
-                problems.append(f"{module}: the saved weight has shape {tuple(weight.shape)}, expected "
-                                f"({vocab} or more rows, {hidden})")
-            elif weight.shape[0] > max(spec.max_vocab, vocab):
-                problems.append(f"{module}: {weight.shape[0] - vocab} added tokens; module slots hold "
-                                f"{max(spec.max_vocab - vocab, 0)} (--max-added-tokens)")
-            elif not bool(torch.isfinite(weight).all()):
-                problems.append(f"{module}: the saved weight contains NaN or infinite values")
-            elif float(weight.abs().max()) > torch.finfo(spec.dtype).max * WEIGHT_HEADROOM:
-                problems.append(f"{module}: the saved weight is too large for {str(spec.dtype).removeprefix('torch.')}")
-            else:
-                copies[kind] = weight.to(spec.dtype).contiguous()
-    if spec.max_vocab == 0:
-        problems.append(f"modules_to_save={list(config.modules_to_save)}: {spec.no_module_slots}")
+    if (chosen or config.modules_to_save) and spec.max_vocab == 0:
+        listed = list(config.modules_to_save) or sorted(chosen)
+        problems.append(f"modules_to_save={listed}: {spec.no_module_slots}")
+    if not chosen:
+        return None, saved
+    copies: dict[str, torch.Tensor] = {}
+    for module in sorted(chosen):
+        kind, vocab, hidden = spec.full_modules[module]
+        weight = raw.tensors[module]["W"]
+        if weight.shape[1] != hidden or not vocab <= weight.shape[0]:
+            problems.append(f"{module}: the saved weight has shape {tuple(weight.shape)}, expected "
+                            f"({vocab} or more rows, {hidden})")
+        elif weight.shape[0] > max(spec.max_vocab, vocab):
+            problems.append(f"{module}: {weight.shape[0] - vocab} added tokens; module slots hold "
+                            f"{max(spec.max_vocab - vocab, 0)} (--max-added-tokens)")
+        elif not bool(torch.isfinite(weight).all()):
+            problems.append(f"{module}: the saved weight contains NaN or infinite values")
+        elif float(weight.abs().max()) > torch.finfo(spec.dtype).max * WEIGHT_HEADROOM:
+            problems.append(f"{module}: the saved weight is too large for {str(spec.dtype).removeprefix('torch.')}")
+        else:
+            copies[kind] = weight.to(spec.dtype).contiguous()
     sizes = {t.shape[0] for t in copies.values()}
     if len(sizes) > 1:
         problems.append(f"the saved embedding and head disagree on the vocabulary: {sorted(sizes)} rows")
     base_vocab = min((vocab for _, vocab, _ in spec.full_modules.values()), default=0)
-    if "head" not in copies and any(size > base_vocab for size in sizes):
-        problems.append("the adapter adds tokens but did not save lm_head: the base head has no logits for them")
+    for kind, module in (("head", "lm_head"), ("embed", "embed_tokens")):
+        if kind not in copies and any(size > base_vocab for size in sizes):
+            problems.append(f"the adapter adds tokens but did not save {module}: the base model's has no rows for them")
     if len(problems) > found or not copies:
         return None, saved
     return FullModules(vocab=sizes.pop(), embed=copies.get("embed"), head=copies.get("head")), saved

@@ -45,7 +45,8 @@ def parse_mix(model: str) -> Mix:
 
 
 def check_mix(terms: Sequence[tuple[str, float]], param: str) -> Mix:
-    """Between 2 and MAX_MIX distinct names (1 in the `adapters` field), finite weights in range."""
+    """1 to MAX_MIX distinct names with finite weights in range (one weighted adapter is a mix
+    of one: `name:0.5` scales it)."""
     if not terms or len(terms) > MAX_MIX:
         raise InvalidRequestError(f"a request mixes 1 to {MAX_MIX} adapters; got {len(terms)}"
                                   if terms else "the mix names no adapter", param=param)

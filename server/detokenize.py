@@ -27,13 +27,17 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, prompt_ids: list[int], *, context: int = 4) -> None:
         self.tokenizer = tokenizer
+        # Ids the tokenizer knows: an adapter's added tokens (modules_to_save) are past them and
+        # have no text here (a slow tokenizer would raise on them).
+        self.known = len(tokenizer) if hasattr(tokenizer, "__len__") else None
         # A few prompt tokens give the first generated token its left context (leading spaces).
         self.ids: list[int] = list(prompt_ids[-context:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        known = self.known
+        return self.tokenizer.decode(ids if known is None else [i for i in ids if i < known], skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly empty)."""

@@ -66,7 +66,7 @@ class Engine(Scheduler):
 
     def activate_adapter(self, key: str) -> Future[None]:
         """A published (current) version: undo an earlier unload of the same key."""
-        return self.call(lambda: self.slot_table.revive(key) if self.slot_table is not None else None)
+        return self.call(lambda: self.slots.revive(key) if self.slots is not None else None)
 
     def unload_adapter(self, key: str, *, retire: bool = True) -> Future[None]:
         """Take an adapter version out of its slot; rows still using it finish on it first.

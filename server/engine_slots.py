@@ -40,6 +40,11 @@ class EngineSlots:
         """A slot for each of `keys` (one request's adapters) and a module slot for `module_key`,
         or none of them: None, and every slot taken on the way is given back, when one cannot
         be had now."""
+        keys = list(keys)
+        modules_free = module_key is None or (self.modules is not None and self.modules.can_acquire([module_key]))
+        if not self.table.can_acquire(keys) or not modules_free:
+            self.table.counters.waits += 1
+            return None
         grants = Grants()
         for key in keys:
             grant = self.table.acquire(key)
@@ -121,6 +126,21 @@ class EngineSlots:
             self.runner.clear_slot(slot)
         if self.modules is not None and (slot := self.modules.unload(key, retire=retire)) is not None:
             self.runner.clear_module_slot(slot)
+
+    def revive(self, key: str) -> None:
+        """A version published anew: resident as usual again, in both tables."""
+        for table in (self.table, self.modules):
+            if table is not None:
+                table.revive(key)
+
+    def prune_retired(self, needed: Iterable[str]) -> None:
+        """Forget the unloaded versions no queued request needs, in both tables (`needed` is
+        read only when one has something to forget: this runs every step)."""
+        tables = [t for t in (self.table, self.modules) if t is not None and t.retired()]
+        if tables:
+            keys = list(needed)
+            for table in tables:
+                table.prune_retired(keys)
 
     def view(self, waiting: Iterable[str]) -> SlotView:
         return SlotView.of(self.table, waiting)

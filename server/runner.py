@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapters.lora_layer import Terms
-from adapters.module_bank import PAD_LOGIT
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
 from server.model import LayerFn, Transformer, run_layer
@@ -28,13 +27,6 @@ if TYPE_CHECKING:
 
 MIN_KV_BUCKET = 64
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
-
-
-def pad_logits(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """logits # [n, V] widened to [n, width] with PAD_LOGIT (no sampler picks those columns)."""
-    out = logits.new_full((logits.shape[0], width), PAD_LOGIT)
-    out[:, : logits.shape[-1]] = logits
-    return out
 
 
 def chunk_window(needed: int, max_len: int) -> int:
@@ -253,18 +245,18 @@ class ModelRunner:
             heads = [self.module_slots[r] for r in [*decode_rows, *(c.row for c in chunks if c.last)]]
             return self.model.logits(hidden[torch.tensor(wanted, dtype=torch.int64, device=self.device)], heads)
         parts: list[torch.Tensor] = []
+        decoding = set(decode_rows)
         if decode_rows:  # all rows, a fixed shape (lm_head too: an unpacked one depends on the row count)
             hidden = self.model.forward_batch(self._batch(decode_rows, [], block), self._layer_fn)
             index = torch.tensor(list(decode_rows), dtype=torch.int64, device=self.device)
-            parts.append(self.model.logits(hidden, self.module_slots[:block])[index])
+            heads = [self.module_slots[row] if row in decoding else None for row in range(block)]
+            parts.append(self.model.logits(hidden, heads)[index])
         for chunk in chunks:
             hidden = self.model.forward_batch(self._batch([], [chunk], 0))
             if chunk.last:
                 parts.append(self.model.logits(hidden[-1:], [self.module_slots[chunk.row]]))
         if not parts:
             return None
-        width = max(p.shape[-1] for p in parts)  # a row whose adapter adds tokens widens the step
-        parts = [p if p.shape[-1] == width else pad_logits(p, width) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- stepping --------------------------------------------------------------------------

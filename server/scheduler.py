@@ -268,8 +268,8 @@ class Scheduler:
             if not self._load(item, grants):
                 continue  # an adapter failed to load; the request is already answered
             self._start(item, grants, now)
-        if self.slot_table is not None:  # unloaded versions stay marked only while queued rows need them
-            self.slot_table.prune_retired(key for w in self._waiting for key in w.seq.request.adapter_keys)
+        if self.slots is not None:  # unloaded versions stay marked only while queued rows need them
+            self.slots.prune_retired(key for w in self._waiting for key in w.seq.request.adapter_keys)
 
     def _refuse(self, item: Waiting, message: str) -> None:
         """Answer a queued request that can never be admitted with an error."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from adapters.catalog import AdapterCatalog, AdapterRef
 from adapters.errors import AdapterNotFoundError
-from server.adapter_mix import Mix, check_mix, is_mix, mix_label, parse_mix
+from server.adapter_mix import MAX_WEIGHT, Mix, check_mix, is_mix, mix_label, parse_mix
 from server.engine_client import EngineClient
 from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import RequestTracker, ServerMetrics, finish_status
@@ -70,6 +70,9 @@ def check_scale(uses: Uses, scale: float) -> None:
         raise InvalidRequestError("lora_scale scales an adapter; this request names the base model", param="lora_scale")
     if len(uses) > 1:
         raise InvalidRequestError("lora_scale scales one adapter; give a mix its weights instead", param="lora_scale")
+    if abs(uses[0][1] * scale) > MAX_WEIGHT:
+        raise InvalidRequestError(f"the adapter's weight times lora_scale is {uses[0][1] * scale:g}; at most "
+                                  f"{MAX_WEIGHT:g} in size", param="lora_scale")
     if uses[0][0].weights.uses_dora:
         raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be scaled: its norm is "
                                   "taken at scale 1", param="lora_scale")

@@ -136,3 +136,18 @@ def test_statistics_label_a_mix_by_its_size_only() -> None:
     assert GenerationRequest("m", [1], 1, mix=mix).label("base", name_of) == "(mix of 2)"
     assert GenerationRequest("s", [1], 1, adapter="a@1").label("base", name_of) == "a"
     assert GenerationRequest("b", [1], 1).label("base", name_of) == "base"
+
+
+def test_a_zero_weight_leaves_its_adapter_out(setup: Any) -> None:
+    """`a0:0+a1` is a1 alone, bit for bit, even when a0's product overflows to inf."""
+    base, folders, _, _ = setup
+    model = build_model(base, dtype=torch.float32, device="cpu", max_rows=2, max_len=32)
+    bank = SlotBank(model, num_slots=2, max_rank=8)
+    bank.load(1, load_weights(folders[1], bank, "a1"))
+    for a, _, b in bank._where.values():  # slot 0: an adapter whose product is inf on any input
+        a[0].fill_(1e30)
+        b[0].fill_(1e30)
+    ids = torch.tensor([PROMPT])
+    alone = terms_batch_logits(model, bank, ids, bank.mix_batch([((1, 1.0),)]))
+    zero = terms_batch_logits(model, bank, ids, bank.mix_batch([((0, 0.0), (1, 1.0))]))
+    assert torch.isfinite(zero).all() and torch.equal(alone, zero)

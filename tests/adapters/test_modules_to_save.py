@@ -240,3 +240,27 @@ def test_trainable_token_indices_equal_peft(family: str, tmp_path: Path) -> None
     config_path.write_text(json.dumps(broken))
     with pytest.raises(InvalidAdapterError, match=r"trainable_tokens_delta has shape \(4, 64\), expected \(3, 64\)"):
         load_weights(tmp_path / "ad", bank)
+
+
+def test_adding_tokens_needs_both_copies_and_waiting_evicts_nothing(setup: dict[str, Any], tmp_path: Path) -> None:
+    """A head saved with added tokens but no embedding is refused (the base embedding has no
+    rows for them); a request that must wait for a module slot takes no LoRA slot meanwhile."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(setup["base"], dtype=torch.float32, device="cpu", max_rows=1, max_len=16)
+    model.attach_module_bank(1, BASE_VOCAB + ADDED)
+    bank = SlotBank(model, num_slots=1, max_rank=8)
+    tensors = {k: v for k, v in load_file(str(setup["full"] / "adapter_model.safetensors")).items()
+               if "embed_tokens" not in k}
+    (tmp_path / "head").mkdir()
+    save_file(tensors, str(tmp_path / "head" / "adapter_model.safetensors"))
+    config = (setup["full"] / "adapter_config.json").read_text().replace('"embed_tokens", ', "")
+    (tmp_path / "head" / "adapter_config.json").write_text(config)
+    with pytest.raises(InvalidAdapterError, match="adds tokens but did not save embed_tokens"):
+        load_weights(tmp_path / "head", bank)
+    engine, _ = engine_for(setup, module_slots=1)
+    assert engine.slots is not None and engine.slots.modules is not None
+    engine.slots.modules.acquire("someone-else@1")  # the only module slot is busy
+    loads = engine.slots.table.counters.loads
+    assert engine.slots.acquire_all(["full@1"], "full@1") is None
+    assert engine.slots.table.counters.loads == loads and engine.slots.table.references() == [0, 0]
