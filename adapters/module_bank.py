@@ -36,10 +36,12 @@ def module_slot_bytes(max_vocab: int, hidden: int, dtype_bytes: int) -> int:
 
 class ModuleBank:
     def __init__(self, *, num_slots: int, vocab: int, max_vocab: int, hidden: int, dtype: torch.dtype,
-                 embed_device: torch.device, head_device: torch.device) -> None:
+                 embed_device: torch.device, head_device: torch.device, base_embed: torch.Tensor | None = None) -> None:
+        """`base_embed` # [vocab, hidden]: what trainable tokens start from (None: not served)."""
         if num_slots < 1 or max_vocab < vocab:
             raise ValueError("a module bank needs a slot and at least the base vocabulary")
         self.num_slots, self.vocab, self.max_vocab = num_slots, vocab, max_vocab
+        self.base_embed = base_embed
         self.embed = torch.zeros(num_slots, max_vocab, hidden, dtype=dtype, device=embed_device)
         self.head = torch.zeros(num_slots, max_vocab, hidden, dtype=dtype, device=head_device)
         self.rows = [0] * num_slots  # the vocabulary of the adapter in each slot (0: empty)
@@ -58,8 +60,16 @@ class ModuleBank:
         for table, copy in ((self.embed, full.embed), (self.head, full.head)):
             if copy is not None:
                 table[slot, : full.vocab].copy_(copy)
+        if full.token_ids is not None and full.token_rows is not None:  # trainable tokens
+            if self.base_embed is None:
+                raise ValueError("this module bank cannot serve trainable tokens")
+            embed = self.embed[slot, : self.vocab]  # [vocab, hidden]
+            embed.copy_(self.base_embed)
+            embed.index_copy_(0, full.token_ids.to(embed.device), full.token_rows.to(embed.device))
+            if full.tied_head:
+                self.head[slot, : self.vocab].copy_(embed)
         self.rows[slot] = full.vocab
-        self.has_embed[slot], self.has_head[slot] = full.embed is not None, full.head is not None
+        self.has_embed[slot], self.has_head[slot] = full.has_embed, full.has_head
 
     def clear(self, slot: int) -> None:
         self.rows[slot], self.has_embed[slot], self.has_head[slot] = 0, False, False

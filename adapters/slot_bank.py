@@ -94,14 +94,14 @@ class SlotBank(nn.Module):
         # modules_to_save is the native model's (a module bank may be attached after the slots).
         # Bound methods and a lambda: the model must not become a submodule of the bank.
         self._full_modules = getattr(model, "full_modules", None)
-        self._base_embedding = getattr(model, "base_embedding", None)
+        self._tied = bool(getattr(getattr(model, "cfg", None), "tie_word_embeddings", False))
         self._module_bank = lambda: getattr(model, "module_bank", None)
 
     def spec(self) -> SlotSpec:
         full, modules = self._full_modules, self._module_bank()
         return SlotSpec(targets=dict(self._targets), other_modules=self._others, max_rank=self.max_rank, dtype=self.dtype,
                         base_norms=self.base_norms, full_modules={} if full is None else full(),
-                        max_vocab=0 if modules is None else modules.max_vocab, base_embedding=self._base_embedding,
+                        max_vocab=0 if modules is None else modules.max_vocab, tied_embedding=self._tied,
                         no_module_slots="the transformers-backed path serves no full module copies" if full is None
                         else "this server has no module slots (--max-module-slots 0)")
 
@@ -166,6 +166,9 @@ class SlotBank(nn.Module):
             old = previous.get(name, 0)
             if old > r:  # the previous adapter wrote deeper here
                 self._zero(name, slot, r, old)
+        # What the slot may hold should the copy stop halfway: `clear` then zeroes all of it.
+        self._module_ranks[slot] = {**previous, **{n: max(l.rank, previous.get(n, 0)) for n, l in weights.modules.items()}}
+        self._dora_modules[slot] |= dora
         # One call for every copy: per-op dispatch, not bytes, dominates a hotswap on a CPU.
         torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}

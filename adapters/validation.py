@@ -42,8 +42,7 @@ class SlotSpec:
     full_modules: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     max_vocab: int = 0
     no_module_slots: str = "this server has no module slots"
-    # trainable tokens: () -> (the base embedding # [vocab, hidden] in the slot dtype, whether the head is tied to it)
-    base_embedding: Callable[[], tuple[torch.Tensor, bool]] | None = field(default=None, compare=False)
+    tied_embedding: bool = False  # the base's head is its embedding (trainable tokens follow PEFT's tying)
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,18 @@ class FullModules:
     vocab: int  # rows: the base vocabulary plus the adapter's added tokens
     embed: torch.Tensor | None = None  # [vocab, hidden]
     head: torch.Tensor | None = None  # [vocab, hidden]
+    # Trainable tokens: only the new rows are kept (the module slot starts from the base embedding).
+    token_ids: torch.Tensor | None = None  # [n] int64
+    token_rows: torch.Tensor | None = None  # [n, hidden]
+    tied_head: bool = False  # the head follows the embedding (trainable tokens on a tied base)
 
     @property
-    def names(self) -> list[str]:
-        return [kind for kind, t in (("embed_tokens", self.embed), ("lm_head", self.head)) if t is not None]
+    def has_embed(self) -> bool:
+        return self.embed is not None or self.token_rows is not None
+
+    @property
+    def has_head(self) -> bool:
+        return self.head is not None or self.tied_head
 
 
 @dataclass(frozen=True)
@@ -317,10 +324,11 @@ def _full_modules(config: LoraConfig, raw: RawAdapter, spec: SlotSpec,
 
 
 def _trainable_tokens(config: LoraConfig, raw: RawAdapter, spec: SlotSpec, problems: list[str]) -> FullModules | None:
-    """PEFT's trainable tokens served as a copy of the base embedding with the chosen rows
-    replaced (and the head too when it is tied to the embedding, as PEFT ties them)."""
+    """PEFT's trainable tokens: served from a module slot holding the base embedding with the
+    chosen rows replaced (and the head too when it is tied to the embedding, as PEFT ties them);
+    only the rows are kept here."""
     embeds = [m for m, (kind, _, _) in spec.full_modules.items() if kind == "embed"]
-    if not embeds or spec.base_embedding is None or spec.max_vocab == 0:
+    if not embeds or spec.max_vocab == 0:
         problems.append(f"trainable_token_indices: {spec.no_module_slots if embeds else 'not served on this model path'}")
         return None
     module, (_, vocab, hidden) = embeds[0], spec.full_modules[embeds[0]]
@@ -342,7 +350,5 @@ def _trainable_tokens(config: LoraConfig, raw: RawAdapter, spec: SlotSpec, probl
         problems.append(f"{module}: trainable_tokens_delta holds values that are not finite or too large")
     if len(problems) > found or rows is None:
         return None
-    weight, tied = spec.base_embedding()
-    index = torch.tensor(ids, dtype=torch.int64)
-    copy = weight.detach().to("cpu", spec.dtype).clone().index_copy_(0, index, rows.to(spec.dtype))  # [vocab, hidden]
-    return FullModules(vocab=vocab, embed=copy, head=copy if tied else None)
+    return FullModules(vocab=vocab, token_ids=torch.tensor(ids, dtype=torch.int64),
+                       token_rows=rows.to(spec.dtype).contiguous(), tied_head=spec.tied_embedding)

@@ -92,9 +92,11 @@ class EngineSlots:
             self.on_load(time.monotonic() - start)
 
     def abandon(self, slot: int) -> None:
-        """A placement whose write failed: give it back empty."""
+        """A placement whose write failed (or never happened): give it back empty, its tensors
+        cleared of whatever a write stopped halfway may have left."""
         self.table.release(slot)
         self.table.forget(slot)
+        self.runner.clear_slot(slot)
 
     def release(self, slot: int) -> None:
         """A row stopped using `slot`; an unloaded version leaves its slot with its last row."""

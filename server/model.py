@@ -74,12 +74,9 @@ class Transformer(PagedModel):
         """Allocate `slots` module slots of `max_vocab` rows next to the embedding and the head."""
         self.module_bank = ModuleBank(
             num_slots=slots, vocab=self.cfg.vocab_size, max_vocab=max_vocab, hidden=self.cfg.hidden_size,
-            dtype=self.compute_dtype, embed_device=self.model.embed_tokens.weight.device, head_device=self.lm_head.device)
+            dtype=self.compute_dtype, embed_device=self.model.embed_tokens.weight.device, head_device=self.lm_head.device,
+            base_embed=self.model.embed_tokens.weight)
         return self.module_bank
-
-    def base_embedding(self) -> tuple[torch.Tensor, bool]:
-        """The embedding weight # [vocab, hidden] and whether the head is tied to it."""
-        return self.model.embed_tokens.weight.detach(), self.cfg.tie_word_embeddings
 
     def full_modules(self) -> dict[str, tuple[str, int, int]]:
         """The modules an adapter may save whole (modules_to_save): name -> (kind, vocab, hidden)."""

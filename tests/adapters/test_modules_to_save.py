@@ -217,7 +217,9 @@ def test_trainable_token_indices_equal_peft(family: str, tmp_path: Path) -> None
     model.attach_module_bank(1, BASE_VOCAB)
     bank = SlotBank(model, num_slots=1, max_rank=8)
     weights = load_weights(tmp_path / "ad", bank)
-    assert weights.full is not None and (weights.full.head is not None) == (family == "llama-tied")
+    full = weights.full
+    assert full is not None and full.has_head == (family == "llama-tied")
+    assert full.embed is None and full.token_rows is not None and full.token_rows.shape[0] == 4  # rows, not a copy
     engine = Engine(ModelRunner(model, bank), eos_ids=frozenset(), slot_table=SlotTable(1),
                     adapter_weights={"ad": weights}.__getitem__)
     got = Collector()
