@@ -214,7 +214,8 @@ class CompletionService:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
         for message in messages:
             check_text(message["content"], "messages")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -222,11 +223,12 @@ class CompletionService:
                 "this model has no chat template; use /v1/completions instead", param="messages"
             )
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
         except Exception as exc:  # template errors (e.g. role order) are the client's to fix
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
         # The rendered template already holds its special tokens.
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="messages")
         return ids

@@ -16,6 +16,7 @@ from server.api.errors import install_error_handlers
 from server.api.metrics_route import HttpMetricsMiddleware
 from server.api.metrics_route import router as metrics_router
 from server.api.openai_routes import router as openai_router
+from server.api.tokenize_routes import router as tokenize_router
 from server.errors import LoraswapError
 from server.metrics import ServerMetrics
 from server.service import CompletionService
@@ -98,6 +99,7 @@ def create_app(
         return JSONResponse({"status": "loading"}, status_code=503)
 
     app.include_router(openai_router, dependencies=[Depends(require_api_key)])
+    app.include_router(tokenize_router, dependencies=[Depends(require_api_key)])
     app.include_router(admin_router)
     app.include_router(metrics_router)  # no API key: see server/api/metrics_route.py
     return app
