@@ -27,6 +27,7 @@ class SlotView:
     hits: int
     waits: int
     waiting_adapters: tuple[str, ...]  # adapters of queued requests, sorted
+    pinned: tuple[str, ...] = ()  # adapter version keys pinned in their slots, sorted
 
     @classmethod
     def of(cls, table: SlotTable, waiting: Iterable[str]) -> SlotView:
@@ -37,6 +38,7 @@ class SlotView:
             references=tuple(table.references()),
             loads=counters.loads, evictions=counters.evictions, hits=counters.hits, waits=counters.waits,
             waiting_adapters=tuple(sorted(set(waiting))),
+            pinned=tuple(sorted(key for key in resident if table.is_pinned(key))),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -44,7 +46,7 @@ class SlotView:
         return {
             "resident": dict(self.resident), "references": list(self.references), "loads": self.loads,
             "evictions": self.evictions, "hits": self.hits, "waits": self.waits,
-            "waiting_adapters": list(self.waiting_adapters),
+            "waiting_adapters": list(self.waiting_adapters), "pinned": list(self.pinned),
         }
 
 

@@ -170,6 +170,7 @@ class CompletionService:
             raise InvalidRequestError(f"the mix needs {len(terms)} adapters in slots at once; this server has "
                                       f"{self.max_loras} (--max-loras)", param=param)
         refs = await asyncio.to_thread(lambda: [self._resolve_adapter(term) for term, _ in terms])
+        self._check_room(refs, param)
         dora = [ref.name for ref in refs if ref.weights.uses_dora]
         if dora and len(terms) > 1:
             raise InvalidRequestError(f"{dora[0]!r} is a DoRA adapter, which cannot be mixed: its norm is taken over "
@@ -179,6 +180,18 @@ class CompletionService:
             raise InvalidRequestError(f"{whole[0]!r} saved its own embedding or head (modules_to_save), which a mix "
                                       "cannot combine", param=param)
         return served, tuple(zip(refs, (weight for _, weight in terms)))
+
+    def _check_room(self, refs: list[AdapterRef], param: str) -> None:
+        """A mix the unpinned slots can never hold together is the client's to change (as of the
+        engine's last step; the engine refuses it too should pins change meanwhile)."""
+        slots = self.engine.stats().get("slots")
+        pinned = set(slots.get("pinned", ())) if isinstance(slots, dict) else set()
+        if self.max_loras is None or not pinned:
+            return
+        room = self.max_loras - len(pinned) + sum(ref.key in pinned for ref in refs)
+        if len(refs) > room:
+            raise InvalidRequestError(f"the mix needs {len(refs)} slots at once; {len(pinned)} of the {self.max_loras} "
+                                      f"slots are pinned by other adapters, leaving {room}", param=param)
 
     def _resolve_adapter(self, name: str) -> AdapterRef:
         try:

@@ -431,3 +431,21 @@ def test_hub_source_from_the_offline_cache(client: TestClient, adapters: dict[st
     assert response.json()["source"] == "hub:someorg/cached-lora@main"
     assert greedy(client, "fromhub")
     error(client.put("/admin/adapters/h2", json={"hub_id": "someorg/not-cached"}, headers=AUTH), 502, "HF_HUB_OFFLINE")
+
+
+def test_a_mix_the_pins_leave_no_room_for_is_a_400(client: TestClient, adapters: dict[str, Path]) -> None:
+    """Two slots, one pinned by another adapter: a mix of two others can never be resident
+    together, which the service says at once (400) instead of the engine failing it later."""
+    for name, folder in (("m1", "one"), ("m2", "two"), ("m3", "one")):
+        assert upload(client, name, adapters[folder]).status_code == 200
+    assert client.post("/admin/adapters/m3/load", json={"pin": True}, headers=AUTH).json()["pinned"] is True
+    client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})  # a step publishes the pins
+    for _ in range(100):
+        if client.get("/ready").json()["slots"]["pinned"]:
+            break
+        time.sleep(0.05)
+    response = client.post("/v1/completions", json={"model": "m1+m2", "prompt": "hi", "max_tokens": 2})
+    error(response, 400, "pinned by other adapters")
+    ok = client.post("/v1/completions", json={"model": "m1:0.5+m3:0.5", "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text  # the pinned adapter itself is part of this mix
+    client.post("/admin/adapters/m3/load", json={"pin": False}, headers=AUTH)
