@@ -361,7 +361,9 @@ def test_hotswap_under_load_never_fails_or_mixes_versions(client: TestClient, ad
             thread.join(60)
     assert not failures and len(answers) >= 20
     assert set(answers) <= set(expected), set(answers) - set(expected)  # each entirely one version
-    stats = client.get("/ready").json()["slots"]
+    from tests.server.test_api import wait_idle
+
+    stats = wait_idle(client)["slots"]  # /ready reports as of the engine's last step
     assert stats["references"] == [0, 0]
     current = "swap@" + client.get("/admin/adapters/swap", headers=AUTH).json()["version"][:16]
     assert all(key == current for key in stats["resident"] if key.startswith("swap@"))  # old versions left
