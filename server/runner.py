@@ -18,6 +18,7 @@ import torch
 from adapters.lora_layer import Terms
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
+from server.logit_controls import apply_controls
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 
@@ -98,18 +99,28 @@ class ModelRunner:
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
         self.terms: list[Terms] = [()] * rows
         self.module_slots: list[int | None] = [None] * rows  # each row's module slot (modules_to_save)
+        # Logit controls (server/logit_controls.py): each row's stop ids (min_tokens) and tokens
+        # generated, and, allocated with the first penalized row, which tokens each row has seen
+        # (prompt and output) and how often it generated each.
+        self.stop_ids: list[tuple[int, ...]] = [()] * rows
+        self.generated: list[int] = [0] * rows
+        self._seen: torch.Tensor | None = None  # [rows, V] bool
+        self._counts: torch.Tensor | None = None  # [rows, V] float32
         self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
                   table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = (),
-                  module_slot: int | None = None) -> None:
+                  module_slot: int | None = None, stop_ids: tuple[int, ...] = (),
+                  history: Sequence[int] = ()) -> None:
         """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
         appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
         (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
         directly). `steps`: tokens it sampled before (a preempted sequence resumes its seeded
         random stream where it left off). `scale`: multiplies the row's adapter delta. `mix`:
         instead of `slot` and `scale`, the (slot, weight) of each adapter the row adds.
-        `module_slot`: where the row's adapter keeps its saved embedding and head."""
+        `module_slot`: where the row's adapter keeps its saved embedding and head. `stop_ids`:
+        what min_tokens holds back; `history`: tokens it generated before (a resumed request's
+        penalties count them)."""
         bank = getattr(self.model, "module_bank", None)
         if module_slot is not None and (bank is None or not 0 <= module_slot < bank.num_slots):
             raise ValueError(f"module slot {module_slot} does not exist")
@@ -125,9 +136,28 @@ class ModelRunner:
         self.last_tokens[row] = 0
         self.terms[row] = terms
         self.module_slots[row] = module_slot
+        self.stop_ids[row] = stop_ids
+        self.generated[row] = steps
+        if params.controls.penalized:
+            seen, counts = self._penalty_state()
+            seen[row] = False
+            counts[row] = 0
+            if history:
+                ids = torch.tensor(list(history), dtype=torch.int64, device=self.device)
+                counts[row].index_add_(0, ids, torch.ones(len(history), device=self.device))
+                seen[row, ids] = True
         self.positions[row] = 0
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
+
+    def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen, counts) # [rows, V], allocated on first use (V: the widest logits a row gets)."""
+        if self._seen is None or self._counts is None:
+            bank = getattr(self.model, "module_bank", None)
+            vocab = bank.max_vocab if bank is not None else self.model.cfg.vocab_size
+            self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.device)
+            self._counts = torch.zeros(self.max_rows, vocab, dtype=torch.float32, device=self.device)
+        return self._seen, self._counts
 
     def free_row(self, row: int) -> None:
         """Forget the row's sequence. Its blocks go back to the engine's pool; nothing is cleared,
@@ -267,6 +297,10 @@ class ModelRunner:
         sampled_rows = list(decode_rows) + [c.row for c in chunks if c.last]
         if not decode_rows and not chunks:
             return []
+        for chunk in chunks:  # the prompt counts for repetition_penalty
+            if self.sampling[chunk.row].controls.repetition_penalty != 1.0:
+                self._penalty_state()[0][chunk.row, torch.tensor(list(chunk.token_ids), dtype=torch.int64,
+                                                                 device=self.device)] = True
         logits = self._logits(decode_rows, chunks)
         tokens = [] if logits is None else self._sample(logits, sampled_rows).tolist()
         for row in decode_rows:  # only now: a step that raised changed no row
@@ -308,8 +342,12 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         params = [self.sampling[row] for row in rows]
         random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        controlled = self._controlled(logits, rows, params)
+        min_p = None
+        if any(params[i].min_p > 0 for i in random_rows):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=self.device)
         tokens = sample(
-            logits,
+            controlled,
             temperature=self.temperature[index],
             top_k=self.top_k[index],
             top_p=self.top_p[index],
@@ -317,8 +355,33 @@ class ModelRunner:
             steps=self.steps[index],
             random_rows=random_rows,
             filtering=any(params[i].top_k > 0 or params[i].top_p < 1 for i in random_rows),
+            min_p=min_p,
         )  # [n]
+        # The model's own logits decide finiteness (min_tokens puts -inf in on purpose).
         tokens = torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, NON_FINITE)  # [n]
         self.steps[index] += 1
         self.last_tokens[index] = tokens.clamp(min=0)  # such a row is ended by the engine anyway
+        penalized = [i for i, p in enumerate(params) if p.controls.penalized]
+        if penalized:  # count what these rows generated
+            seen, counts = self._penalty_state()
+            at = torch.tensor([rows[i] for i in penalized], dtype=torch.int64, device=self.device)
+            chosen = tokens[penalized].clamp(min=0)
+            counts.index_put_((at, chosen), torch.ones(len(penalized), device=self.device), accumulate=True)
+            seen[at, chosen] = True
+        for row in rows:
+            self.generated[row] += 1
         return tokens
+
+    def _controlled(self, logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> torch.Tensor:
+        """`logits` # [n, V] with each row's logit controls applied (the same tensor when no row has any)."""
+        active = [i for i, p in enumerate(params) if p.controls.active]
+        if not active:
+            return logits
+        out = logits.clone()
+        for i in active:
+            row, controls = rows[i], params[i].controls
+            seen, counts = self._penalty_state() if controls.penalized else (None, None)
+            out[i] = apply_controls(logits[i], controls, generated=self.generated[row], stop_ids=self.stop_ids[row],
+                                    seen=None if seen is None else seen[row, : logits.shape[-1]],
+                                    counts=None if counts is None else counts[row, : logits.shape[-1]])
+        return out

@@ -9,9 +9,11 @@ which draws from p without a cumulative sum or a device sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from server.logit_controls import LogitControls
 
 _MASK64 = (1 << 64) - 1
 
@@ -55,6 +57,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability (0: off)
+    controls: LogitControls = field(default_factory=LogitControls)  # penalties, logit_bias, min_tokens
+
+
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set logits whose probability is below min_p x the row's largest to -inf (transformers'
+    MinPLogitsWarper; the most likely token always stays). logits # [B, V]; min_p # [B]"""
+    probs = logits.softmax(dim=-1)
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -81,6 +93,7 @@ def sample(
     steps: torch.Tensor,  # [B] int64, tokens generated so far by each row
     random_rows: list[int] | None = None,
     filtering: bool | None = None,
+    min_p: torch.Tensor | None = None,  # [B] float32, 0 = off
 ) -> torch.Tensor:
     """Next token of every row. # [B] int64
 
@@ -100,6 +113,8 @@ def sample(
         filtering = bool(((k > 0) | (p < 1)).any())
     if filtering:
         scaled = filter_top_k_top_p(scaled, k, p)
+    if min_p is not None:
+        scaled = filter_min_p(scaled, min_p[sampled])
     log_probs = scaled.log_softmax(dim=-1)  # [n, V]
     exp_noise = -torch.log(uniform_noise(seeds[sampled], steps[sampled], logits.shape[-1]))  # ~ Exp(1)
     tokens[sampled] = (log_probs.double() - exp_noise.log()).argmax(dim=-1)  # argmax p / E

@@ -96,6 +96,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self._stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(eos_ids))
+        self.stop_ids = tuple(sorted(self._stop_ids))  # what min_tokens holds back
         self._max_len = max_len
 
     @property

@@ -284,6 +284,11 @@ class CompletionService:
         """The options with what is the same for every choice checked once: stop token ids in
         the vocabulary (`vocab`: the adapter's, when it adds tokens), stop strings encodable,
         top_k past the vocabulary clamped (it keeps all)."""
+        bias = [t for t, _ in options.sampling.controls.logit_bias if not 0 <= t < vocab]
+        if bias:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}); got {bias[:5]}", param="logit_bias")
+        if options.max_tokens is not None and options.sampling.controls.min_tokens > options.max_tokens:
+            raise InvalidRequestError("min_tokens is larger than max_tokens", param="min_tokens")
         bad_stop = [t for t in options.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")

@@ -31,6 +31,7 @@ from server.api.schemas import (
     _SamplingFields,
 )
 from server.errors import GenerationFailedError, LoadFailedError, NotReadyError
+from server.logit_controls import LogitControls
 from server.sampling import SamplingParams
 from server.service import CompletionService, GenerationOptions, RequestEvents
 from server.text_stream import RequestOutput
@@ -52,7 +53,12 @@ def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions
     return GenerationOptions(
         max_tokens=max_tokens,
         sampling=SamplingParams(
-            temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
+            temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed, min_p=body.min_p,
+            controls=LogitControls(
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
+            ),
         ),
         stop=tuple(body.stop or ()),
         stop_token_ids=tuple(body.stop_token_ids or ()),

@@ -50,8 +50,13 @@ class _SamplingFields(BaseModel):
         default=None, min_length=1, max_length=MAX_MIX,
         description="a weighted mix of adapters (loraswap extension; `model` then names the base model)",
     )
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # OpenAI's penalties and logit_bias; vLLM's repetition_penalty, min_tokens and min_p.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
     logprobs: bool | int | None = None
     user: str | None = None
 
@@ -67,11 +72,14 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("presence/frequency penalties are not supported; leave them at 0")
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or len(token) > 10:
+                raise ValueError(f"logit_bias keys are token ids, got {token[:20]!r}")
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"logit_bias values are from -100 to 100, got {bias!r}")
         return value
 
     @field_validator("logprobs")

@@ -1,0 +1,63 @@
+"""Per-row logit controls applied before sampling: min_tokens, logit_bias and the three penalties.
+
+Each row carries its own controls; a row without any is not touched, so its logits (and tokens)
+are bit-identical to a step without controls. Semantics, in the order applied (vLLM's):
+
+* min_tokens: until a row has generated that many tokens its stop ids (EOS unless ignore_eos,
+  and stop_token_ids) get -inf (transformers' MinNewTokensLengthLogitsProcessor);
+* logit_bias: added to the chosen tokens' logits (OpenAI; transformers' SequenceBiasLogitsProcessor
+  with one-token sequences);
+* repetition_penalty p over prompt and output tokens: a positive logit is divided by p, a
+  negative one multiplied (transformers' RepetitionPenaltyLogitsProcessor, vLLM);
+* frequency_penalty f and presence_penalty r over output tokens: logit - f * count - r * (count > 0)
+  (OpenAI's definition, as vLLM applies it).
+
+min_p is a filter on the tempered distribution and lives in server/sampling.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitControls:
+    """One row's controls (all off by default)."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the row needs its token counts (penalties)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.penalized or self.min_tokens > 0 or bool(self.logit_bias)
+
+
+def apply_controls(logits: torch.Tensor, controls: LogitControls, *, generated: int, stop_ids: tuple[int, ...],
+                   seen: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
+    """One row's logits # [V] with its controls applied (a new tensor). `generated`: tokens it
+    has generated so far; seen # [V] bool: tokens of its prompt and output; counts # [V]: how
+    often it generated each token (both needed only when `controls.penalized`)."""
+    out = logits.clone()
+    vocab = out.shape[-1]
+    if generated < controls.min_tokens and stop_ids:
+        out[torch.tensor([i for i in stop_ids if i < vocab], dtype=torch.int64, device=out.device)] = float("-inf")
+    if controls.logit_bias:
+        ids = torch.tensor([i for i, _ in controls.logit_bias], dtype=torch.int64, device=out.device)
+        bias = torch.tensor([b for _, b in controls.logit_bias], dtype=out.dtype, device=out.device)
+        out.index_add_(0, ids, bias)
+    if controls.repetition_penalty != 1.0 and seen is not None:
+        p = controls.repetition_penalty
+        out = torch.where(seen, torch.where(out > 0, out / p, out * p), out)
+    if (controls.frequency_penalty or controls.presence_penalty) and counts is not None:
+        out = out - controls.frequency_penalty * counts - controls.presence_penalty * (counts > 0).to(out.dtype)
+    return out
