@@ -76,7 +76,7 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit() or len(token) > 10:
+            if not (token.isascii() and token.isdigit()) or len(token) > 10:
                 raise ValueError(f"logit_bias keys are token ids, got {token[:20]!r}")
             if not -100.0 <= bias <= 100.0:  # also refuses NaN
                 raise ValueError(f"logit_bias values are from -100 to 100, got {bias!r}")

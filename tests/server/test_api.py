@@ -690,6 +690,7 @@ ERROR_CASES: list[tuple[str, str, Json, int, str | None]] = [
     ("repetition-penalty-zero", "/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("min-p-range", "/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
     ("logit-bias-key", "/v1/completions", {"prompt": "hi", "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ("logit-bias-superscript", "/v1/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
     ("logit-bias-value", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("logit-bias-vocab", "/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("min-tokens-past-max", "/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens"),
