@@ -1,7 +1,8 @@
 """Per-row logit controls applied before sampling: min_tokens, logit_bias and the three penalties.
 
 Each row carries its own controls; a row without any is not touched, so its logits (and tokens)
-are bit-identical to a step without controls. Semantics, in the order applied (vLLM's):
+are bit-identical to a step without controls. Semantics, in the order applied (vLLM applies
+these in this order too):
 
 * min_tokens: until a row has generated that many tokens its stop ids (EOS unless ignore_eos,
   and stop_token_ids) get -inf (transformers' MinNewTokensLengthLogitsProcessor);
@@ -12,7 +13,8 @@ are bit-identical to a step without controls. Semantics, in the order applied (v
 * frequency_penalty f and presence_penalty r over output tokens: logit - f * count - r * (count > 0)
   (OpenAI's definition, as vLLM applies it).
 
-min_p is a filter on the tempered distribution and lives in server/sampling.py.
+min_p filters the distribution after temperature, top-k and top-p (transformers' order) and lives
+in server/sampling.py.
 """
 
 from __future__ import annotations
@@ -42,19 +44,38 @@ class LogitControls:
         return self.penalized or self.min_tokens > 0 or bool(self.logit_bias)
 
 
-def apply_controls(logits: torch.Tensor, controls: LogitControls, *, generated: int, stop_ids: tuple[int, ...],
-                   seen: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class RowControls:
+    """One row's controls as device tensors, built once when the row starts (a step only indexes)."""
+
+    controls: LogitControls
+    stop: torch.Tensor | None  # [s] int64: ids min_tokens holds back (within the logits)
+    bias_ids: torch.Tensor | None  # [b] int64
+    bias: torch.Tensor | None  # [b] float32
+
+    @classmethod
+    def build(cls, controls: LogitControls, stop_ids: tuple[int, ...], vocab: int, device: torch.device) -> RowControls:
+        stop = [i for i in stop_ids if i < vocab] if controls.min_tokens > 0 else []
+        ids = [i for i, _ in controls.logit_bias]
+        return cls(
+            controls,
+            torch.tensor(stop, dtype=torch.int64, device=device) if stop else None,
+            torch.tensor(ids, dtype=torch.int64, device=device) if ids else None,
+            torch.tensor([b for _, b in controls.logit_bias], dtype=torch.float32, device=device) if ids else None,
+        )
+
+
+def apply_controls(logits: torch.Tensor, row: RowControls, *, generated: int, seen: torch.Tensor | None,
+                   counts: torch.Tensor | None) -> torch.Tensor:
     """One row's logits # [V] with its controls applied (a new tensor). `generated`: tokens it
     has generated so far; seen # [V] bool: tokens of its prompt and output; counts # [V]: how
     often it generated each token (both needed only when `controls.penalized`)."""
+    controls = row.controls
     out = logits.clone()
-    vocab = out.shape[-1]
-    if generated < controls.min_tokens and stop_ids:
-        out[torch.tensor([i for i in stop_ids if i < vocab], dtype=torch.int64, device=out.device)] = float("-inf")
-    if controls.logit_bias:
-        ids = torch.tensor([i for i, _ in controls.logit_bias], dtype=torch.int64, device=out.device)
-        bias = torch.tensor([b for _, b in controls.logit_bias], dtype=out.dtype, device=out.device)
-        out.index_add_(0, ids, bias)
+    if generated < controls.min_tokens and row.stop is not None:
+        out[row.stop] = float("-inf")
+    if row.bias_ids is not None and row.bias is not None:
+        out.index_add_(0, row.bias_ids, row.bias.to(out.dtype))
     if controls.repetition_penalty != 1.0 and seen is not None:
         p = controls.repetition_penalty
         out = torch.where(seen, torch.where(out > 0, out / p, out * p), out)

@@ -18,7 +18,7 @@ import torch
 from adapters.lora_layer import Terms
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
-from server.logit_controls import apply_controls
+from server.logit_controls import RowControls, apply_controls
 from server.model import LayerFn, Transformer, run_layer
 from server.sampling import SamplingParams, sample
 
@@ -102,7 +102,7 @@ class ModelRunner:
         # Logit controls (server/logit_controls.py): each row's stop ids (min_tokens) and tokens
         # generated, and, allocated with the first penalized row, which tokens each row has seen
         # (prompt and output) and how often it generated each.
-        self.stop_ids: list[tuple[int, ...]] = [()] * rows
+        self.row_controls: list[RowControls | None] = [None] * rows
         self.generated: list[int] = [0] * rows
         self._seen: torch.Tensor | None = None  # [rows, V] bool
         self._counts: torch.Tensor | None = None  # [rows, V] float32
@@ -111,7 +111,7 @@ class ModelRunner:
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
                   table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = (),
                   module_slot: int | None = None, stop_ids: tuple[int, ...] = (),
-                  history: Sequence[int] = ()) -> None:
+                  prompt: Sequence[int] = (), history: Sequence[int] = ()) -> None:
         """Start a sequence on `row`. `table`: its block table, kept by reference (the engine
         appends blocks as it grows); None: the row's fixed share of the pool, blocks [row * M,
         (row + 1) * M) for M = max_len / block_size (tests and tools that drive the runner
@@ -119,8 +119,9 @@ class ModelRunner:
         random stream where it left off). `scale`: multiplies the row's adapter delta. `mix`:
         instead of `slot` and `scale`, the (slot, weight) of each adapter the row adds.
         `module_slot`: where the row's adapter keeps its saved embedding and head. `stop_ids`:
-        what min_tokens holds back; `history`: tokens it generated before (a resumed request's
-        penalties count them)."""
+        what min_tokens holds back; `prompt` and `history` (tokens it generated before, for a
+        resumed request): what its penalties see, whether or not the prefix cache spares
+        computing them."""
         bank = getattr(self.model, "module_bank", None)
         if module_slot is not None and (bank is None or not 0 <= module_slot < bank.num_slots):
             raise ValueError(f"module slot {module_slot} does not exist")
@@ -136,12 +137,16 @@ class ModelRunner:
         self.last_tokens[row] = 0
         self.terms[row] = terms
         self.module_slots[row] = module_slot
-        self.stop_ids[row] = stop_ids
         self.generated[row] = steps
+        self.row_controls[row] = None
+        if params.controls.active:
+            self.row_controls[row] = RowControls.build(params.controls, stop_ids, self._logit_width(), self.device)
         if params.controls.penalized:
             seen, counts = self._penalty_state()
             seen[row] = False
             counts[row] = 0
+            if prompt:
+                seen[row, torch.tensor(list(prompt), dtype=torch.int64, device=self.device)] = True
             if history:
                 ids = torch.tensor(list(history), dtype=torch.int64, device=self.device)
                 counts[row].index_add_(0, ids, torch.ones(len(history), device=self.device))
@@ -150,11 +155,15 @@ class ModelRunner:
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
 
+    def _logit_width(self) -> int:
+        """Columns of the logits a step produces (module slots widen them by the added tokens)."""
+        bank = getattr(self.model, "module_bank", None)
+        return bank.max_vocab if bank is not None else self.model.cfg.vocab_size
+
     def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seen, counts) # [rows, V], allocated on first use (V: the widest logits a row gets)."""
         if self._seen is None or self._counts is None:
-            bank = getattr(self.model, "module_bank", None)
-            vocab = bank.max_vocab if bank is not None else self.model.cfg.vocab_size
+            vocab = self._logit_width()
             self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.device)
             self._counts = torch.zeros(self.max_rows, vocab, dtype=torch.float32, device=self.device)
         return self._seen, self._counts
@@ -297,10 +306,6 @@ class ModelRunner:
         sampled_rows = list(decode_rows) + [c.row for c in chunks if c.last]
         if not decode_rows and not chunks:
             return []
-        for chunk in chunks:  # the prompt counts for repetition_penalty
-            if self.sampling[chunk.row].controls.repetition_penalty != 1.0:
-                self._penalty_state()[0][chunk.row, torch.tensor(list(chunk.token_ids), dtype=torch.int64,
-                                                                 device=self.device)] = True
         logits = self._logits(decode_rows, chunks)
         tokens = [] if logits is None else self._sample(logits, sampled_rows).tolist()
         for row in decode_rows:  # only now: a step that raised changed no row
@@ -342,7 +347,7 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         params = [self.sampling[row] for row in rows]
         random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
-        controlled = self._controlled(logits, rows, params)
+        controlled = self._controlled(logits, rows)
         min_p = None
         if any(params[i].min_p > 0 for i in random_rows):
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=self.device)
@@ -372,16 +377,17 @@ class ModelRunner:
             self.generated[row] += 1
         return tokens
 
-    def _controlled(self, logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> torch.Tensor:
+    def _controlled(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """`logits` # [n, V] with each row's logit controls applied (the same tensor when no row has any)."""
-        active = [i for i, p in enumerate(params) if p.controls.active]
+        active = [(i, c) for i, row in enumerate(rows) if (c := self.row_controls[row]) is not None]
         if not active:
             return logits
         out = logits.clone()
-        for i in active:
-            row, controls = rows[i], params[i].controls
-            seen, counts = self._penalty_state() if controls.penalized else (None, None)
-            out[i] = apply_controls(logits[i], controls, generated=self.generated[row], stop_ids=self.stop_ids[row],
-                                    seen=None if seen is None else seen[row, : logits.shape[-1]],
-                                    counts=None if counts is None else counts[row, : logits.shape[-1]])
+        width = logits.shape[-1]
+        for i, row_controls in active:
+            row = rows[i]
+            seen, counts = self._penalty_state() if row_controls.controls.penalized else (None, None)
+            out[i] = apply_controls(logits[i], row_controls, generated=self.generated[row],
+                                    seen=None if seen is None else seen[row, :width],
+                                    counts=None if counts is None else counts[row, :width])
         return out

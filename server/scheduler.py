@@ -336,7 +336,7 @@ class Scheduler:
             mix = tuple((slot, use.weight) for slot, use in zip(slots, seq.request.uses))
             self.runner.reset_row(seq.row, seq.request.sampling, seq.seed, table=seq.blocks,
                                   steps=len(seq.output_ids), mix=mix, module_slot=seq.module_slot,
-                                  stop_ids=seq.stop_ids, history=seq.output_ids)
+                                  stop_ids=seq.stop_ids, prompt=seq.request.prompt_ids, history=seq.output_ids)
         except Exception as exc:  # e.g. a parameter the row's tensors cannot hold: this request only
             log.exception("request %s could not start", seq.request_id)
             self._fail(seq, f"the request could not start: {exc}")

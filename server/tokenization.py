@@ -23,7 +23,7 @@ async def tokenize_prompt(service: CompletionService, model: str | None, prompt:
     check_text(prompt, "prompt")
 
     def encode() -> list[int]:
-        return list(service.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)) if prompt else []
+        return list(service.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
 
     return _with_strs(service, await asyncio.to_thread(encode), return_token_strs)
 

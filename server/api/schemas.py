@@ -53,7 +53,7 @@ class _SamplingFields(BaseModel):
     # OpenAI's penalties and logit_bias; vLLM's repetition_penalty, min_tokens and min_p.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0, allow_inf_nan=False)
     min_tokens: int = Field(default=0, ge=0, le=1 << 20)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)

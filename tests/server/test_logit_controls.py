@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.engine import Engine
-from server.logit_controls import LogitControls, apply_controls
+from server.logit_controls import LogitControls, RowControls, apply_controls
 from server.runner import ModelRunner
 from server.sampling import SamplingParams, filter_min_p
 from server.sequence import GenerationRequest
@@ -52,7 +52,8 @@ def test_each_control_equals_its_transformers_processor() -> None:
     counts.index_add_(0, history[0, 4:], torch.ones(3))
 
     def ours(**controls: Any) -> torch.Tensor:
-        return apply_controls(scores[0], LogitControls(**controls), generated=3, stop_ids=(2, 7), seen=seen, counts=counts)
+        row = RowControls.build(LogitControls(**controls), (2, 7, V + 5), V, torch.device("cpu"))  # V + 5: past the logits
+        return apply_controls(scores[0], row, generated=3, seen=seen, counts=counts)
 
     want = RepetitionPenaltyLogitsProcessor(penalty=1.7)(history, scores.clone())[0]
     assert torch.equal(ours(repetition_penalty=1.7), want)
@@ -111,3 +112,26 @@ def test_engine_rows_with_controls_equal_generate_and_leave_the_others_alone(bas
     # min_tokens: the first six tokens never stop on EOS; after that EOS ends the request.
     tokens = got.tokens["min_tokens"]
     assert tokens == wants["min_tokens"][: len(tokens)] and len(tokens) >= 6 and eos not in tokens[:6]
+
+
+def test_repetition_penalty_sees_a_prompt_the_prefix_cache_served(base: tuple[Path, Any]) -> None:
+    """A prompt whose blocks come from the prefix cache is not computed again, but its tokens
+    still count for repetition_penalty: the tokens equal a cold run's."""
+    folder, _ = base
+    prompt = [3 + (i * 7) % 90 for i in range(70)]
+    penalized = SamplingParams(temperature=0, controls=LogitControls(repetition_penalty=2.0))
+
+    def engine() -> Engine:
+        model = build_model(folder, dtype=torch.float32, device="cpu", max_rows=2, max_len=128)
+        return Engine(ModelRunner(model), eos_ids=frozenset(), prefill_chunk=16, prefix_caching=True)
+
+    cold, warm = engine(), engine()
+    got = Collector()
+    cold.submit(GenerationRequest("cold", prompt, 8, sampling=penalized), got)
+    cold.run_until_idle()
+    warm.submit(GenerationRequest("fill", prompt, 2, sampling=SamplingParams(temperature=0)), got)
+    warm.run_until_idle()
+    warm.submit(GenerationRequest("warm", prompt, 8, sampling=penalized), got)
+    warm.run_until_idle()
+    assert sum(warm.blocks.prefix.hits.values()) >= 48  # the prompt really came from the cache
+    assert got.tokens["warm"] == got.tokens["cold"]
