@@ -66,6 +66,7 @@ class SlotBank(nn.Module):
         self._dora_where: dict[str, torch.Tensor] = {}  # HF module -> its part of the module's s # [K+1, out_p]
         self._parts: dict[str, tuple[TargetModule, int, int]] = {}  # HF module -> (module, start, end)
         self._dora_modules: list[set[str]] = [set() for _ in range(num_slots)]  # modules with DoRA, per slot
+        self._dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter (read every step)
         self._views: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
         for index, (module, parts) in enumerate(by_module.items()):
@@ -135,7 +136,7 @@ class SlotBank(nn.Module):
         for name in self._dora_modules[slot]:
             self._dora_where[name][slot].fill_(1.0)
         self._module_ranks[slot] = {}
-        self._dora_modules[slot] = set()
+        self._set_dora(slot, set())
         self._window = self._compute_window()
         self._slot_writes[slot] += 1
 
@@ -172,7 +173,7 @@ class SlotBank(nn.Module):
         # One call for every copy: per-op dispatch, not bytes, dominates a hotswap on a CPU.
         torch._foreach_copy_(targets, sources)
         self._module_ranks[slot] = {name: lora.rank for name, lora in weights.modules.items()}
-        self._dora_modules[slot] = dora
+        self._set_dora(slot, dora)
         self._window = self._compute_window()
         self._slot_writes[slot] += 1
 
@@ -197,7 +198,11 @@ class SlotBank(nn.Module):
 
     def dora_slots(self) -> frozenset[int]:
         """Slots that hold a DoRA adapter."""
-        return frozenset(slot for slot, modules in enumerate(self._dora_modules) if modules)
+        return self._dora_slots
+
+    def _set_dora(self, slot: int, modules: set[str]) -> None:
+        self._dora_modules[slot] = modules
+        self._dora_slots = self._dora_slots | {slot} if modules else self._dora_slots - {slot}
 
     def route(
         self, decode_rows: Sequence[Terms | None], chunks: Sequence[tuple[int, int, Terms]] = (), *,

@@ -59,10 +59,10 @@ class EngineSlots:
                 return None
         return grants
 
-    def give_back(self, grants: Grants, written: int = 0, module_written: bool = False) -> None:
-        """Undo `grants`, of which the first `written` LoRA slots (and the module slot if
-        `module_written`) hold their adapter now: slots still to be written go back empty, the
-        others (resident) lose this reference."""
+    def give_back(self, grants: Grants, written: int = 0) -> None:
+        """Undo `grants`, of which the first `written` LoRA slots hold their adapter now (the
+        module slot is written last, so never when this runs): slots still to be written go back
+        empty, the others (resident) lose this reference."""
         for i, grant in enumerate(grants.lora):
             if grant.load and i >= written:
                 self.abandon(grant.slot)
@@ -71,7 +71,7 @@ class EngineSlots:
         module = grants.module
         if module is not None and self.modules is not None:
             self.release_module(module.slot)
-            if module.load and not module_written:
+            if module.load:
                 self.modules.forget(module.slot)
 
     def write_module(self, slot: int, full: Any) -> None:

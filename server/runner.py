@@ -24,6 +24,7 @@ from server.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
+    from adapters.module_bank import ModuleBank
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
@@ -122,7 +123,7 @@ class ModelRunner:
         what min_tokens holds back; `prompt` and `history` (tokens it generated before, for a
         resumed request): what its penalties see, whether or not the prefix cache spares
         computing them."""
-        bank = getattr(self.model, "module_bank", None)
+        bank = self.module_bank
         if module_slot is not None and (bank is None or not 0 <= module_slot < bank.num_slots):
             raise ValueError(f"module slot {module_slot} does not exist")
         terms = mix or ((() if slot is None else ((slot, scale),)))
@@ -155,9 +156,14 @@ class ModelRunner:
         self.tables[row] = self.model.fixed_share(row) if table is None else table
         self.sampling[row] = params
 
+    @property
+    def module_bank(self) -> ModuleBank | None:
+        """The model's module slots (modules_to_save), if it has any (the transformers-backed path has none)."""
+        return getattr(self.model, "module_bank", None)
+
     def _logit_width(self) -> int:
         """Columns of the logits a step produces (module slots widen them by the added tokens)."""
-        bank = getattr(self.model, "module_bank", None)
+        bank = self.module_bank
         return bank.max_vocab if bank is not None else self.model.cfg.vocab_size
 
     def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,13 +195,13 @@ class ModelRunner:
 
     def load_module_slot(self, slot: int, full: object) -> None:
         """Write an adapter's saved embedding and head into a module slot (engine thread)."""
-        bank = getattr(self.model, "module_bank", None)
+        bank = self.module_bank
         if bank is None:
             raise RuntimeError("no module slots")
         bank.load(slot, full)
 
     def clear_module_slot(self, slot: int) -> None:
-        bank = getattr(self.model, "module_bank", None)
+        bank = self.module_bank
         if bank is not None:
             bank.clear(slot)
 
@@ -245,7 +251,7 @@ class ModelRunner:
 
     def _embed_copies(self, batch: ForwardBatch, decode_rows: Sequence[int], chunks: Sequence[PromptChunk]) -> ForwardBatch:
         """Route the tokens of rows whose adapter saved its embedding to their module slot."""
-        bank = getattr(self.model, "module_bank", None)
+        bank = self.module_bank
         if bank is None or not any(bank.embeds(self.module_slots[r]) for r in [*decode_rows, *(c.row for c in chunks)]):
             return batch
         flat: list[int] = []

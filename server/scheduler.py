@@ -254,7 +254,8 @@ class Scheduler:
                                        f"{self.slots.table.unpinned_capacity(keys)} slots can hold them (the others are pinned)")
                     continue
                 try:
-                    module_key = self._module_key(item.seq.request)
+                    saving = self._saving_use(item.seq.request)
+                    module_key = None if saving is None else saving.key
                 except Exception as exc:  # the adapter vanished: this request only
                     self._refuse(item, f"cannot load adapter {keys[0]!r}: {exc}")
                     continue
@@ -283,12 +284,9 @@ class Scheduler:
             raise LookupError("the request carries no adapter weights")
         return self.adapter_weights(use.key)
 
-    def _module_key(self, request: GenerationRequest) -> str | None:
-        """The key of the request's adapter that saved its embedding or head (modules_to_save)."""
-        for use in request.uses:
-            if getattr(self._weights(use), "full", None) is not None:
-                return use.key
-        return None
+    def _saving_use(self, request: GenerationRequest) -> AdapterUse | None:
+        """The request's adapter that saved its embedding or head (modules_to_save), if any."""
+        return next((use for use in request.uses if getattr(self._weights(use), "full", None) is not None), None)
 
     def _load(self, item: Waiting, grants: Grants) -> bool:
         """Write the request's adapters that are not resident into their slots; on failure give
@@ -304,8 +302,9 @@ class Scheduler:
             written = len(grants.lora)
             if grants.module is not None and grants.module.load:
                 assert self.slots is not None
-                use = next(u for u in uses if getattr(self._weights(u), "full", None) is not None)
-                self.slots.write_module(grants.module.slot, self._weights(use).full)
+                saving = self._saving_use(item.seq.request)
+                assert saving is not None
+                self.slots.write_module(grants.module.slot, self._weights(saving).full)
         except Exception as exc:  # the adapter vanished or is broken: fail this request only
             key = uses[min(written, len(uses) - 1)].key
             log.exception("loading adapter %s failed", key)
