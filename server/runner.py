@@ -18,9 +18,9 @@ import torch
 from adapters.lora_layer import Terms
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
-from server.logit_controls import RowControls, apply_controls
 from server.model import LayerFn, Transformer, run_layer
-from server.sampling import SamplingParams, sample
+from server.row_sampler import GRAMMAR_REFUSED, NON_FINITE, UNSAMPLED, RowSampler
+from server.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from adapters.lora_layer import LoraBatch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
-NON_FINITE = -1  # the "token" of a row whose logits are not finite
+__all__ = ["GRAMMAR_REFUSED", "NON_FINITE", "UNSAMPLED", "ModelRunner", "chunk_window"]
 
 
 def chunk_window(needed: int, max_len: int) -> int:
@@ -87,27 +87,14 @@ class ModelRunner:
         device = model.home_device
         self.device = device
         rows = self.max_rows
-        # Per-row sampling state, indexed by row (written at start, read by sampling).
-        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
-        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
+        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=device)  # each row's next decode input
+        self.sampler = RowSampler(rows, self._logit_width, device)  # temperature, controls, grammar, logprobs
         # Host mirrors: next position to write, and what each row's LoRA adds ((slot, weight) per
         # adapter; () = exactly the base model).
         self.positions: list[int] = [0] * rows
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # each row's block table (the engine's list)
         self.terms: list[Terms] = [()] * rows
         self.module_slots: list[int | None] = [None] * rows  # each row's module slot (modules_to_save)
-        # Logit controls (server/logit_controls.py): each row's stop ids (min_tokens) and tokens
-        # generated, and, allocated with the first penalized row, which tokens each row has seen
-        # (prompt and output) and how often it generated each.
-        self.row_controls: list[RowControls | None] = [None] * rows
-        self.generated: list[int] = [0] * rows
-        self._seen: torch.Tensor | None = None  # [rows, V] bool
-        self._counts: torch.Tensor | None = None  # [rows, V] float32
-        self.sampling: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
 
     def reset_row(self, row: int, params: SamplingParams, seed: int, slot: int | None = None, *,
                   table: list[int] | None = None, steps: int = 0, scale: float = 1.0, mix: Terms = (),
@@ -130,31 +117,12 @@ class ModelRunner:
         for used, _ in terms:
             if self.bank is None or not 0 <= used < self.bank.num_slots:
                 raise ValueError(f"LoRA slot {used} does not exist")
-        self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k
-        self.top_p[row] = params.top_p
-        self.seeds[row] = seed
-        self.steps[row] = steps
+        self.sampler.reset(row, params, seed, steps=steps, stop_ids=stop_ids, prompt=prompt, history=history)
         self.last_tokens[row] = 0
         self.terms[row] = terms
         self.module_slots[row] = module_slot
-        self.generated[row] = steps
-        self.row_controls[row] = None
-        if params.controls.active:
-            self.row_controls[row] = RowControls.build(params.controls, stop_ids, self._logit_width(), self.device)
-        if params.controls.penalized:
-            seen, counts = self._penalty_state()
-            seen[row] = False
-            counts[row] = 0
-            if prompt:
-                seen[row, torch.tensor(list(prompt), dtype=torch.int64, device=self.device)] = True
-            if history:
-                ids = torch.tensor(list(history), dtype=torch.int64, device=self.device)
-                counts[row].index_add_(0, ids, torch.ones(len(history), device=self.device))
-                seen[row, ids] = True
         self.positions[row] = 0
         self.tables[row] = self.model.fixed_share(row) if table is None else table
-        self.sampling[row] = params
 
     @property
     def module_bank(self) -> ModuleBank | None:
@@ -166,14 +134,6 @@ class ModelRunner:
         bank = self.module_bank
         return bank.max_vocab if bank is not None else self.model.cfg.vocab_size
 
-    def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(seen, counts) # [rows, V], allocated on first use (V: the widest logits a row gets)."""
-        if self._seen is None or self._counts is None:
-            vocab = self._logit_width()
-            self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.device)
-            self._counts = torch.zeros(self.max_rows, vocab, dtype=torch.float32, device=self.device)
-        return self._seen, self._counts
-
     def free_row(self, row: int) -> None:
         """Forget the row's sequence. Its blocks go back to the engine's pool; nothing is cleared,
         since no reader ever looks at positions its sequence has not written."""
@@ -182,6 +142,7 @@ class ModelRunner:
         self.terms[row] = ()
         self.module_slots[row] = None
         self.tables[row] = []
+        self.sampler.free(row)
 
     def load_slot(self, slot: int, weights: object) -> None:
         """Hotswap an adapter into a slot (between steps, on the engine thread)."""
@@ -283,6 +244,8 @@ class ModelRunner:
         if not self.fixed_rows:  # every kernel is per token: one forward for everything
             batch = self._batch(decode_rows, chunks, block)
             hidden = self.model.forward_batch(batch)  # [T, hidden]
+            for spec, chunk in zip(batch.chunks, chunks):
+                self._score_prompt(chunk, hidden[spec.offset : spec.offset + spec.length])
             ends = [spec.offset + spec.length - 1 for spec, chunk in zip(batch.chunks, chunks) if chunk.last]
             wanted = list(decode_rows) + ends
             if not wanted:
@@ -298,11 +261,18 @@ class ModelRunner:
             parts.append(self.model.logits(hidden, heads)[index])
         for chunk in chunks:
             hidden = self.model.forward_batch(self._batch([], [chunk], 0))
+            self._score_prompt(chunk, hidden)
             if chunk.last:
                 parts.append(self.model.logits(hidden[-1:], [self.module_slots[chunk.row]]))
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _score_prompt(self, chunk: PromptChunk, hidden: torch.Tensor) -> None:
+        """Prompt logprobs of a chunk whose request asked for them. hidden # [len(chunk), hidden]"""
+        if self.sampler.wants_prompt_logprobs(chunk.row):
+            logits = self.model.logits(hidden, [self.module_slots[chunk.row]] * hidden.shape[0])  # [L, V]
+            self.sampler.add_prompt_logprobs(chunk.row, logits, chunk.start)
 
     # ---- stepping --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -310,8 +280,10 @@ class ModelRunner:
         """One forward for every scheduled token; returns a token for each decode row (in order),
         then one for each last chunk (in order), NON_FINITE for a row whose logits are not."""
         sampled_rows = list(decode_rows) + [c.row for c in chunks if c.last]
+        self.sampler.step_logprobs = {}
         if not decode_rows and not chunks:
             return []
+        self.sampler.begin_masks(sampled_rows)  # grammar masks, while the forward runs
         logits = self._logits(decode_rows, chunks)
         tokens = [] if logits is None else self._sample(logits, sampled_rows).tolist()
         for row in decode_rows:  # only now: a step that raised changed no row
@@ -345,55 +317,8 @@ class ModelRunner:
         self.warm_graphs = self.compile_counter.graphs
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Each row's next token, or NON_FINITE for a row whose logits hold NaN or inf (read back
-        with the tokens: no extra device sync). A row's sum is non-finite exactly when one of its
-        logits is (finite logits cannot add up past float32's range): one cheap reduction, a
-        thirtieth of the cost of isfinite over the whole [n, V] tensor. `rows`: the runner row of
-        each logit row."""
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
-        params = [self.sampling[row] for row in rows]
-        random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
-        controlled = self._controlled(logits, rows)
-        min_p = None
-        if any(params[i].min_p > 0 for i in random_rows):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=self.device)
-        tokens = sample(
-            controlled,
-            temperature=self.temperature[index],
-            top_k=self.top_k[index],
-            top_p=self.top_p[index],
-            seeds=self.seeds[index],
-            steps=self.steps[index],
-            random_rows=random_rows,
-            filtering=any(params[i].top_k > 0 or params[i].top_p < 1 for i in random_rows),
-            min_p=min_p,
-        )  # [n]
-        # The model's own logits decide finiteness (min_tokens puts -inf in on purpose).
-        tokens = torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, NON_FINITE)  # [n]
-        self.steps[index] += 1
-        self.last_tokens[index] = tokens.clamp(min=0)  # such a row is ended by the engine anyway
-        penalized = [i for i, p in enumerate(params) if p.controls.penalized]
-        if penalized:  # count what these rows generated
-            seen, counts = self._penalty_state()
-            at = torch.tensor([rows[i] for i in penalized], dtype=torch.int64, device=self.device)
-            chosen = tokens[penalized].clamp(min=0)
-            counts.index_put_((at, chosen), torch.ones(len(penalized), device=self.device), accumulate=True)
-            seen[at, chosen] = True
-        for row in rows:
-            self.generated[row] += 1
+        """Each row's next token # [n] (server/row_sampler.py); `rows`: the runner row of each
+        logit row. The decode block reads the tokens back from here."""
+        tokens = self.sampler.sample(logits, rows)
+        self.last_tokens[torch.tensor(rows, dtype=torch.int64, device=self.device)] = tokens.clamp(min=0)
         return tokens
-
-    def _controlled(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """`logits` # [n, V] with each row's logit controls applied (the same tensor when no row has any)."""
-        active = [(i, c) for i, row in enumerate(rows) if (c := self.row_controls[row]) is not None]
-        if not active:
-            return logits
-        out = logits.clone()
-        width = logits.shape[-1]
-        for i, row_controls in active:
-            row = rows[i]
-            seen, counts = self._penalty_state() if row_controls.controls.penalized else (None, None)
-            out[i] = apply_controls(logits[i], row_controls, generated=self.generated[row],
-                                    seen=None if seen is None else seen[row, :width],
-                                    counts=None if counts is None else counts[row, :width])
-        return out

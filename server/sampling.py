@@ -10,6 +10,7 @@ which draws from p without a cumulative sum or a device sync.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,6 +60,9 @@ class SamplingParams:
     seed: int | None = None
     min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability (0: off)
     controls: LogitControls = field(default_factory=LogitControls)  # penalties, logit_bias, min_tokens
+    logprobs: int | None = None  # report each sampled token's logprob and this many top ones (None: off)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    grammar: Any = field(default=None, compare=False)  # a compiled grammar (structured outputs)
 
 
 def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ from server.engine_inbox import Inbox
 from server.engine_slots import EngineSlots, Grants
 from server.forward_batch import PromptChunk
 from server.kv_blocks import BlockPool
-from server.runner import NON_FINITE, ModelRunner
+from server.logprobs import TokenLogprob
+from server.runner import GRAMMAR_REFUSED, UNSAMPLED, ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
 from server.sequence import AdapterUse, FinishReason, GenerationRequest, Sequence, TokenOutput
 
@@ -191,8 +192,10 @@ class Scheduler:
         for seq in started:
             self._prefilling.remove(seq)
         now = time.monotonic()
+        sampler = self.runner.sampler
         for seq, token in zip(decoding + started, tokens, strict=True):
-            self._deliver(seq, token, now)
+            prompt_logprobs = sampler.take_prompt_logprobs(seq.row) if seq in started else None
+            self._deliver(seq, token, now, sampler.step_logprobs.get(seq.row), prompt_logprobs)
 
     def _step_apart(self, decoding: list[Sequence], chunks: list[tuple[Sequence, PromptChunk]]) -> None:
         """The step's decode rows alone (their failure is nobody's in particular: it reaches the
@@ -213,25 +216,25 @@ class Scheduler:
                 continue
             self._finish_step([], [(seq, chunk)], tokens)
 
-    def _deliver(self, seq: Sequence, token: int, now: float) -> None:
+    def _deliver(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None,
+                 prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         """Hand one sampled token to its request; whatever goes wrong there ends that request
         alone (its row and slot go back), never the step or the other rows."""
-        if token == NON_FINITE:
-            self._fail(seq, "the model's output became NaN or infinite for this request (its adapter's numbers "
-                            "overflow); it was stopped")
+        if token in UNSAMPLED:
+            self._fail(seq, UNSAMPLED[token], client_error=token == GRAMMAR_REFUSED)
             return
         try:
-            self._emit(seq, seq.append(token, now))
+            self._emit(seq, seq.append(token, now, logprob, prompt_logprobs))
         except Exception as exc:
             log.exception("request %s failed", seq.request_id)
             self._fail(seq, str(exc))
 
-    def _fail(self, seq: Sequence, message: str) -> None:
+    def _fail(self, seq: Sequence, message: str, client_error: bool = False) -> None:
         """End one admitted request with an error; its row and slot reference go back."""
         entry = self._running.get(seq.request_id)
         if entry is None:
             return
-        event = self._count(seq.abort("error", error=message))
+        event = self._count(seq.abort("error", error=message, client_error=client_error))
         self._release(seq)
         entry[1](event)
 
@@ -351,8 +354,8 @@ class Scheduler:
         sink(event)
 
     def _count(self, event: TokenOutput) -> TokenOutput:
-        """Record how a request ended; returns the event. Called before the request's row or
-        queue place is given back, so a reader that sees it gone also sees it counted."""
+        """Record how a request ended; returns the event. Called before its row or queue place is
+        given back: a reader that sees it gone sees it counted."""
         if event.finish_reason is not None:
             self.finished[event.finish_reason] += 1
         return event

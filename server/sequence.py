@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from server.logprobs import TokenLogprob
 from server.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -77,6 +78,9 @@ class TokenOutput:
     completion_tokens: int = 0
     error: str | None = None
     time: float = 0.0  # time.monotonic() when the engine produced it (latency metrics)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first event), when asked for
+    client_error: bool = False  # the error is the request's own (its output format cannot go on): a 400
 
 
 class Sequence:
@@ -128,18 +132,24 @@ class Sequence:
         self.block_hashes = None
         self.row = -1
 
-    def append(self, token: int, now: float) -> TokenOutput:
-        """Record a sampled token; return the event carrying it."""
+    def append(self, token: int, now: float, logprob: TokenLogprob | None = None,
+               prompt_logprobs: list[TokenLogprob] | None = None) -> TokenOutput:
+        """Record a sampled token; return the event carrying it (with its logprob and, on the
+        first token, the prompt's, when the request asked for them)."""
+        if self.request.max_tokens == 0:  # scoring a prompt (echo): its logprobs, no token
+            self.finish_reason = "length"
+            return replace(self._event([], now), prompt_logprobs=prompt_logprobs)
         self.output_ids.append(token)
         if token in self._stop_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.request.max_tokens or self.prompt_len + len(self.output_ids) >= self._max_len:
             self.finish_reason = "length"
-        return self._event([token], now)
+        return replace(self._event([token], now), logprobs=None if logprob is None else [logprob],
+                       prompt_logprobs=prompt_logprobs)
 
-    def abort(self, reason: FinishReason = "abort", error: str | None = None) -> TokenOutput:
+    def abort(self, reason: FinishReason = "abort", error: str | None = None, client_error: bool = False) -> TokenOutput:
         self.finish_reason = reason
-        return self._event([], time.monotonic(), error=error)
+        return replace(self._event([], time.monotonic(), error=error), client_error=client_error)
 
     def _event(self, token_ids: list[int], now: float, error: str | None = None) -> TokenOutput:
         return TokenOutput(

@@ -1,0 +1,66 @@
+"""Structured outputs on the tensor side: one grammar matcher per constrained row, and its token
+mask applied to that row's logits only (server/structured.py compiles the grammars).
+
+A mask is xgrammar's bitmask: int32 words, bit j of word w allowing token 32 w + j. Columns the
+mask does not cover (tokens past the grammar's vocabulary, e.g. an adapter's added tokens) are
+never allowed. Rows without a grammar are not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_BITS = torch.arange(32, dtype=torch.int32)  # [32]
+
+
+class GrammarRefusedError(RuntimeError):
+    """The grammar refused a token (it can only happen when every token was masked out)."""
+
+
+class GrammarState:
+    """One row's matcher: what it may sample next, and the tokens it sampled."""
+
+    def __init__(self, compiled: Any, stop_ids: Sequence[int], history: Sequence[int] = ()) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        # The request's own stop ids end the grammar (EOS unless ignore_eos, and stop_token_ids).
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
+        self.vocab = compiled.tokenizer_info.vocab_size
+        for token in history:  # a resumed request: replay what it generated before
+            self.accept(token)
+
+    def next_mask(self) -> torch.Tensor:
+        """Allowed next tokens as a bitmask # [ceil(vocab / 32)] int32."""
+        mask = self._xgr.allocate_token_bitmask(1, self.vocab)  # [1, W]
+        self.matcher.fill_next_token_bitmask(mask, 0)
+        return mask[0]
+
+    def accept(self, token: int) -> None:
+        if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+            raise GrammarRefusedError(f"token {token} does not continue the requested format")
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+
+def unpack_masks(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """Bitmasks # [c, W] int32 -> allowed # [c, width] bool (False past 32 W)."""
+    bits = ((masks[:, :, None] >> _BITS.to(masks.device)) & 1).bool().flatten(1)  # [c, 32 W]
+    if bits.shape[1] >= width:
+        return bits[:, :width]
+    return torch.nn.functional.pad(bits, (0, width - bits.shape[1]), value=False)
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], masks: torch.Tensor) -> torch.Tensor:
+    """`logits` # [n, V] with rows `rows` masked by `masks` # [len(rows), W] (disallowed: -inf);
+    a new tensor, the other rows' values unchanged."""
+    allowed = unpack_masks(masks.to(logits.device), logits.shape[-1])  # [c, V]
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    out = logits.clone()
+    out[index] = out[index].masked_fill(~allowed, float("-inf"))
+    return out
