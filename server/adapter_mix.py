@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from server.errors import InvalidRequestError
 
@@ -67,3 +68,23 @@ def check_mix(terms: Sequence[tuple[str, float]], param: str) -> Mix:
 def mix_label(terms: Mix) -> str:
     """The compact form of a mix (what responses name as their model)."""
     return "+".join(name if weight == 1.0 else f"{name}:{weight!r}" for name, weight in terms)
+
+
+def check_scale(uses: Sequence[tuple[Any, float]], scale: float) -> None:
+    """lora_scale scales one adapter, and not a DoRA one (its norm is fixed at scale 1). `uses`:
+    (adapter ref, weight) of each adapter the request adds."""
+    if scale == 1.0:
+        if len(uses) == 1 and uses[0][1] != 1.0 and uses[0][0].weights.uses_dora:
+            raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be weighted: its norm is "
+                                      "taken at weight 1", param="model")
+        return
+    if not uses:
+        raise InvalidRequestError("lora_scale scales an adapter; this request names the base model", param="lora_scale")
+    if len(uses) > 1:
+        raise InvalidRequestError("lora_scale scales one adapter; give a mix its weights instead", param="lora_scale")
+    if abs(uses[0][1] * scale) > MAX_WEIGHT:
+        raise InvalidRequestError(f"the adapter's weight times lora_scale is {uses[0][1] * scale:g}; at most "
+                                  f"{MAX_WEIGHT:g} in size", param="lora_scale")
+    if uses[0][0].weights.uses_dora:
+        raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be scaled: its norm is "
+                                  "taken at scale 1", param="lora_scale")

@@ -3,10 +3,11 @@
 A route makes one call here (`submit_completion`, `submit_chat`) and reads the events back: the
 service resolves the `model` field, turns prompts and chat messages into token ids, checks them
 against the context, fans a request out into one engine request per choice, submits them, and
-returns each choice's events as an async iterator. The core's token events come back on the
-event loop, where the service detokenizes them, applies stop strings (a stop string becomes a
-cancel of the core request) and records per-token metrics, so none of that runs on the engine
-thread. No tensors here and no HTTP.
+returns each choice's events as an async iterator (server/request_events.py). The core's token
+events come back on the event loop, where they are detokenized, stop strings applied (a stop
+string becomes a cancel of the core request) and per-token metrics recorded, so none of that runs
+on the engine thread. It also compiles output formats (server/structured.py). No tensors here
+and no HTTP.
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.catalog import AdapterCatalog, AdapterRef
 from adapters.errors import AdapterNotFoundError
-from server.adapter_mix import MAX_WEIGHT, Mix, check_mix, is_mix, mix_label, parse_mix
+from server.adapter_mix import Mix, check_mix, check_scale, is_mix, mix_label, parse_mix
 from server.engine_client import EngineClient
-from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
-from server.metrics import RequestTracker, ServerMetrics, finish_status
+from server.logprob_format import TokenTexts
+from server.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from server.metrics import ServerMetrics
+from server.request_events import RequestEvents
 from server.sampling import SamplingParams
 from server.sequence import AdapterUse, GenerationRequest, TokenOutput
-from server.text_stream import RequestOutput, TextStream
+from server.structured import StructuredOutputs, StructuredSpec
+from server.text_stream import TextStream
 
 _counter = itertools.count()
 MAX_CHOICES = 256  # prompts x n in one request
@@ -44,6 +48,8 @@ class GenerationOptions:
     n: int = 1  # choices per prompt; sample i of a seeded request uses seed + i
     lora_scale: float = 1.0  # multiplies the adapter's contribution
     adapters: Mix | None = None  # the `adapters` field: a weighted mix (then `model` names the base)
+    structured: StructuredSpec | None = None  # the output format (JSON schema, regex, choice, grammar)
+    bad_words: tuple[str, ...] = ()  # never generated (tokenized here, as the served tokenizer splits them)
 
 
 Uses = tuple[tuple[AdapterRef, float], ...]  # the adapter versions a request adds, with weights
@@ -57,25 +63,6 @@ class Generation:
     model: str
     streams: list[RequestEvents]
     prompt_ids: list[list[int]]
-
-
-def check_scale(uses: Uses, scale: float) -> None:
-    """lora_scale scales one adapter, and not a DoRA one (its norm is fixed at scale 1)."""
-    if scale == 1.0:
-        if len(uses) == 1 and uses[0][1] != 1.0 and uses[0][0].weights.uses_dora:
-            raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be weighted: its norm is "
-                                      "taken at weight 1", param="model")
-        return
-    if not uses:
-        raise InvalidRequestError("lora_scale scales an adapter; this request names the base model", param="lora_scale")
-    if len(uses) > 1:
-        raise InvalidRequestError("lora_scale scales one adapter; give a mix its weights instead", param="lora_scale")
-    if abs(uses[0][1] * scale) > MAX_WEIGHT:
-        raise InvalidRequestError(f"the adapter's weight times lora_scale is {uses[0][1] * scale:g}; at most "
-                                  f"{MAX_WEIGHT:g} in size", param="lora_scale")
-    if uses[0][0].weights.uses_dora:
-        raise InvalidRequestError(f"{uses[0][0].name!r} is a DoRA adapter, which cannot be scaled: its norm is "
-                                  "taken at scale 1", param="lora_scale")
 
 
 def check_text(text: str, param: str) -> None:
@@ -117,6 +104,8 @@ class CompletionService:
         self.vocab_size = vocab_size
         self.request_timeout = request_timeout
         self.max_loras = max_loras
+        self.token_texts = TokenTexts(tokenizer)  # each token's own text and bytes (logprobs)
+        self.structured = StructuredOutputs(tokenizer, vocab_size)  # compiles output formats, cached
 
     def stats(self) -> dict[str, object]:
         """The engine's counters and the adapter CPU cache's (for /ready and /metrics)."""
@@ -134,7 +123,7 @@ class CompletionService:
         vocab = self.vocab_of(uses)
         # Tokenizing a long prompt is CPU work: off the event loop, which keeps serving meanwhile.
         ids = await asyncio.to_thread(lambda: [self.encode_prompt(p, vocab) for p in prompts])
-        return self._submit_all(served, ids, options, uses)
+        return self._submit_all(served, ids, await self._with_grammar(options), uses)
 
     async def submit_chat(self, model: str | None, messages: list[dict[str, str]],
                           options: GenerationOptions) -> Generation:
@@ -142,7 +131,18 @@ class CompletionService:
         self._check_choices(1, options.n)
         served, uses = await self.check_model(model, options.adapters)
         ids = await asyncio.to_thread(self.encode_chat, messages)
-        return self._submit_all(served, [ids], options, uses)
+        return self._submit_all(served, [ids], await self._with_grammar(options), uses)
+
+    async def _with_grammar(self, options: GenerationOptions) -> GenerationOptions:
+        """The options with their output format compiled (cached), when they ask for one."""
+        spec = options.structured
+        if spec is None:
+            return options
+        if options.ignore_eos and not options.stop_token_ids:
+            raise InvalidRequestError("an output format ends on a stop token: with ignore_eos, name one in "
+                                      "stop_token_ids", param="ignore_eos")
+        grammar = await self.structured.compile(spec)
+        return replace(options, sampling=replace(options.sampling, grammar=grammar))
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids))
@@ -294,9 +294,23 @@ class CompletionService:
             raise InvalidRequestError(f"stop_token_ids out of range: {bad_stop[:5]}", param="stop_token_ids")
         for stop in options.stop:
             check_text(stop, "stop")
+        if options.bad_words:
+            controls = replace(options.sampling.controls, bad_words=self.bad_word_ids(options.bad_words))
+            options = replace(options, sampling=replace(options.sampling, controls=controls))
         if options.sampling.top_k <= vocab:
             return options
         return replace(options, sampling=replace(options.sampling, top_k=vocab))
+
+    def bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each word's tokens as it starts the text and after a space (vLLM's rule), deduplicated."""
+        found: dict[tuple[int, ...], None] = {}
+        for word in words:
+            check_text(word, "bad_words")
+            for text in (word, " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    found[ids] = None
+        return tuple(found)
 
     # ---- running -------------------------------------------------------------------------
     def _submit_all(self, served: str, prompts: list[list[int]], options: GenerationOptions,
@@ -334,64 +348,3 @@ class CompletionService:
         if self.request_timeout is not None:
             stream.timer = loop.call_later(self.request_timeout, stream.queue.put_nowait, None)
         return stream
-
-
-class RequestEvents:
-    """The events of one submitted request, read once with `async for`. The core's token events
-    arrive through `deliver`, on the event loop. `close()` is idempotent and cancels the engine
-    request unless it finished: a generator's `finally` alone would not run for a stream that
-    was never started (a client gone before the body was sent)."""
-
-    def __init__(self, engine: EngineClient, request: GenerationRequest, text: TextStream,
-                 tracker: RequestTracker | None, timeout: float | None) -> None:
-        self.engine = engine
-        self.request = request
-        self.text = text
-        self.tracker = tracker
-        self.timeout = timeout
-        self.queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()  # None: the timeout fired
-        self.timer: asyncio.TimerHandle | None = None
-        self._finished = False  # the reader saw the last event
-        self._timed_out = False
-        self._closed = False
-
-    def deliver(self, out: TokenOutput) -> None:
-        """One core event (event loop): metrics, text, stop strings. Once the text has finished
-        (a stop string, or the core's last event), later core events are dropped."""
-        if self.text.finished or self._closed:
-            return
-        event = self.text.feed(out)
-        if self.tracker is not None:  # the tokens the client gets (none past a stop string)
-            self.tracker.on_tokens(len(event.token_ids), out.time)
-        if self.text.stopped_by_string:  # the core does not know: end it there too
-            self.engine.cancel(self.request.request_id, "stop")
-        self.queue.put_nowait(event)
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while not self._finished:
-                event = await self.queue.get()
-                if event is None:
-                    self._timed_out = True
-                    raise RequestTimeoutError(
-                        f"the request ran longer than the server's limit of {self.timeout:g} s "
-                        "(--request-timeout); ask for fewer tokens"
-                    )
-                self._finished = event.finished
-                if self._finished and self.tracker is not None:  # counted before the response ends
-                    self.tracker.finish(finish_status(event.finish_reason))
-                yield event
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if not self._finished:  # the client went away, the task was cancelled or the timeout fired
-            if not self.text.finished:  # else the core has finished it or been told to
-                self.engine.cancel(self.request.request_id)
-            if self.tracker is not None:
-                self.tracker.finish("timeout" if self._timed_out else "cancelled")

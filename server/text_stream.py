@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.detokenize import Decoder, IncrementalDetokenizer
+from server.logprobs import TokenLogprob
 from server.sequence import FinishReason, TokenOutput
 
 
@@ -27,6 +28,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., when asked for
+    client_error: bool = False  # the error is the request's own doing (a 400)
 
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
@@ -108,4 +112,7 @@ class TextStream:
             prompt_tokens=out.prompt_tokens,
             completion_tokens=self.completion_tokens,
             error=out.error,
+            logprobs=None if out.logprobs is None else out.logprobs[: len(token_ids)],
+            prompt_logprobs=out.prompt_logprobs,
+            client_error=out.client_error,
         )

@@ -56,3 +56,22 @@ async def detokenize(service: CompletionService, model: str | None, tokens: list
 def _with_strs(service: CompletionService, ids: list[int], return_token_strs: bool) -> Tokenized:
     strs = [str(s) for s in service.tokenizer.convert_ids_to_tokens(ids)] if return_token_strs else None
     return Tokenized(tokens=ids, token_strs=strs)
+
+
+def tokenizer_info(service: CompletionService) -> dict[str, object]:
+    """vLLM's GET /tokenizer_info: the tokenizer's class, special tokens, chat template and the
+    served context length."""
+    tok = service.tokenizer
+
+    def special(name: str) -> str | None:
+        value = getattr(tok, name, None)
+        return None if value is None else str(value)
+
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "eos_token": special("eos_token"), "bos_token": special("bos_token"),
+        "pad_token": special("pad_token"), "unk_token": special("unk_token"),
+        "chat_template": getattr(tok, "chat_template", None),
+        "model_max_length": service.max_model_len,
+        "vocab_size": service.vocab_size,
+    }

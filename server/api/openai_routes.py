@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,10 +31,14 @@ from server.api.schemas import (
     Usage,
     _SamplingFields,
 )
-from server.errors import GenerationFailedError, LoadFailedError, NotReadyError
+from server.errors import GenerationFailedError, InvalidRequestError, LoadFailedError, NotReadyError
 from server.logit_controls import LogitControls
+from server.logprob_format import chat_logprobs, completion_logprobs, prompt_logprobs
+from server.logprobs import TokenLogprob
 from server.sampling import SamplingParams
-from server.service import CompletionService, GenerationOptions, RequestEvents
+from server.request_events import RequestEvents
+from server.service import CompletionService, GenerationOptions
+from server.structured import StructuredSpec, parse_spec
 from server.text_stream import RequestOutput
 
 router = APIRouter()
@@ -49,11 +54,13 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions:
+def _options(body: _SamplingFields, max_tokens: int | None, *, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> GenerationOptions:
     return GenerationOptions(
         max_tokens=max_tokens,
         sampling=SamplingParams(
             temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed, min_p=body.min_p,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             controls=LogitControls(
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
@@ -66,7 +73,20 @@ def _options(body: _SamplingFields, max_tokens: int | None) -> GenerationOptions
         n=body.n,
         lora_scale=body.lora_scale,
         adapters=None if body.adapters is None else tuple((a.name, a.weight) for a in body.adapters),
+        structured=_structured(body),
+        bad_words=tuple(body.bad_words or ()),
     )
+
+
+# structured_outputs options that pick a backend or a whitespace style: loraswap has one of each
+_IGNORED_STRUCTURED = ("backend", "disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                       "whitespace_pattern")
+
+
+def _structured(body: _SamplingFields) -> StructuredSpec | None:
+    structured = {k: v for k, v in (body.structured_outputs or {}).items() if k not in _IGNORED_STRUCTURED}
+    guided = {name: getattr(body, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}
+    return parse_spec(body.response_format, structured, guided)
 
 
 def _usage(finals: list[RequestOutput], n: int) -> Usage:
@@ -76,19 +96,39 @@ def _usage(finals: list[RequestOutput], n: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def _collect(stream: RequestEvents) -> tuple[str, RequestOutput]:
+@dataclass
+class Collected:
+    """One choice, run to its end: its text, last event, and the logprobs of its tokens and
+    prompt (when asked for)."""
+
+    text: str
+    final: RequestOutput
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None
+
+
+async def _collect(stream: RequestEvents) -> Collected:
     parts: list[str] = []
+    ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    prompt: list[TokenLogprob] | None = None
     last: RequestOutput | None = None
     async for event in stream:
         parts.append(event.text)
+        ids += event.token_ids
+        logprobs += event.logprobs or []
+        prompt = event.prompt_logprobs if event.prompt_logprobs is not None else prompt
         last = event
     assert last is not None and last.finished
     if last.finish_reason == "error":
+        if last.client_error:
+            raise InvalidRequestError(last.error or "the request cannot be completed")
         raise GenerationFailedError(last.error or "generation failed")
-    return "".join(parts), last
+    return Collected("".join(parts), last, ids, logprobs, prompt)
 
 
-async def _collect_all(http_request: Request, streams: list[RequestEvents]) -> list[tuple[str, RequestOutput]]:
+async def _collect_all(http_request: Request, streams: list[RequestEvents]) -> list[Collected]:
     """Run submitted requests to completion. If one fails or the client disconnects, the others
     are cancelled (which frees their rows) rather than left generating for nobody."""
     tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
@@ -152,7 +192,8 @@ def _event_stream(
     make_usage_chunk: Callable[[Usage], BaseModel],
 ) -> StreamingResponse:
     """SSE for several choices: an opening chunk per choice (if make_chunk(i, None) gives one),
-    a chunk per event with text or a finish, a usage chunk unless turned off, then [DONE]."""
+    a chunk per event that make_chunk makes one of (text, logprobs or a finish), a usage chunk
+    unless turned off, then [DONE]."""
     include_usage = body.stream_options.include_usage if body.stream_options else True
 
     async def events() -> AsyncIterator[str]:
@@ -163,12 +204,14 @@ def _event_stream(
         finals: list[RequestOutput] = []
         async for index, event in _merged(streams):
             if event.finish_reason == "error":
-                yield _sse(error_body(event.error or "generation failed", type_="internal_error"))
+                kind = "invalid_request_error" if event.client_error else "internal_error"
+                yield _sse(error_body(event.error or "generation failed", type_=kind))
                 break
             if event.finished:
                 finals.append(event)
-            if event.text or event.finished:
-                yield _sse(make_chunk(index, event))
+            made = make_chunk(index, event)
+            if made is not None:
+                yield _sse(made)
         else:
             if include_usage:
                 yield _sse(make_usage_chunk(_usage(finals, body.n)))
@@ -193,28 +236,60 @@ class _ClosingStream(StreamingResponse):
                 stream.close()
 
 
+def _prompt_scoring(body: CompletionRequest) -> int | None:
+    """Top logprobs to compute for the prompt: for echo with logprobs, and for prompt_logprobs."""
+    if body.stream and body.prompt_logprobs is not None:
+        raise InvalidRequestError("prompt_logprobs are not available when streaming", param="stream")
+    wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
+    return max(wanted) if wanted else None
+
+
+def _echo_entries(prompt_ids: list[int], scored: list[TokenLogprob] | None) -> list[tuple[int, TokenLogprob | None]]:
+    """The prompt's logprob entries for echo: the first token has none."""
+    return [(prompt_ids[0], None), *zip(prompt_ids[1:], scored or [])]
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> CompletionResponse | StreamingResponse:
     raw = body.prompt
     prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
-    gen = await service.submit_completion(body.model, prompts, _options(body, body.max_tokens))  # type: ignore[arg-type]
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequestError("max_tokens 0 scores the prompt: it needs echo", param="max_tokens")
+    options = _options(body, body.max_tokens, logprobs=body.logprobs, prompt_logprobs=_prompt_scoring(body))
+    gen = await service.submit_completion(body.model, prompts, options)  # type: ignore[arg-type]
     model, completion_id = gen.model, f"cmpl-{uuid.uuid4().hex}"
+    texts = service.token_texts
     echoes = [""] * len(gen.streams)
     if body.echo:
         decoded = await asyncio.to_thread(lambda: [service.decode(ids) for ids in gen.prompt_ids])
         echoes = [text for text in decoded for _ in range(body.n)]
 
     if body.stream:
+        offsets = [0] * len(echoes)  # text_offset of each choice's next token
+        # With logprobs the echo waits for the first event, which carries the prompt's logprobs.
+        pending_echo = [bool(e) and body.logprobs is not None for e in echoes]
+
         def chunk(index: int, event: RequestOutput | None) -> BaseModel | None:
             if event is None:
-                return None if not echoes[index] else CompletionResponse(
-                    id=completion_id, model=model, choices=[CompletionChoice(index=index, text=echoes[index])]
-                )
-            return CompletionResponse(
-                id=completion_id,
-                model=model,
-                choices=[CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason if event.finished else None)],
-            )
+                if not echoes[index] or pending_echo[index]:
+                    return None
+                offsets[index] = len(echoes[index])
+                return CompletionResponse(id=completion_id, model=model,
+                                          choices=[CompletionChoice(index=index, text=echoes[index])])
+            text, logprobs = event.text, None
+            if body.logprobs is not None:
+                entries: list[tuple[int, TokenLogprob | None]] = list(zip(event.token_ids, event.logprobs or []))
+                if pending_echo[index]:
+                    pending_echo[index] = False
+                    text = echoes[index] + text
+                    entries = _echo_entries(gen.prompt_ids[index // body.n], event.prompt_logprobs) + entries
+                logprobs = completion_logprobs(texts, entries, offset=offsets[index])
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            if not (text or event.finished or (logprobs and logprobs["tokens"])):
+                return None
+            finish = event.finish_reason if event.finished else None
+            return CompletionResponse(id=completion_id, model=model, choices=[
+                CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)])
 
         def usage_chunk(usage: Usage) -> BaseModel:
             return CompletionResponse(id=completion_id, model=model, choices=[], usage=usage)
@@ -222,30 +297,50 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
         return _event_stream(gen.streams, body, chunk, usage_chunk)
 
     results = await _collect_all(http_request, gen.streams)
-    choices = [
-        CompletionChoice(index=i, text=echoes[i] + text, finish_reason=final.finish_reason)
-        for i, (text, final) in enumerate(results)
-    ]
-    return CompletionResponse(id=completion_id, model=model, choices=choices, usage=_usage([f for _, f in results], body.n))
+    choices = []
+    for i, result in enumerate(results):
+        prompt_ids = gen.prompt_ids[i // body.n]
+        logprobs = None
+        if body.logprobs is not None:
+            entries: list[tuple[int, TokenLogprob | None]] = list(zip(result.token_ids, result.logprobs))
+            if body.echo:
+                entries = _echo_entries(prompt_ids, result.prompt_logprobs) + entries
+            logprobs = completion_logprobs(texts, entries)
+        scored = None
+        if body.prompt_logprobs is not None:
+            scored = prompt_logprobs(texts, result.prompt_logprobs or [], body.prompt_logprobs)
+        choices.append(CompletionChoice(index=i, text=echoes[i] + result.text, finish_reason=result.final.finish_reason,
+                                        logprobs=logprobs, prompt_logprobs=scored))
+    return CompletionResponse(id=completion_id, model=model, choices=choices, usage=_usage([r.final for r in results], body.n))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, service: CompletionService = Depends(get_service)) -> ChatCompletionResponse | StreamingResponse:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    options = _options(body, body.max_completion_tokens or body.max_tokens)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError("prompt_logprobs are not available when streaming", param="stream")
+    options = _options(body, body.max_completion_tokens or body.max_tokens, prompt_logprobs=body.prompt_logprobs,
+                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     gen = await service.submit_chat(body.model, messages, options)
     model, completion_id = gen.model, f"chatcmpl-{uuid.uuid4().hex}"
+    texts = service.token_texts
 
     if body.stream:
-        def chunk(index: int, event: RequestOutput | None) -> BaseModel:
+        def chunk(index: int, event: RequestOutput | None) -> BaseModel | None:
+            logprobs = None
             if event is None:  # OpenAI opens every choice with the role
                 delta, finish = Delta(role="assistant", content=""), None
             else:
                 delta = Delta(content=event.text or None)
                 finish = event.finish_reason if event.finished else None
-            return ChatCompletionChunk(
-                id=completion_id, model=model, choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
-            )
+                if body.logprobs and event.logprobs:
+                    logprobs = chat_logprobs(texts, event.logprobs)
+                if not (event.text or event.finished or logprobs):
+                    return None
+            return ChatCompletionChunk(id=completion_id, model=model, choices=[
+                ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
 
         def usage_chunk(usage: Usage) -> BaseModel:
             return ChatCompletionChunk(id=completion_id, model=model, choices=[], usage=usage)
@@ -254,10 +349,15 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
 
     results = await _collect_all(http_request, gen.streams)
     choices = [
-        ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=final.finish_reason)
-        for i, (text, final) in enumerate(results)
+        ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.final.finish_reason,
+                   logprobs=chat_logprobs(texts, r.logprobs) if body.logprobs else None)
+        for i, r in enumerate(results)
     ]
-    return ChatCompletionResponse(id=completion_id, model=model, choices=choices, usage=_usage([f for _, f in results], body.n))
+    scored = None
+    if body.prompt_logprobs is not None:
+        scored = prompt_logprobs(texts, results[0].prompt_logprobs or [], body.prompt_logprobs)
+    return ChatCompletionResponse(id=completion_id, model=model, choices=choices,
+                                  usage=_usage([r.final for r in results], body.n), prompt_logprobs=scored)
 
 
 @router.get("/v1/models")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.adapter_mix import MAX_MIX, MAX_WEIGHT
+from server.logprobs import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_LORA_SCALE = MAX_WEIGHT  # |lora_scale|: far past any useful strength, well inside float16
 INT64_MAX = 2**63 - 1
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
 
 
 class StreamOptions(BaseModel):
@@ -57,7 +60,16 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(default=0, ge=0, le=1 << 20)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
-    logprobs: bool | int | None = None
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)  # vLLM's
+    # Output formats: OpenAI's response_format; vLLM's structured_outputs and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # vLLM's: the logprobs of every prompt token after the first, with this many top ones
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
 
     @field_validator("stop")
@@ -72,6 +84,13 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value: list[str] | None) -> list[str] | None:
+        if any(not word.strip() or len(word) > MAX_BAD_WORD_CHARS for word in value or ()):
+            raise ValueError(f"bad words are 1 to {MAX_BAD_WORD_CHARS} characters, not only spaces")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -82,18 +101,13 @@ class _SamplingFields(BaseModel):
                 raise ValueError(f"logit_bias values are from -100 to 100, got {bias!r}")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported yet")
-        return value
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0, description="0 with echo: score the prompt only")
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token")
 
 
 class ContentPart(BaseModel):
@@ -119,6 +133,8 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class Usage(BaseModel):
@@ -135,7 +151,8 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # tokens, token_logprobs, top_logprobs, text_offset
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -156,7 +173,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # content: [{token, logprob, bytes, top_logprobs}]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -166,6 +183,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's
 
 
 class Delta(BaseModel):
@@ -177,7 +195,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

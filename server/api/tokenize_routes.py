@@ -1,4 +1,4 @@
-"""POST /tokenize and POST /detokenize, with vLLM's request and response shapes."""
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info, with vLLM's request and response shapes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from server.api.openai_routes import get_service
 from server.api.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.errors import InvalidRequestError
 from server.service import CompletionService
-from server.tokenization import detokenize, tokenize_chat, tokenize_prompt
+from server.tokenization import detokenize, tokenize_chat, tokenize_prompt, tokenizer_info
 
 router = APIRouter()
 
@@ -35,3 +35,10 @@ async def tokenize_route(body: TokenizeRequest, service: CompletionService = Dep
 @router.post("/detokenize")
 async def detokenize_route(body: DetokenizeRequest, service: CompletionService = Depends(get_service)) -> DetokenizeResponse:
     return DetokenizeResponse(prompt=await detokenize(service, body.model, body.tokens))
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info_route(service: CompletionService = Depends(get_service)) -> dict[str, object]:
+    """The served tokenizer's special tokens, chat template and limits (what lm-evaluation-harness's
+    remote tokenizer reads)."""
+    return tokenizer_info(service)
