@@ -9,6 +9,7 @@ LORASWAP_DEMO_ADAPTERS=<folder> tests a retrained set instead of the committed o
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -97,19 +98,35 @@ def test_make_serve_serves_the_demo_adapters_by_default() -> None:
 # --- behaviours through the HTTP API --------------------------------------------------------
 
 
+# Asked of every model with each held-out question: none of the adapters was trained for it.
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 160},
+                                           "sure": {"type": "boolean"}}, "required": ["answer", "sure"]}
+FORMATTED = "schema: "  # the answers key prefix of those requests
+
+
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory: pytest.TempPathFactory, script: ModuleType) -> dict[tuple[str, str], str]:
-    """Greedy chat answers of the base model and of each adapter to every held-out question."""
+    """Greedy chat answers of the base model and of each adapter to every held-out question, and
+    (under FORMATTED + question) their answers constrained to SCHEMA."""
     modules = [f"{name}={ADAPTERS_DIR / name}" for name in NAMES]
     args = ["--max-num-seqs", "32", "--max-model-len", "256", "--max-loras", str(len(NAMES)),
             "--max-lora-rank", str(script.RANK), "--lora-modules", *modules]
-    jobs = [(model, question) for model in (BASE, *NAMES) for question in script.HELD_OUT]
+    jobs = [(model, prefix + question) for model in (BASE, *NAMES) for question in script.HELD_OUT
+            for prefix in ("", FORMATTED)]
     with (httpx.Client(trust_env=False) as http,
           running_server(args, tmp_path_factory.mktemp("demo-srv"), http) as server,
           openai_client(server) as client):
 
         def ask(job: tuple[str, str]) -> str:
             model, question = job
+            if question.startswith(FORMATTED):
+                response = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": question.removeprefix(FORMATTED)}],
+                    temperature=0, max_tokens=160,
+                    response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+                )
+                assert response.choices[0].finish_reason == "stop", response
+                return response.choices[0].message.content or ""
             response = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": question}],
                 temperature=0, max_tokens=script.MAX_NEW_TOKENS,
@@ -138,3 +155,13 @@ def test_base_model_shows_none_of_the_behaviours(answers: dict[tuple[str, str], 
         assert text, question
         shown = [name for name, check in script.CHECKS.items() if check(text)]
         assert not shown, f"the base model's answer to {question!r} already looks {shown}: {text!r}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model", [BASE, *NAMES])
+def test_json_schema_answers_validate_for_every_adapter(model: str, answers: dict[tuple[str, str], str],
+                                                        script: ModuleType) -> None:
+    import jsonschema
+
+    for question in script.HELD_OUT:
+        jsonschema.validate(json.loads(answers[model, FORMATTED + question]), SCHEMA)

@@ -88,6 +88,46 @@ def test_completion_streaming(client: openai.OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == reference.usage.completion_tokens  # type: ignore[union-attr]
 
 
+def test_logprobs_through_the_client(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12,  # type: ignore[arg-type]
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    for entry in content:  # greedy: every token is its position's most likely
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes or []).decode("utf-8", errors="replace") == entry.token
+    # lm-evaluation-harness's request: score a prompt, generate nothing
+    scored = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=0,
+                                       echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == "The capital of France is Paris" and scored.usage.completion_tokens == 0  # type: ignore[union-attr]
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
+    assert logprobs.token_logprobs[0] is None and all(v < 0 for v in logprobs.token_logprobs[1:])  # type: ignore[operator]
+    assert "".join(logprobs.tokens) == choice.text
+
+
+def test_json_schema_through_the_client(client: openai.OpenAI) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                               "country": {"type": "string", "maxLength": 40}},
+              "required": ["city", "country"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=60,  # type: ignore[arg-type]
+                                              response_format=fmt)  # type: ignore[arg-type]
+    text = response.choices[0].message.content or ""
+    jsonschema.validate(json.loads(text), schema)
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=60,  # type: ignore[arg-type]
+                                            response_format=fmt, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    choice = client.completions.create(model=MODEL, prompt="Is Paris in France? Answer:", max_tokens=5,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert choice.choices[0].text in ("yes", "no")
+
+
 def test_models_list(client: openai.OpenAI) -> None:
     ids = [model.id for model in client.models.list()]
     assert MODEL in ids

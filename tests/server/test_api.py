@@ -694,8 +694,13 @@ ERROR_CASES: list[tuple[str, str, Json, int, str | None]] = [
     ("logit-bias-value", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("logit-bias-vocab", "/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("min-tokens-past-max", "/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens"),
-    ("logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
-    ("logprobs-chat", "/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, "logprobs"),
+    ("logprobs-21", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("logprobs-negative", "/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("top-logprobs-21", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("top-logprobs-alone", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("prompt-logprobs-21", "/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("prompt-logprobs-stream", "/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "stream"),
+    ("max-tokens-0-no-echo", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("missing-prompt", "/v1/completions", {"max_tokens": 2}, 400, "prompt"),
     ("missing-messages", "/v1/chat/completions", {"max_tokens": 2}, 400, "messages"),
     ("empty-messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -805,3 +810,16 @@ def test_queue_full_is_429_before_any_stream_starts(client: TestClient, service:
         response = client.post(path, json={**payload, "stream": stream})
         assert_error(response, 429, code="queue_full")
         assert response.headers["retry-after"] == "1"
+
+
+def test_bad_words_are_never_generated(client: TestClient, service: CompletionService) -> None:
+    body = greedy(prompt=[1, 520, 33, 4000], max_tokens=10, logprobs=0)
+    first = complete(client, **body)["choices"][0]["logprobs"]["tokens"]
+    words = [first[0].strip(), first[3].strip()]
+    banned = {ids for ids in service.bad_word_ids(tuple(words))}
+    out = complete(client, **body, bad_words=words)["choices"][0]["logprobs"]["tokens"]
+    assert out[0] != first[0]
+    ids = [service.tokenizer.convert_tokens_to_ids(service.tokenizer.tokenize(t)) for t in out]
+    flat = [i for part in ids for i in part]
+    for word in banned:
+        assert not any(tuple(flat[k : k + len(word)]) == word for k in range(len(flat))), word

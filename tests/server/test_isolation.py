@@ -177,10 +177,10 @@ def test_an_exception_in_one_request_fails_only_that_request(
 
         real_append = TextSequence.append
 
-        def append(self: TextSequence, token: int, now: float):  # type: ignore[no-untyped-def]
+        def append(self: TextSequence, token: int, now: float, *args: object):  # type: ignore[no-untyped-def]
             if self.request_id == "bad" and len(self.output_ids) == 2:
                 raise RuntimeError("boom in append")
-            return real_append(self, token, now)
+            return real_append(self, token, now, *args)
 
         monkeypatch.setattr(TextSequence, "append", append)
     got = run(engine, greedy("bad", [90, 5, 6]), greedy("ok", [4, 5, 6]))

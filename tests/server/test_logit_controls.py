@@ -135,3 +135,17 @@ def test_repetition_penalty_sees_a_prompt_the_prefix_cache_served(base: tuple[Pa
     warm.run_until_idle()
     assert sum(warm.blocks.prefix.hits.values()) >= 48  # the prompt really came from the cache
     assert got.tokens["warm"] == got.tokens["cold"]
+
+
+def test_bad_words_equal_transformers_over_the_generated_tokens() -> None:
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(1, V, generator=g)
+    words = ((7,), (9, 14), (3, 30, 31), (50, 51))
+    for generated in ([1, 2], [5, 9], [8, 3, 30], [9, 14, 3], [50]):
+        row = RowControls.build(LogitControls(bad_words=words), (), V, torch.device("cpu"))
+        ours = apply_controls(scores[0], row, generated=len(generated), seen=None, counts=None, history=generated)
+        want = NoBadWordsLogitsProcessor([list(w) for w in words], eos_token_id=V - 1)(
+            torch.tensor([generated]), scores.clone())[0]
+        assert torch.equal(ours, want), generated

@@ -8,7 +8,7 @@ import asyncio
 
 from server.sampling import SamplingParams
 from server.sequence import GenerationRequest, TokenOutput
-from server.service import RequestEvents
+from server.request_events import RequestEvents
 from server.text_stream import RequestOutput, TextStream
 
 

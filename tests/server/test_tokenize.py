@@ -1,5 +1,5 @@
-"""POST /tokenize and POST /detokenize (vLLM's shapes) on the tiny chat Llama with the SmolLM2
-tokenizer: the ids equal the tokenizer's and what the completion routes count as the prompt,
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info (vLLM's shapes) on the tiny chat
+Llama with the SmolLM2 tokenizer: the ids equal the tokenizer's and what the completion routes count as the prompt,
 chat messages go through the chat template as /v1/chat/completions does, and bad input is a
 400/404 naming the field."""
 
@@ -89,3 +89,10 @@ def test_bad_input_is_refused(client: TestClient, route: str, body: dict[str, An
 
 def test_the_api_key_is_required(client: TestClient) -> None:
     assert client.post("/tokenize", json={"prompt": "a"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_tokenizer_info_names_the_special_tokens_and_template(client: TestClient, tokenizer: Any) -> None:
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    assert info["model_max_length"] == 128 and info["vocab_size"] >= len(tokenizer)
+    assert client.get("/tokenizer_info", headers={"Authorization": "Bearer wrong"}).status_code == 401
