@@ -158,6 +158,21 @@ def feature_lines(features: dict[str, Any]) -> list[str]:
     return lines
 
 
+def structured_lines(part: dict[str, Any]) -> list[str]:
+    """bench/structured_outputs.py's rows: JSON-schema decoding against free decoding."""
+    summary = part.get("summary", {})
+    lines = ["", f"**Structured outputs: {part.get('requests')} concurrent requests, the same tokens constrained "
+             "by a JSON schema or free** (bench/structured_outputs.py)", "",
+             "| requests | tok/s | vs free | mask work / wall | mask wait on the step / wall |", "|---|---:|---:|---:|---:|"]
+    for r in part["rows"]:
+        constrained = r["point"] == "json_schema"
+        lines.append(f"| {'JSON schema' if constrained else 'free'} | {_fmt(r['tok_s'])} | "
+                     f"{_fmt(summary.get('vs_free'), 2) if constrained else '1.00'} | "
+                     f"{_fmt(summary.get('mask_share_of_wall'), 3) if constrained else '-'} | "
+                     f"{_fmt(summary.get('mask_wait_share_of_wall'), 3) if constrained else '-'} |")
+    return lines
+
+
 def markdown(merged: dict[str, Any]) -> str:
     parts = merged["parts"]
     lines = [f"Run of {merged['date']} on `{merged['host']}` ({merged.get('cpus')} CPUs, torch {merged['torch']}"
@@ -221,6 +236,8 @@ def markdown(merged: dict[str, Any]) -> str:
         lines += itl_lines(parts["long_prompt_itl"])
     if parts.get("adapter_features", {}).get("rows"):
         lines += feature_lines(parts["adapter_features"])
+    if parts.get("structured_outputs", {}).get("rows"):
+        lines += structured_lines(parts["structured_outputs"])
     found = targets(parts)
     lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
     lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {met_cell(t)} |" for t in found]

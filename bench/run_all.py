@@ -46,6 +46,7 @@ def parts(quick: bool, scratch: Path) -> list[tuple[str, list[str]]]:
         ("serving_compare", [*q]),
         ("long_prompt_itl", [*q]),
         ("adapter_features", [*q]),
+        ("structured_outputs", [*q]),
     ]
     if not quick:  # vLLM's environment (~3.5 GB) is built by the full benchmark only
         out.append(("vllm_baseline", ["--build-env"]))
