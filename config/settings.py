@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves every interface.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    root_path: str = Field(
+        default="", max_length=200, pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description="Path prefix a proxy serves loraswap under (e.g. /loraswap; uvicorn's and FastAPI's root_path): "
+        "the playground and the OpenAPI docs link under it.",
+    )
     dtype: Dtype = Field(default="auto", description="Weight and compute dtype; auto: float32 on CPU, bfloat16 on CUDA.")
     device: Device = Field(default="auto", description="Where the model runs; auto: CUDA when visible, else the CPU.")
     device_map: str | None = Field(

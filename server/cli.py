@@ -113,6 +113,7 @@ def serve(settings: Settings) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        root_path=settings.root_path,
         log_level=settings.log_level,
         # json: uvicorn configures no handlers of its own, so its lines reach the root JSON handler.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
