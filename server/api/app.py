@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.admin_routes import router as admin_router
 from server.api.auth import require_api_key
+from server.api.playground_routes import router as playground_router
 from server.api.errors import install_error_handlers
 from server.api.metrics_route import HttpMetricsMiddleware
 from server.api.metrics_route import router as metrics_router
@@ -102,4 +103,5 @@ def create_app(
     app.include_router(tokenize_router, dependencies=[Depends(require_api_key)])
     app.include_router(admin_router)
     app.include_router(metrics_router)  # no API key: see server/api/metrics_route.py
+    app.include_router(playground_router)  # the page is public; its API calls carry the keys typed into it
     return app
