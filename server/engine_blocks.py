@@ -77,7 +77,7 @@ class EngineBlocks:
 
     def _hit(self, seq: Sequence) -> int:
         """Cached leading blocks the sequence may use: whole hit units, and at least the last
-        prefill token left to compute (its logits give the next token). None for a request
+        prefill token left to compute (its logits give the next token). 0 for a request
         that scores its prompt (prompt logprobs need every position's logits)."""
         if seq.request.sampling.prompt_logprobs is not None and not seq.output_ids:
             return 0

@@ -26,26 +26,26 @@ class GrammarState:
     def __init__(self, compiled: Any, stop_ids: Sequence[int], history: Sequence[int] = ()) -> None:
         import xgrammar as xgr
 
-        self._xgr = xgr
         # The request's own stop ids end the grammar (EOS unless ignore_eos, and stop_token_ids).
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None)
         self.vocab = compiled.tokenizer_info.vocab_size
         for token in history:  # a resumed request: replay what it generated before
             self.accept(token)
 
-    def next_mask(self) -> torch.Tensor:
-        """Allowed next tokens as a bitmask # [ceil(vocab / 32)] int32."""
-        mask = self._xgr.allocate_token_bitmask(1, self.vocab)  # [1, W]
-        self.matcher.fill_next_token_bitmask(mask, 0)
-        return mask[0]
+    def fill(self, masks: torch.Tensor, index: int) -> None:
+        """Write the allowed next tokens into row `index` of `masks` (allocate_masks)."""
+        self.matcher.fill_next_token_bitmask(masks, index)
 
     def accept(self, token: int) -> None:
         if self.matcher.is_terminated() or not self.matcher.accept_token(token):
             raise GrammarRefusedError(f"token {token} does not continue the requested format")
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.matcher.is_terminated())
+
+def allocate_masks(rows: int, vocab: int) -> torch.Tensor:
+    """Room for `rows` bitmasks of a `vocab`-token grammar # [rows, ceil(vocab / 32)] int32."""
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(rows, vocab)
 
 
 def unpack_masks(masks: torch.Tensor, width: int) -> torch.Tensor:

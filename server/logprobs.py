@@ -33,13 +33,11 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: list[int]) 
     picked = logprobs.gather(-1, chosen[:, None])  # [n, 1]
     # rank: 1 + how many tokens are strictly more likely (ties share the better rank)
     ranks = (logprobs > picked).sum(dim=-1) + 1  # [n]
-    k = max(tops, default=0)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])  # [n, k]
-    out = []
-    for i, (token, value, rank) in enumerate(zip(chosen.tolist(), picked[:, 0].tolist(), ranks.tolist())):
-        top = tuple(zip(top_ids[i, : tops[i]].tolist(), top_values[i, : tops[i]].tolist()))
-        out.append(TokenLogprob(token, value, rank, top))
-    return out
+    top_values, top_ids = logprobs.topk(max(tops, default=0), dim=-1)  # [n, k]
+    # One read-back per tensor, not per row (prompt scoring has a row per prompt position).
+    rows = zip(chosen.tolist(), picked[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), tops)
+    return [TokenLogprob(token, value, rank, tuple(zip(ids[:k], values[:k])))
+            for token, value, rank, ids, values, k in rows]
 
 
 def next_token_targets(prompt: list[int], start: int, length: int) -> list[int]:

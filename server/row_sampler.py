@@ -18,7 +18,7 @@ import torch
 from server.logit_controls import RowControls, apply_controls
 from server.logprobs import TokenLogprob, next_token_targets, token_logprobs
 from server.sampling import SamplingParams, sample
-from server.grammar_masks import GrammarRefusedError, GrammarState, apply_masks
+from server.grammar_masks import GrammarRefusedError, GrammarState, allocate_masks, apply_masks
 
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
 GRAMMAR_REFUSED = -2  # the "token" of a row whose grammar allowed nothing it could sample
@@ -40,13 +40,13 @@ class RowSampler:
         self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.steps = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens sampled so far
-        self.params: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
-        # Logit controls: each row's (stop ids for min_tokens), tokens generated, and, allocated
-        # with the first penalized row, which tokens each row has seen (prompt and output) and
-        # how often it generated each.
-        self.row_controls: list[RowControls | None] = [None] * rows
+        # Tokens each row has sampled (its random stream's step, and what min_tokens counts).
         self.generated: list[int] = [0] * rows
+        self.params: list[SamplingParams] = [SamplingParams(temperature=0)] * rows
+        # Logit controls: each row's tensors (stop ids for min_tokens, bias), and, allocated with
+        # the first penalized row, which tokens each row has seen (prompt and output) and how
+        # often it generated each.
+        self.row_controls: list[RowControls | None] = [None] * rows
         self._seen: torch.Tensor | None = None  # [rows, V] bool
         self._counts: torch.Tensor | None = None  # [rows, V] float32
         self.histories: list[list[int] | None] = [None] * rows  # generated tokens, for multi-token bad words
@@ -75,7 +75,6 @@ class RowSampler:
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.seeds[row] = seed
-        self.steps[row] = steps
         self.params[row] = params
         self.generated[row] = steps
         self.grammars[row] = grammar
@@ -128,7 +127,10 @@ class RowSampler:
         index = torch.tensor(keep, dtype=torch.int64, device=logits.device)
         chosen = torch.tensor([targets[i] for i in keep], dtype=torch.int64, device=logits.device)
         scored = token_logprobs(logits[index], chosen, [top] * len(keep))
-        self._prompt_logprobs.setdefault(row, []).extend(scored)
+        # Entry p is position p's: a chunk scored again (its step re-run apart) replaces its entries.
+        kept = self._prompt_logprobs.setdefault(row, [])
+        del kept[start:]
+        kept.extend(scored)
 
     def take_prompt_logprobs(self, row: int) -> list[TokenLogprob] | None:
         """The row's prompt logprobs (position 1 on) once its prefill is done; None if not asked."""
@@ -141,20 +143,21 @@ class RowSampler:
     def begin_masks(self, rows: Sequence[int]) -> None:
         """Start computing the grammar masks of the rows this step samples, on a worker thread
         while the forward runs (the grammar engine works on the CPU, off the step's path)."""
-        constrained = [row for row in rows if self.grammars[row] is not None]
-        self._mask_rows = constrained
+        grammars = [(row, g) for row in rows if (g := self.grammars[row]) is not None]
+        self._mask_rows = [row for row, _ in grammars]
         self._masks = None
-        if not constrained:
+        if not grammars:
             return
-        grammars = [self.grammars[row] for row in constrained]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="loraswap-grammar")
-        self._masks = self._pool.submit(self._fill, grammars)
+        self._masks = self._pool.submit(self._fill, [g for _, g in grammars])
 
-    def _fill(self, grammars: list[GrammarState | None]) -> torch.Tensor:
-        """The masks # [c, W] int32 (worker thread)."""
+    def _fill(self, grammars: list[GrammarState]) -> torch.Tensor:
+        """The masks # [c, W] int32, each grammar writing its own row (worker thread)."""
         start = time.perf_counter()
-        masks = torch.stack([g.next_mask() for g in grammars if g is not None])
+        masks = allocate_masks(len(grammars), grammars[0].vocab)
+        for i, grammar in enumerate(grammars):
+            grammar.fill(masks, i)
         self.mask_s += time.perf_counter() - start
         return masks
 
@@ -172,11 +175,12 @@ class RowSampler:
         return apply_masks(logits, constrained, masks)
 
     # ---- sampling --------------------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Each row's next token # [n], or NON_FINITE for a row whose logits hold NaN or inf (read
-        back with the tokens: no extra device sync). A row's sum is non-finite exactly when one
-        of its logits is (finite logits cannot add up past float32's range): one cheap
-        reduction. `rows`: the runner row of each logit row."""
+    def sample(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Each row's next token, as a tensor # [n] and read back once as a list: NON_FINITE for
+        a row whose logits hold NaN or inf (found with the tokens: no extra device sync; a row's
+        sum is non-finite exactly when one of its logits is, finite logits cannot add up past
+        float32's range), GRAMMAR_REFUSED (in the list) for a row whose grammar refused its
+        token. `rows`: the runner row of each logit row."""
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [n]
         params = [self.params[row] for row in rows]
         random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -190,24 +194,23 @@ class RowSampler:
             top_k=self.top_k[index],
             top_p=self.top_p[index],
             seeds=self.seeds[index],
-            steps=self.steps[index],
+            steps=torch.tensor([self.generated[row] for row in rows], dtype=torch.int64, device=self.device),
             random_rows=random_rows,
             filtering=any(params[i].top_k > 0 or params[i].top_p < 1 for i in random_rows),
             min_p=min_p,
         )  # [n]
         # The model's own logits decide finiteness (min_tokens and grammars put -inf in on purpose).
         tokens = torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, NON_FINITE)  # [n]
-        self.steps[index] += 1
         self._count(tokens, rows, params)
         self._record_logprobs(logits, tokens, rows, params)
-        for row in rows:
+        chosen = tokens.tolist()  # the step's one read-back
+        for row, token in zip(rows, chosen):
             self.generated[row] += 1
-        remembered = [(i, h) for i, row in enumerate(rows) if (h := self.histories[row]) is not None]
-        if remembered:
-            chosen = tokens.tolist()
-            for i, history in remembered:
-                history.append(chosen[i])
-        return self._advance_grammars(tokens, rows)
+            history = self.histories[row]
+            if history is not None:
+                history.append(token)
+        self._advance_grammars(chosen, rows)
+        return tokens, chosen
 
     def _count(self, tokens: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> None:
         """Count what penalized rows generated."""
@@ -229,27 +232,18 @@ class RowSampler:
         scored = token_logprobs(logits[at], tokens[at].clamp(min=0), [params[i].logprobs or 0 for i in wanted])
         self.step_logprobs = {rows[i]: lp for i, lp in zip(wanted, scored)}
 
-    def _advance_grammars(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Feed each constrained row's token to its grammar; `tokens` with GRAMMAR_REFUSED for a
+    def _advance_grammars(self, chosen: list[int], rows: list[int]) -> None:
+        """Feed each constrained row's token to its grammar; GRAMMAR_REFUSED in `chosen` for a
         row whose grammar refused it (every token was masked out, e.g. min_tokens holding back
         the stop token the grammar needs)."""
-        constrained = [(i, g) for i, row in enumerate(rows) if (g := self.grammars[row]) is not None]
-        if not constrained:
-            return tokens
-        chosen = tokens.tolist()
-        refused = []
-        for i, grammar in constrained:
-            if chosen[i] == NON_FINITE:
+        for i, row in enumerate(rows):
+            grammar = self.grammars[row]
+            if grammar is None or chosen[i] == NON_FINITE:
                 continue
             try:
                 grammar.accept(chosen[i])
             except GrammarRefusedError:
-                refused.append(i)
-        if not refused:
-            return tokens
-        tokens = tokens.clone()
-        tokens[refused] = GRAMMAR_REFUSED
-        return tokens
+                chosen[i] = GRAMMAR_REFUSED
 
     def _controlled(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """`logits` # [n, V] with each row's logit controls applied (the same tensor when no row has any)."""

@@ -19,7 +19,7 @@ from adapters.lora_layer import Terms
 from server.forward_batch import ForwardBatch, PromptChunk, build_forward_batch
 from server.kv_cache import blocks_for
 from server.model import LayerFn, Transformer, run_layer
-from server.row_sampler import GRAMMAR_REFUSED, NON_FINITE, UNSAMPLED, RowSampler
+from server.row_sampler import RowSampler
 from server.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from adapters.slot_bank import SlotBank
 
 MIN_KV_BUCKET = 64
-__all__ = ["GRAMMAR_REFUSED", "NON_FINITE", "UNSAMPLED", "ModelRunner", "chunk_window"]
 
 
 def chunk_window(needed: int, max_len: int) -> int:
@@ -285,7 +284,7 @@ class ModelRunner:
             return []
         self.sampler.begin_masks(sampled_rows)  # grammar masks, while the forward runs
         logits = self._logits(decode_rows, chunks)
-        tokens = [] if logits is None else self._sample(logits, sampled_rows).tolist()
+        tokens = [] if logits is None else self._sample(logits, sampled_rows)
         for row in decode_rows:  # only now: a step that raised changed no row
             self.positions[row] += 1
         for chunk in chunks:
@@ -316,9 +315,9 @@ class ModelRunner:
             self.model.forward_batch(batch, self._layer_fn)
         self.warm_graphs = self.compile_counter.graphs
 
-    def _sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Each row's next token # [n] (server/row_sampler.py); `rows`: the runner row of each
-        logit row. The decode block reads the tokens back from here."""
-        tokens = self.sampler.sample(logits, rows)
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """Each row's next token (server/row_sampler.py); `rows`: the runner row of each logit
+        row. The decode block reads its inputs from `last_tokens`, on the device."""
+        tokens, chosen = self.sampler.sample(logits, rows)
         self.last_tokens[torch.tensor(rows, dtype=torch.int64, device=self.device)] = tokens.clamp(min=0)
-        return tokens
+        return chosen

@@ -33,7 +33,8 @@ from server.engine_slots import EngineSlots, Grants
 from server.forward_batch import PromptChunk
 from server.kv_blocks import BlockPool
 from server.logprobs import TokenLogprob
-from server.runner import GRAMMAR_REFUSED, UNSAMPLED, ModelRunner
+from server.row_sampler import GRAMMAR_REFUSED, UNSAMPLED
+from server.runner import ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
 from server.sequence import AdapterUse, FinishReason, GenerationRequest, Sequence, TokenOutput
 

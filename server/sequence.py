@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.logprobs import TokenLogprob
@@ -138,20 +138,21 @@ class Sequence:
         first token, the prompt's, when the request asked for them)."""
         if self.request.max_tokens == 0:  # scoring a prompt (echo): its logprobs, no token
             self.finish_reason = "length"
-            return replace(self._event([], now), prompt_logprobs=prompt_logprobs)
+            return self._event([], now, prompt_logprobs=prompt_logprobs)
         self.output_ids.append(token)
         if token in self._stop_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.request.max_tokens or self.prompt_len + len(self.output_ids) >= self._max_len:
             self.finish_reason = "length"
-        return replace(self._event([token], now), logprobs=None if logprob is None else [logprob],
-                       prompt_logprobs=prompt_logprobs)
+        return self._event([token], now, logprobs=None if logprob is None else [logprob],
+                           prompt_logprobs=prompt_logprobs)
 
     def abort(self, reason: FinishReason = "abort", error: str | None = None, client_error: bool = False) -> TokenOutput:
         self.finish_reason = reason
-        return replace(self._event([], time.monotonic(), error=error), client_error=client_error)
+        return self._event([], time.monotonic(), error=error, client_error=client_error)
 
-    def _event(self, token_ids: list[int], now: float, error: str | None = None) -> TokenOutput:
+    def _event(self, token_ids: list[int], now: float, **extra: Any) -> TokenOutput:
+        """The event of `token_ids`; `extra`: its other TokenOutput fields (error, logprobs, ...)."""
         return TokenOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -159,6 +160,6 @@ class Sequence:
             finish_reason=self.finish_reason,
             prompt_tokens=self.prompt_len,
             completion_tokens=len(self.output_ids),
-            error=error,
             time=now,
+            **extra,
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.errors import InvalidRequestError
+from server.grammar_masks import GrammarState, allocate_masks
 
 MAX_SPEC_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
@@ -138,12 +139,10 @@ def _ebnf_literal(text: str) -> str:
 def _can_begin(grammar: Any) -> bool:
     """Whether some token can start the format (a fresh matcher's mask is not empty). Formats
     that dead-end later are caught while sampling (the request ends with a 400-type error)."""
-    import xgrammar as xgr
-
-    matcher = xgr.GrammarMatcher(grammar)
-    mask = xgr.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
-    matcher.fill_next_token_bitmask(mask, 0)
-    return bool(mask.any())
+    state = GrammarState(grammar, ())
+    masks = allocate_masks(1, state.vocab)
+    state.fill(masks, 0)
+    return bool(masks.any())
 
 
 def _message(exc: BaseException) -> str:
@@ -161,8 +160,8 @@ class StructuredOutputs:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loraswap-grammar-compile")
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pending: dict[tuple[str, str], Future[Any]] = {}
-        self._too_slow: set[tuple[str, str]] = set()
-        self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()  # format -> why it cannot be used
+        # format -> why it gets a 400 (invalid, or too slow to compile), the last CACHE_SIZE
+        self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def _compile_now(self, spec: StructuredSpec) -> Any:
         """On the compile thread."""
@@ -192,34 +191,27 @@ class StructuredOutputs:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if key in self._too_slow:
-            raise self._slow_error(spec)
         if key in self._refused:
-            raise self._refusal(spec, self._refused[key])
+            raise InvalidRequestError(self._refused[key], param=spec.param)
         future = self._pending.get(key)
         if future is None:
             future = self._pending[key] = self._pool.submit(self._compile_now, spec)
             future.add_done_callback(lambda _: self._pending.pop(key, None))
         try:
             grammar = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), COMPILE_TIMEOUT_S)
-        except TimeoutError:
-            self._too_slow.add(key)
-            raise self._slow_error(spec) from None
+        except asyncio.TimeoutError:  # not TimeoutError itself before Python 3.11
+            why = f"the {spec.kind.replace('_', ' ')} takes longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's parse and conversion errors
-            self._refused[key] = _message(exc)
-            if len(self._refused) > CACHE_SIZE:
-                self._refused.popitem(last=False)
-            raise self._refusal(spec, self._refused[key]) from None
-        self._cache[key] = grammar
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return grammar
+            why = f"cannot use this {spec.kind.replace('_', ' ')}: {_message(exc)}"
+        else:
+            _remember(self._cache, key, grammar)
+            return grammar
+        _remember(self._refused, key, why)
+        raise InvalidRequestError(why, param=spec.param)
 
-    @staticmethod
-    def _refusal(spec: StructuredSpec, why: str) -> InvalidRequestError:
-        return InvalidRequestError(f"cannot use this {spec.kind.replace('_', ' ')}: {why}", param=spec.param)
 
-    @staticmethod
-    def _slow_error(spec: StructuredSpec) -> InvalidRequestError:
-        return InvalidRequestError(f"the {spec.kind.replace('_', ' ')} takes longer than {COMPILE_TIMEOUT_S:g} s to "
-                                   "compile; simplify it", param=spec.param)
+def _remember(cache: OrderedDict[tuple[str, str], Any], key: tuple[str, str], value: Any) -> None:
+    """Keep `value` under `key`, dropping the least recently added past CACHE_SIZE."""
+    cache[key] = value
+    if len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)

@@ -267,7 +267,7 @@ async def completions(body: CompletionRequest, http_request: Request, service: C
     if body.stream:
         offsets = [0] * len(echoes)  # text_offset of each choice's next token
         # With logprobs the echo waits for the first event, which carries the prompt's logprobs.
-        pending_echo = [bool(e) and body.logprobs is not None for e in echoes]
+        pending_echo = [body.echo and body.logprobs is not None] * len(echoes)
 
         def chunk(index: int, event: RequestOutput | None) -> BaseModel | None:
             if event is None:

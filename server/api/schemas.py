@@ -102,7 +102,6 @@ class _SamplingFields(BaseModel):
         return value
 
 
-
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0, description="0 with echo: score the prompt only")

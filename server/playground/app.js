@@ -316,11 +316,18 @@ async function refreshSlots() {
   await refreshTiers();
 }
 
-async function refreshTiers() {
-  let adapters;
+// Every adapter's state from the admin API: {adapters} or {error}.
+async function adminAdapters() {
   try {
-    adapters = (await api("admin/adapters", { kind: "admin" })).adapters;
+    return { adapters: (await api("admin/adapters", { kind: "admin" })).adapters };
   } catch (error) {
+    return { error };
+  }
+}
+
+async function refreshTiers() {
+  const { adapters, error } = await adminAdapters();
+  if (error) {
     $("tiers-note").textContent = `Tiers need the admin API: ${error.message}`;
     $("tiers").replaceChildren();
     return;
@@ -405,10 +412,8 @@ async function act(name, action) {
 }
 
 async function refreshAdmin() {
-  let adapters;
-  try {
-    adapters = (await api("admin/adapters", { kind: "admin" })).adapters;
-  } catch (error) {
+  const { adapters, error } = await adminAdapters();
+  if (error) {
     $("manage-note").textContent = error.status === 401 || error.status === 403
       ? `Read-only: ${error.message}. Type the admin token above to manage adapters (it stays in this tab only).`
       : `Cannot reach the admin API: ${error.message}`;
