@@ -6,7 +6,8 @@ that resolution so the sets never disagree on a version:
 
     requirements-serve.lock   the server (`make serve`; the Docker image without EXTRAS)
     requirements-quant.lock   serve + bitsandbytes (the Docker images' default EXTRAS=quant)
-    requirements-dev.lock     serve + quant + the test tools (`make test`)
+    requirements-ray.lock     serve + Ray Serve (`make serve-ray`, `loraswap serve-ray`)
+    requirements-dev.lock     serve + quant + ray + the test tools (`make test`)
     requirements-bench.lock   dev + the plot (`make bench`)
 
 torch is not in the locks: it is installed by its own exact pin (TORCH_SPEC in the Makefile,
@@ -45,8 +46,9 @@ INPUTS = Path(".ci/lock")  # relative: the paths appear in the locks' "# via" an
 SETS: dict[str, list[str]] = {
     "serve": [],
     "quant": ["quant"],
-    "dev": ["dev", "quant"],
-    "bench": ["dev", "quant", "bench"],
+    "ray": ["ray"],
+    "dev": ["dev", "quant", "ray"],
+    "bench": ["dev", "quant", "ray", "bench"],
 }
 FULL_SET = "bench"
 assert set(SETS[FULL_SET]) == {extra for extras in SETS.values() for extra in extras}
