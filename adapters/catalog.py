@@ -233,6 +233,10 @@ class AdapterCatalog:
         return keys
 
     # ---- reading -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Follow the store now (every read also does): another process just changed it."""
+        self._sync()
+
     def __contains__(self, name: object) -> bool:
         self._sync()
         return name in self._current

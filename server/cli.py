@@ -1,4 +1,5 @@
-"""Command line: `loraswap serve [flags]` (also `python -m server serve`)."""
+"""Command line: `loraswap serve [flags]` (also `python -m server serve`), and `loraswap serve-ray
+[flags]`: the same server as N replicas on Ray Serve (server/api/ray_serve.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from pydantic_settings import BaseSettings
+
+from config.ray_settings import RaySettings
 from config.settings import Settings, load_settings
 from server.logs import configure_logging
 
@@ -32,15 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     serve.add_argument("--config", type=Path, help="TOML settings file (see config/example.toml)")
     add_settings_flags(serve)
+    ray = sub.add_parser("serve-ray", help="serve N engine replicas behind one ingress on Ray Serve")
+    ray.add_argument("--config", type=Path, help="TOML settings file of each replica (see config/example.toml)")
+    add_settings_flags(ray)
+    add_settings_flags(ray, RaySettings)
     return parser
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseSettings] = Settings) -> None:
     """One flag per Settings field: `--max-num-seqs` for `max_num_seqs`, its help the field's
     description and default. Values stay strings for pydantic to validate, the one place that
     knows each type (`--max-loras auto|N`, `--lora-memory 1GiB`). Every default is None, so that
     only flags actually given override the environment and the config file."""
-    for name, field in Settings.model_fields.items():
+    for name, field in model.model_fields.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, **flag_options(name, field))
 
 
@@ -81,8 +89,12 @@ def default_text(value: object) -> str:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    fields = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     return load_settings(args.config, **fields)
+
+
+def ray_settings_from_args(args: argparse.Namespace) -> RaySettings:
+    return RaySettings(**{k: v for k, v in vars(args).items() if k in RaySettings.model_fields and v is not None})
 
 
 def serve(settings: Settings) -> int:
@@ -131,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        ray_settings = ray_settings_from_args(args) if args.command == "serve-ray" else None
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"loraswap: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         return serve(settings)
+    if args.command == "serve-ray" and ray_settings is not None:
+        from server.api.ray_serve import serve_ray
+
+        return serve_ray(settings, ray_settings)
     return 2
 
 

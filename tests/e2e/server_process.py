@@ -71,15 +71,17 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> N
 
 @contextmanager
 def running_server(
-    args: list[str], log_dir: Path, http: httpx.Client, *, python_prelude: str | None = None
+    args: list[str], log_dir: Path, http: httpx.Client, *, python_prelude: str | None = None,
+    command_name: str = "serve", stop_timeout_s: float = 15.0,
 ) -> Iterator[Server]:
-    """`python -m server serve --port <free> *args`, ready, stopped at exit. `python_prelude`:
-    Python run in the server process before the CLI starts (test hooks, e.g. a crash point)."""
+    """`python -m server serve --port <free> *args` (or another `command_name`: serve-ray),
+    ready, stopped at exit. `python_prelude`: Python run in the server process before the CLI
+    starts (test hooks, e.g. a crash point)."""
     port = free_port()
     log_path = log_dir / "server.log"
     if "--data-dir" not in args:  # each server its own adapter store
         args = [*args, "--data-dir", str(log_dir / "data")]
-    command = [sys.executable, "-m", "server", "serve", "--port", str(port), *args]
+    command = [sys.executable, "-m", "server", command_name, "--port", str(port), *args]
     if python_prelude is not None:
         entry = f"{python_prelude}\nimport sys\nfrom server.cli import main\nsys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", entry, *command[3:]]
@@ -90,7 +92,7 @@ def running_server(
         wait_ready(server, http)
         yield server
     finally:
-        stop_process(process)
+        stop_process(process, stop_timeout_s)
 
 
 @contextmanager

@@ -1,0 +1,93 @@
+"""`loraswap serve-ray`: the Ray Serve application (an ingress and N engine replicas) built from
+the same settings as `loraswap serve`, deployed on a local Ray instance or a cluster."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from config.ray_settings import RaySettings
+from config.settings import Settings
+
+log = logging.getLogger("loraswap.ray")
+
+APP_NAME = "loraswap"
+ENGINE_DEPLOYMENT = "LoraEngine"
+INGRESS_DEPLOYMENT = "Ingress"
+MULTIPART_ROOM = 2 * 2**20  # the config file (<= 1 MiB) and the multipart framing around the weights
+INGRESS_MAX_ONGOING = 10_000  # the ingress only forwards; the replicas' limits are what bind
+
+
+def engine_options(settings: Settings, ray: RaySettings) -> dict[str, Any]:
+    """The engine deployment's options. A replica takes at most max_num_seqs requests at once
+    (then Ray prefers another replica holding the adapter, or waits); the ingress holds up to
+    max_waiting per replica beyond that and answers 429 past it, as one process would."""
+    return {
+        "name": ENGINE_DEPLOYMENT,
+        "num_replicas": ray.replicas,
+        "ray_actor_options": {"num_cpus": ray.replica_cpus, "num_gpus": ray.replica_gpus},
+        "max_ongoing_requests": ray.replica_max_ongoing or settings.max_num_seqs,
+        "max_queued_requests": settings.max_waiting * ray.replicas,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 60.0,
+        "graceful_shutdown_timeout_s": settings.drain_timeout,
+    }
+
+
+def build_app(settings: Settings, ray: RaySettings) -> Any:
+    """The bound application (ray.serve Application) `serve.run` deploys."""
+    from ray import serve
+
+    from server.api.ray_ingress import Ingress
+    from server.api.ray_replica import EngineReplica
+
+    engine = serve.deployment(**engine_options(settings, ray))(EngineReplica)
+    ingress = serve.deployment(
+        name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+    )(Ingress)
+    max_body = int(settings.max_upload_mb * 1e6) + MULTIPART_ROOM
+    return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body)
+
+
+def serve_ray(settings: Settings, ray_settings: RaySettings) -> int:
+    """Deploy, serve until SIGTERM or SIGINT, then take the application down (and the local
+    Ray instance, if this process started it). Exit code 1 if it could not be deployed."""
+    import ray
+    from ray import serve
+
+    local = ray_settings.ray_address is None
+    ray.init(
+        address=ray_settings.ray_address, num_cpus=ray_settings.ray_num_cpus if local else None,
+        include_dashboard=False, configure_logging=False,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port, "root_path": settings.root_path})
+        serve.run(build_app(settings, ray_settings), name=APP_NAME, route_prefix="/")
+    except Exception as exc:
+        log.error("cannot serve: %s", exc)
+        _take_down(local)
+        return 1
+    log.info("serving %d replicas at http://%s:%d", ray_settings.replicas, settings.host, settings.port)
+    stop.wait()
+    log.info("stopping: running requests get up to %.0f s", settings.drain_timeout)
+    _take_down(local)
+    return 0
+
+
+def _take_down(local: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
