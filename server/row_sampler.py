@@ -9,6 +9,8 @@ a row's tokens and numbers never depend on the rows that share its step.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,16 +20,22 @@ import torch
 from server.logit_controls import RowControls, apply_controls
 from server.logprobs import TokenLogprob, next_token_targets, token_logprobs
 from server.sampling import SamplingParams, sample
-from server.grammar_masks import GrammarRefusedError, GrammarState, allocate_masks, apply_masks
+from server.grammar_masks import SLOW_FILL_S, GrammarRefusedError, GrammarState, allocate_masks, apply_masks
+
+log = logging.getLogger("loraswap.engine")
 
 NON_FINITE = -1  # the "token" of a row whose logits are not finite
 GRAMMAR_REFUSED = -2  # the "token" of a row whose grammar allowed nothing it could sample
+GRAMMAR_TOO_SLOW = -3  # the "token" of a row whose grammar's masks kept taking too long
 UNSAMPLED = {  # why a row got one of those "tokens" (the engine ends that request with it)
     NON_FINITE: "the model's output became NaN or infinite for this request (its adapter's numbers overflow); "
                 "it was stopped",
     GRAMMAR_REFUSED: "no token of this model's vocabulary can continue the requested output format here (or "
                      "min_tokens held back the stop token that ends it); the request was stopped",
+    GRAMMAR_TOO_SLOW: f"the requested output format costs too much to follow (its allowed tokens took over "
+                      f"{SLOW_FILL_S * 1000:.0f} ms per step, e.g. a regex with nested repetition); simplify it",
 }
+CLIENT_ERRORS = {GRAMMAR_REFUSED, GRAMMAR_TOO_SLOW}  # the request's own format, not the server, ended it
 
 
 class RowSampler:
@@ -201,9 +209,11 @@ class RowSampler:
         )  # [n]
         # The model's own logits decide finiteness (min_tokens and grammars put -inf in on purpose).
         tokens = torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, NON_FINITE)  # [n]
-        self._count(tokens, rows, params)
         self._record_logprobs(logits, tokens, rows, params)
         chosen = tokens.tolist()  # the step's one read-back
+        # The rows' state changes only from here, and nothing below raises: a step that failed
+        # above and is run again row by row (the runner's isolation) counts each token once.
+        self._count(tokens, rows, params)
         for row, token in zip(rows, chosen):
             self.generated[row] += 1
             history = self.histories[row]
@@ -240,9 +250,14 @@ class RowSampler:
             grammar = self.grammars[row]
             if grammar is None or chosen[i] == NON_FINITE:
                 continue
+            if grammar.too_slow:
+                chosen[i] = GRAMMAR_TOO_SLOW
+                continue
             try:
                 grammar.accept(chosen[i])
-            except GrammarRefusedError:
+            except Exception as exc:  # refused, or the matcher failed: this row ends, the others go on
+                if not isinstance(exc, GrammarRefusedError):
+                    log.warning("grammar matcher failed on row %d: %s", row, exc)
                 chosen[i] = GRAMMAR_REFUSED
 
     def _controlled(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from server.engine_slots import EngineSlots, Grants
 from server.forward_batch import PromptChunk
 from server.kv_blocks import BlockPool
 from server.logprobs import TokenLogprob
-from server.row_sampler import GRAMMAR_REFUSED, UNSAMPLED
+from server.row_sampler import CLIENT_ERRORS, UNSAMPLED
 from server.runner import ModelRunner
 from server.scheduling import WaitStats, schedule_chunks
 from server.sequence import AdapterUse, FinishReason, GenerationRequest, Sequence, TokenOutput
@@ -222,7 +222,7 @@ class Scheduler:
         """Hand one sampled token to its request; whatever goes wrong there ends that request
         alone (its row and slot go back), never the step or the other rows."""
         if token in UNSAMPLED:
-            self._fail(seq, UNSAMPLED[token], client_error=token == GRAMMAR_REFUSED)
+            self._fail(seq, UNSAMPLED[token], client_error=token in CLIENT_ERRORS)
             return
         try:
             self._emit(seq, seq.append(token, now, logprob, prompt_logprobs))

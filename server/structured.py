@@ -18,16 +18,18 @@ import json
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, QueueFullError
 from server.grammar_masks import GrammarState, allocate_masks
 
 MAX_SPEC_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
 MAX_CHOICES = 256
-COMPILE_TIMEOUT_S = 10.0
+COMPILE_TIMEOUT_S = 10.0  # of compiling, from when the compile thread starts it (queueing excluded)
+MAX_PENDING = 16  # distinct formats compiling or queued at once; more are a 429
 CACHE_SIZE = 256
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
@@ -159,7 +161,7 @@ class StructuredOutputs:
         self._compiler: Any = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loraswap-grammar-compile")
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._pending: dict[tuple[str, str], Future[Any]] = {}
+        self._pending: dict[tuple[str, str], _Job] = {}  # compiling or queued, at most MAX_PENDING
         # format -> why it gets a 400 (invalid, or too slow to compile), the last CACHE_SIZE
         self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
 
@@ -185,6 +187,22 @@ class StructuredOutputs:
             raise ValueError("no token of this model's vocabulary can begin it")
         return grammar
 
+    def _run(self, spec: StructuredSpec, job: _Job) -> Any:
+        """On the compile thread: the time limit counts from here, not from the queue."""
+        job.started_at = time.monotonic()
+        return self._compile_now(spec)
+
+    def _finished(self, key: tuple[str, str], future: Future[Any]) -> None:
+        """On the event loop, once a compile ends (even after its waiters gave up on it): a
+        grammar is cached, so a slow but valid format compiles once; an error is remembered."""
+        self._pending.pop(key, None)
+        exc = future.exception()
+        if exc is None:
+            self._refused.pop(key, None)
+            _remember(self._cache, key, future.result())
+        elif isinstance(exc, (RuntimeError, ValueError, TypeError)):  # xgrammar's parse and conversion errors
+            _remember(self._refused, key, f"cannot use this {key[0].replace('_', ' ')}: {_message(exc)}")
+
     async def compile(self, spec: StructuredSpec) -> Any:
         """The compiled grammar of `spec` (from the cache when it was compiled before)."""
         key = spec.key
@@ -193,21 +211,36 @@ class StructuredOutputs:
             return self._cache[key]
         if key in self._refused:
             raise InvalidRequestError(self._refused[key], param=spec.param)
-        future = self._pending.get(key)
-        if future is None:
-            future = self._pending[key] = self._pool.submit(self._compile_now, spec)
-            future.add_done_callback(lambda _: self._pending.pop(key, None))
+        job = self._pending.get(key)
+        if job is None:
+            if len(self._pending) >= MAX_PENDING:
+                raise QueueFullError(f"{MAX_PENDING} output formats are being compiled; retry later")
+            job = self._pending[key] = _Job()
+            loop = asyncio.get_running_loop()
+            job.future = self._pool.submit(self._run, spec, job)
+            job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, key, f))
+        waiting = asyncio.wrap_future(job.future)
+        while not waiting.done():
+            started = job.started_at
+            left = 0.1 if started is None else started + COMPILE_TIMEOUT_S - time.monotonic()
+            if left <= 0:
+                why = f"the {spec.kind.replace('_', ' ')} takes longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"
+                _remember(self._refused, key, why)
+                raise InvalidRequestError(why, param=spec.param)
+            await asyncio.wait({waiting}, timeout=left)
         try:
-            grammar = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), COMPILE_TIMEOUT_S)
-        except asyncio.TimeoutError:  # not TimeoutError itself before Python 3.11
-            why = f"the {spec.kind.replace('_', ' ')} takes longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"
-        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's parse and conversion errors
-            why = f"cannot use this {spec.kind.replace('_', ' ')}: {_message(exc)}"
-        else:
-            _remember(self._cache, key, grammar)
-            return grammar
-        _remember(self._refused, key, why)
-        raise InvalidRequestError(why, param=spec.param)
+            return waiting.result()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"cannot use this {spec.kind.replace('_', ' ')}: {_message(exc)}",
+                                      param=spec.param) from None
+
+
+@dataclass
+class _Job:
+    """A compile submitted to the compile thread: its future, and when it began running there."""
+
+    future: Future[Any] = field(default_factory=Future)
+    started_at: float | None = None
 
 
 def _remember(cache: OrderedDict[tuple[str, str], Any], key: tuple[str, str], value: Any) -> None:

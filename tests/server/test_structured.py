@@ -5,6 +5,7 @@ a step with free ones, whose tokens do not change; bad or oversized formats are 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -17,6 +18,7 @@ import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
+import server.grammar_masks as grammar_masks
 import server.structured as structured
 from config.settings import Settings
 from server.api.app import create_app
@@ -183,6 +185,78 @@ def test_a_slow_compile_is_refused_and_not_retried(client: TestClient, monkeypat
         assert "longer than 0.2 s" in error["message"]
     assert len(calls) == 1
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200  # still serving
+    # The compile that outlived its waiters is kept once it ends: a valid format is not refused forever.
+    deadline = time.monotonic() + 30
+    while client.post("/v1/completions", json=body).status_code != 200:
+        assert time.monotonic() < deadline, "the finished compile was never cached"
+        time.sleep(0.2)
+    assert len(calls) == 1
+
+
+def test_compile_time_limit_counts_from_the_start_not_the_queue(client: TestClient,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A format queued behind a slow one is not refused for the wait; past MAX_PENDING queued
+    formats a request is a 429, and the server keeps serving."""
+    service = client.app.state.holder.service  # type: ignore[attr-defined]
+    real = service.structured._compile_now
+
+    def slow_first(spec: Any) -> Any:
+        if spec.source == "queue-head[0-9]":
+            time.sleep(1.5)
+        return real(spec)
+
+    monkeypatch.setattr(structured, "COMPILE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(structured, "MAX_PENDING", 2)
+    monkeypatch.setattr(service.structured, "_compile_now", slow_first)
+    with ThreadPoolExecutor(3) as pool:
+        head = pool.submit(client.post, "/v1/completions", json={"prompt": "x", "max_tokens": 4,
+                                                                 "guided_regex": "queue-head[0-9]"})
+        time.sleep(0.3)  # the slow one is compiling
+        queued = pool.submit(client.post, "/v1/completions", json={"prompt": "x", "max_tokens": 4,
+                                                                   "guided_regex": "queued[0-9]"})
+        time.sleep(0.3)
+        third = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "guided_regex": "third[0-9]"})
+        assert_error(third, 429)
+        assert "longer than 1 s" in assert_error(head.result(), 400)["message"]
+        assert queued.result().status_code == 200, queued.result().text  # waited ~1.2 s in the queue
+
+
+def test_a_format_too_costly_to_follow_ends_only_its_request(client: TestClient,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masks slower than SLOW_FILL_S on SLOW_FILLS steps in a row end that request with a 400-type
+    error (here every mask counts as slow); a free request in the same batch is untouched."""
+    free = {"prompt": "Once", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    expected = client.post("/v1/completions", json=free).json()["choices"][0]["text"]
+    monkeypatch.setattr(grammar_masks, "SLOW_FILL_S", 0.0)
+    # 48 letters: more tokens than SLOW_FILLS whatever the model picks, nothing may end it sooner
+    body = {"prompt": "x", "max_tokens": 60, "temperature": 0, "guided_regex": "(a|b){48}"}
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.post, "/v1/completions", json=body)
+        other = pool.submit(client.post, "/v1/completions", json=free)
+        message = assert_error(slow.result(), 400)["message"]
+        assert "costs too much to follow" in message
+        assert other.result().json()["choices"][0]["text"] == expected
+
+
+def test_a_failing_matcher_refuses_its_row_only(tiny_llama_dir: Path) -> None:
+    """A matcher that raises while filling its mask allows nothing in its own row (the row is
+    refused when it samples); the next row's mask is the real one."""
+    from transformers import AutoTokenizer
+
+    outputs = structured.StructuredOutputs(AutoTokenizer.from_pretrained(tiny_llama_dir), 49152)
+    grammar = asyncio.run(outputs.compile(parse_spec(None, None, {"guided_regex": "[a-c]+"})))
+    broken, fine = grammar_masks.GrammarState(grammar, ()), grammar_masks.GrammarState(grammar, ())
+
+    class Raising:
+        def fill_next_token_bitmask(self, masks: Any, index: int) -> None:
+            raise RuntimeError("matcher gone")
+
+    broken.matcher = Raising()
+    masks = grammar_masks.allocate_masks(2, fine.vocab)
+    masks.fill_(-1)
+    broken.fill(masks, 0)
+    fine.fill(masks, 1)
+    assert not masks[0].any() and masks[1].any()
 
 
 def test_parse_spec_canonical_keys() -> None:
