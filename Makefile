@@ -14,7 +14,7 @@ DEMO_ADAPTERS := french=examples/adapters/french json=examples/adapters/json pir
 DEMO ?= $(if $(or $(findstring --model,$(ARGS)),$(findstring --lora-modules,$(ARGS)),$(findstring --config,$(ARGS))),0,1)
 SERVE_DEMO := $(if $(filter 1,$(DEMO)),--lora-modules $(DEMO_ADAPTERS))
 
-.PHONY: serve test bench bench-quick install install-dev install-bench lock clean
+.PHONY: serve serve-ray test bench bench-quick install install-dev install-ray install-bench lock clean
 
 # Every install goes through the lock files (`make lock` writes them; see .ci/lock.py): exact
 # versions with hashes, --no-deps so pip resolves nothing of its own. torch comes after the lock,
@@ -36,6 +36,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
 	$(LOCKED_INSTALL) requirements-dev.lock
 	touch $@
 
+$(VENV)/.installed-ray: $(VENV)/.installed requirements-ray.lock
+	$(LOCKED_INSTALL) requirements-ray.lock
+	touch $@
+
 $(VENV)/.installed-bench: $(VENV)/.installed-dev requirements-bench.lock
 	$(LOCKED_INSTALL) requirements-bench.lock
 	touch $@
@@ -44,10 +48,16 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+install-ray: $(VENV)/.installed-ray
+
 install-bench: $(VENV)/.installed-bench
 
 serve: install
 	$(BIN)/loraswap serve $(SERVE_DEMO) $(ARGS)
+
+# The same server as replicas on Ray Serve (a local Ray instance unless --ray-address): README "Scale out".
+serve-ray: install-ray
+	$(BIN)/loraswap serve-ray $(SERVE_DEMO) $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(ARGS)

@@ -173,6 +173,27 @@ def structured_lines(part: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ray_lines(part: dict[str, Any]) -> list[str]:
+    """bench/ray_multiplex.py's rows: adapter-affinity routing against Ray's round robin."""
+    summary = part.get("summary", {})
+    lines = ["", f"**Ray Serve: {part.get('replicas')} replicas x {part.get('slots')} slots, {part.get('adapters')} "
+             f"adapters, Zipf s={part.get('zipf_s')}, {part.get('clients')} clients** (bench/ray_multiplex.py)", "",
+             "| routing | tok/s | slot loads | disk loads | busiest replica's share | mean latency s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in part["rows"]:
+        lines.append(f"| {r['point']} | {_fmt(r['tok_s'])} | {r['slot_loads']} | {r['disk_loads']} | "
+                     f"{_fmt(r['busiest_replica_share'], 2)} | {_fmt(r['latency_mean_s'], 2)} |")
+    lines.append(f"| multiplexed / round robin | {_fmt(summary.get('tok_s_vs_round_robin'), 2)} | "
+                 f"{_fmt(_ratio(summary.get('slot_loads_multiplexed'), summary.get('slot_loads_round_robin')), 2)} | "
+                 f"{_fmt(_ratio(summary.get('disk_loads_multiplexed'), summary.get('disk_loads_round_robin')), 2)} | | "
+                 f"{_fmt(summary.get('latency_mean_vs_round_robin'), 2)} |")
+    return lines
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
 def markdown(merged: dict[str, Any]) -> str:
     parts = merged["parts"]
     lines = [f"Run of {merged['date']} on `{merged['host']}` ({merged.get('cpus')} CPUs, torch {merged['torch']}"
@@ -238,6 +259,8 @@ def markdown(merged: dict[str, Any]) -> str:
         lines += feature_lines(parts["adapter_features"])
     if parts.get("structured_outputs", {}).get("rows"):
         lines += structured_lines(parts["structured_outputs"])
+    if parts.get("ray_multiplex", {}).get("rows"):
+        lines += ray_lines(parts["ray_multiplex"])
     found = targets(parts)
     lines += ["", "**Targets**", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
     lines += [f"| {t['metric']} | {_fmt(t['value'], 2)} | {t['target']} | {met_cell(t)} |" for t in found]

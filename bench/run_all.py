@@ -47,6 +47,7 @@ def parts(quick: bool, scratch: Path) -> list[tuple[str, list[str]]]:
         ("long_prompt_itl", [*q]),
         ("adapter_features", [*q]),
         ("structured_outputs", [*q]),
+        ("ray_multiplex", [*q]),
     ]
     if not quick:  # vLLM's environment (~3.5 GB) is built by the full benchmark only
         out.append(("vllm_baseline", ["--build-env"]))

@@ -170,9 +170,12 @@ class EngineCollector:
                                 value=0 if stats is None else 1)
         if stats is None:
             return
-        yield GaugeMetricFamily("loraswap_num_requests_running", "Requests admitted (holding a row and KV blocks).", value=_number(stats["running"]))
-        yield GaugeMetricFamily("loraswap_num_requests_waiting", "Requests submitted and not yet admitted.",
-                                value=_number(stats["waiting"]))
+        # Each also under vLLM's name: what a Kubernetes inference gateway's endpoint picker reads.
+        for prefix in ("loraswap_", "vllm:"):
+            yield GaugeMetricFamily(f"{prefix}num_requests_running", "Requests admitted (holding a row and KV blocks).",
+                                    value=_number(stats["running"]))
+            yield GaugeMetricFamily(f"{prefix}num_requests_waiting", "Requests submitted and not yet admitted.",
+                                    value=_number(stats["waiting"]))
         compile_stats = stats["compile"]
         assert isinstance(compile_stats, dict)
         yield GaugeMetricFamily("loraswap_compile_enabled", "1 when the model step is torch.compiled.",
@@ -198,8 +201,8 @@ def _kv_metrics(kv: dict[str, object]) -> Iterator[Metric]:
     yield GaugeMetricFamily("loraswap_kv_cache_blocks_used", "KV blocks held by running requests.", value=used)
     yield GaugeMetricFamily("loraswap_kv_cache_blocks_cached", "KV blocks findable by the prefix cache (held or not).",
                             value=_number(kv["blocks_cached"]))
-    yield GaugeMetricFamily("loraswap_kv_cache_usage", "Used KV blocks / total (vLLM's kv_cache_usage_perc).",
-                            value=used / total if total else 0.0)
+    for name in ("loraswap_kv_cache_usage", "vllm:kv_cache_usage_perc"):
+        yield GaugeMetricFamily(name, "Used KV blocks / total, from 0 to 1.", value=used / total if total else 0.0)
     yield CounterMetricFamily("loraswap_num_preemptions", "Requests preempted because the KV cache ran out.",
                               value=_number(kv["preemptions"]))
     queries, hits = kv["prefix_cache_queries"], kv["prefix_cache_hits"]

@@ -148,9 +148,12 @@ def test_every_pip_install_goes_through_the_lock(torch_index: str) -> None:
     bench = make_commands("install-bench", TORCH_INDEX=torch_index)
     assert kinds(bench) == ["lock", "torch", "project", "lock", "lock"]
     assert any("-r requirements-bench.lock" in c for c in bench)
+    ray = make_commands("install-ray", TORCH_INDEX=torch_index)
+    assert kinds(ray) == ["lock", "torch", "project", "lock"]
+    assert any("-r requirements-ray.lock" in c for c in ray)
     # The user-facing targets install nothing beyond their install target.
     dev = make_commands("install-dev", TORCH_INDEX=torch_index)
-    for target, install in (("serve", serve), ("test", dev), ("bench", bench)):
+    for target, install in (("serve", serve), ("serve-ray", ray), ("test", dev), ("bench", bench)):
         extra = [c for c in make_commands(target, ARGS="", TORCH_INDEX=torch_index) if c not in install and "pip install" in c]
         assert not extra, (target, extra)
     # Nothing else in the Makefile runs pip install: the lock, the project and torch lines only.

@@ -64,8 +64,9 @@ def whole_response(part: Whole) -> Response:
 class Ingress:
     """The ingress deployment class (decorated by server/api/ray_serve.py); it holds no model."""
 
-    def __init__(self, engines: DeploymentHandle, *, replicas: int, max_body: int) -> None:
+    def __init__(self, engines: DeploymentHandle, *, replicas: int, max_body: int, affinity: bool = True) -> None:
         self.engines = engines
+        self.affinity = affinity  # False: no multiplexed ids (the benchmark's baseline)
         self.replicas = replicas
         self.max_body = max_body
         self.base_model: str | None = None  # learnt from the first replica that answers
@@ -109,7 +110,8 @@ class Ingress:
     async def _forward(self, envelope: Envelope) -> Response:
         if self.base_model is None:
             await self._learn_base_model()
-        handle = self.engines.options(stream=True, multiplexed_model_id=multiplexed_id(envelope, self.base_model))
+        model_id = multiplexed_id(envelope, self.base_model) if self.affinity else ""
+        handle = self.engines.options(stream=True, multiplexed_model_id=model_id)
         parts: DeploymentResponseGenerator = handle.handle.remote(envelope)
         try:
             first = await parts.__anext__()

@@ -33,23 +33,30 @@ def engine_options(settings: Settings, ray: RaySettings) -> dict[str, Any]:
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": settings.drain_timeout,
+        "logging_config": {"enable_access_log": False},  # internal calls; the ingress logs each request
     }
 
 
-def build_app(settings: Settings, ray: RaySettings) -> Any:
-    """The bound application (ray.serve Application) `serve.run` deploys."""
+def build_app(settings: Settings, ray: RaySettings, *, affinity: bool = True, request_router: str | None = None) -> Any:
+    """The bound application (ray.serve Application) `serve.run` deploys. `affinity=False`
+    tags no request with its adapter and `request_router` replaces Ray's default router
+    ("module:Class"): bench/ray_multiplex.py's baseline, Ray's round robin."""
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from server.api.ray_ingress import Ingress
     from server.api.ray_replica import EngineReplica
 
-    engine = serve.deployment(**engine_options(settings, ray))(EngineReplica)
+    options = engine_options(settings, ray)
+    if request_router is not None:
+        options["request_router_config"] = RequestRouterConfig(request_router_class=request_router)
+    engine = serve.deployment(**options)(EngineReplica)
     ingress = serve.deployment(
         name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=INGRESS_MAX_ONGOING,
     )(Ingress)
     max_body = int(settings.max_upload_mb * 1e6) + MULTIPART_ROOM
-    return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body)
+    return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body, affinity=affinity)
 
 
 def serve_ray(settings: Settings, ray_settings: RaySettings) -> int:

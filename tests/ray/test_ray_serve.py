@@ -59,7 +59,8 @@ def server(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pyt
            http: httpx.Client) -> Iterator[Server]:
     modules = [f"{name}={adapter_dirs[name]}" for name in ADAPTERS]
     args = ["--model", str(model_dir), "--max-model-len", "2048", "--max-num-seqs", "4", "--max-loras", "2",
-            "--replicas", "2", "--replica-cpus", "0.5", "--ray-num-cpus", "2", "--lora-modules", *modules]
+            "--replicas", "2", "--replica-cpus", "0.5", "--ray-num-cpus", "2", "--max-upload-mb", "1",
+            "--lora-modules", *modules]
     with running_server(args, tmp_path_factory.mktemp("ray"), http, command_name="serve-ray",
                         stop_timeout_s=60.0) as running:
         wait_for(lambda: ready(running, http)["replicas"]["ready"] == 2, "both replicas ready", running)
@@ -131,6 +132,24 @@ def test_errors_are_the_single_process_errors(server: Server, http: httpx.Client
     assert http.post(f"{server.base_url}/v1/completions", content=deep,
                      headers={"content-type": "application/json"}).status_code in (400, 422)
     assert greedy(server, http, "a0")  # and it keeps serving
+
+
+def test_metrics_carry_each_replica(server: Server, http: httpx.Client) -> None:
+    """One scrape of the ingress: every replica's samples, labelled with its id (the LoRA gauge a
+    gateway routes on included)."""
+    ids = set(replicas(server, http))
+    text = http.get(f"{server.base_url}/metrics").text
+    for metric in ("vllm:lora_requests_info{", "loraswap_lora_slot_loads_total{", "vllm:num_requests_waiting{"):
+        lines = [line for line in text.splitlines() if line.startswith(metric)]
+        assert {line.split('replica="')[1].split('"')[0] for line in lines} == ids, (metric, lines)
+    assert text.count("# TYPE vllm:lora_requests_info gauge") == 1
+
+
+def test_an_oversized_body_is_refused_at_the_ingress(server: Server, http: httpx.Client) -> None:
+    big = b'{"model": "a0", "prompt": "' + b"x" * 4_000_000 + b'"}'
+    response = http.post(f"{server.base_url}/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+    assert greedy(server, http, "a0")
 
 
 def test_requests_for_one_adapter_land_on_one_replica(server: Server, http: httpx.Client) -> None:

@@ -158,8 +158,10 @@ def test_metrics_count_a_known_mix_of_traffic(
         assert series(s, name) == [{"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "1"}]
         (labels,) = [key for key in s if key[0] == name]
         assert abs(s[labels] - time.time()) < 60
-    assert value(s, "loraswap_num_requests_running") == 0
-    assert value(s, "loraswap_num_requests_waiting") == 0
+    for prefix in ("loraswap_", "vllm:"):  # vLLM's names: what a gateway's endpoint picker reads
+        assert value(s, f"{prefix}num_requests_running") == 0
+        assert value(s, f"{prefix}num_requests_waiting") == 0
+    assert value(s, "vllm:kv_cache_usage_perc") == value(s, "loraswap_kv_cache_usage")
 
 
 def test_request_log_line(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
