@@ -121,6 +121,8 @@ async def call_app(app: ASGIApp, envelope: Envelope) -> AsyncIterator[Whole | He
         if not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=10)  # its finally blocks free the engine rows
+        if task.done() and not task.cancelled():
+            task.exception()  # an error after a complete response (already answered as a 500)
 
 
 def _headers(message: Message) -> Headers:

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.asgi_call import Envelope, Head, Whole
+from server.api.auth import bearer_token, is_loopback, token_matches
 from server.api.errors import error_body
 from server.api.metrics_merge import merge_pages
 
@@ -31,6 +32,9 @@ log = logging.getLogger("loraswap.ray")
 ROUTED_BY_MODEL = {"/v1/completions", "/v1/chat/completions"}
 EVERY_REPLICA = re.compile(r"/admin/adapters/[^/]+/(load|unload)")  # slot state lives in each replica
 STORE_WRITES = re.compile(r"/admin/adapters/[^/]+|/v1/(load|unload)_lora_adapter")
+ADMIN_PATHS = re.compile(r"/admin/.*|/v1/(load|unload)_lora_adapter")
+MAX_REQUEST_BYTES = 32 * 2**20  # any body but an authorized admin upload (prompts, token ids, schemas)
+MAX_ROUTED_BODY = 2**20
 MAX_MODEL_ID = 256  # longer `model` values are no adapter name: not worth a routing entry
 BROADCAST_TIMEOUT_S = 30.0
 REPLICA_GONE = "the replica serving this request stopped; retry"
@@ -39,8 +43,8 @@ REPLICA_GONE = "the replica serving this request stopped; retry"
 def multiplexed_id(envelope: Envelope, base_model: str | None) -> str:
     """The adapter a completion request names (its `model`), or "" (no affinity: the base
     model, another route, or a body the replica will refuse anyway)."""
-    if envelope.method != "POST" or envelope.path not in ROUTED_BY_MODEL:
-        return ""
+    if envelope.method != "POST" or envelope.path not in ROUTED_BY_MODEL or len(envelope.body) > MAX_ROUTED_BODY:
+        return ""  # a body this large is not parsed on the ingress's event loop just to route it
     try:
         body = json.loads(envelope.body)
     except (ValueError, RecursionError):
@@ -64,8 +68,12 @@ def whole_response(part: Whole) -> Response:
 class Ingress:
     """The ingress deployment class (decorated by server/api/ray_serve.py); it holds no model."""
 
-    def __init__(self, engines: DeploymentHandle, *, replicas: int, max_body: int, affinity: bool = True) -> None:
+    def __init__(self, engines: DeploymentHandle, *, replicas: int, max_body: int, admin_token: str | None = None,
+                 affinity: bool = True) -> None:
+        """`max_body`: the largest body of an authorized admin request (an upload); every other
+        body is held to MAX_REQUEST_BYTES before it reaches a replica (which checks everything)."""
         self.engines = engines
+        self.admin_token = admin_token
         self.affinity = affinity  # False: no multiplexed ids (the benchmark's baseline)
         self.replicas = replicas
         self.max_body = max_body
@@ -79,9 +87,10 @@ class Ingress:
             return await self._ready()
         if path == "/metrics" and method == "GET":
             return await self._metrics()
-        body = await self._body(request)
+        limit = self.max_body if self._may_upload(request) else MAX_REQUEST_BYTES
+        body = await self._body(request, limit)
         if body is None:
-            return error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error")
+            return error(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
         client = request.scope.get("client")
         envelope = Envelope(
             method=method, path=path, query_string=request.scope.get("query_string", b""),
@@ -96,13 +105,22 @@ class Ingress:
             await self._refresh_all()
         return response
 
-    async def _body(self, request: Request) -> bytes | None:
-        """The whole body, or None past max_body (read no further: a chunked upload too)."""
+    def _may_upload(self, request: Request) -> bool:
+        """An admin route the replica will accept (its token, or loopback without one): only
+        those may send upload-sized bodies, which the ingress holds in memory."""
+        if not ADMIN_PATHS.fullmatch(request.url.path):
+            return False
+        if self.admin_token is None:
+            return is_loopback(request.client.host if request.client else None)
+        return token_matches(bearer_token(request), self.admin_token)
+
+    async def _body(self, request: Request, limit: int) -> bytes | None:
+        """The whole body, or None past `limit` (read no further: a chunked upload too)."""
         parts: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_body:
+            if size > limit:
                 return None
             parts.append(chunk)
         return b"".join(parts)

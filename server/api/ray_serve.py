@@ -56,7 +56,9 @@ def build_app(settings: Settings, ray: RaySettings, *, affinity: bool = True, re
         max_ongoing_requests=INGRESS_MAX_ONGOING,
     )(Ingress)
     max_body = int(settings.max_upload_mb * 1e6) + MULTIPART_ROOM
-    return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body, affinity=affinity)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body, admin_token=admin_token,
+                        affinity=affinity)
 
 
 def serve_ray(settings: Settings, ray_settings: RaySettings) -> int:

@@ -146,9 +146,14 @@ def test_metrics_carry_each_replica(server: Server, http: httpx.Client) -> None:
 
 
 def test_an_oversized_body_is_refused_at_the_ingress(server: Server, http: httpx.Client) -> None:
-    big = b'{"model": "a0", "prompt": "' + b"x" * 4_000_000 + b'"}'
+    """The ingress holds bodies in memory: past 32 MiB for any route, past --max-upload-mb (+2 MiB
+    of form) for an admin upload it would accept, a 413 before any replica is involved."""
+    big = b'{"model": "a0", "prompt": "' + b"x" * (33 * 2**20) + b'"}'
     response = http.post(f"{server.base_url}/v1/completions", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+    upload = http.put(f"{server.base_url}/admin/adapters/huge", content=b"x" * 4_000_000,
+                      headers={"content-type": "multipart/form-data; boundary=x"})
+    assert upload.status_code == 413, upload.text
     assert greedy(server, http, "a0")
 
 
