@@ -165,8 +165,8 @@ def main() -> int:
         "slot_loads_round_robin": mean("round_robin", "slot_loads"),
         "disk_loads_multiplexed": mean("multiplexed", "disk_loads"),
         "disk_loads_round_robin": mean("round_robin", "disk_loads"),
-        "busiest_share_multiplexed": mean("multiplexed", "busiest_replica_share"),
-        "busiest_share_round_robin": mean("round_robin", "busiest_replica_share"),
+        "busiest_share_multiplexed": round(mean("multiplexed", "busiest_replica_share"), 2),
+        "busiest_share_round_robin": round(mean("round_robin", "busiest_replica_share"), 2),
         "latency_mean_vs_round_robin": round(mean("multiplexed", "latency_mean_s") / mean("round_robin", "latency_mean_s"), 2),
     }
     print(summary, flush=True)

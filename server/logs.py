@@ -25,8 +25,11 @@ _ACCESS_FIELDS = ("client", "method", "path", "http_version", "status_code")
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, object]:
-    """The fields a log call passed with `extra=` (in the order given)."""
-    return {key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRS}
+    """The fields a log call passed with `extra=` (in the order given). Private attributes are
+    not fields: Ray's record factory stamps `_ray_timestamp_ns` on every record of a process
+    that imported it (serve-ray, and tests that import its parts)."""
+    return {key: value for key, value in vars(record).items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):

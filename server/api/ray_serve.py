@@ -4,6 +4,7 @@ the same settings as `loraswap serve`, deployed on a local Ray instance or a clu
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -17,7 +18,8 @@ APP_NAME = "loraswap"
 ENGINE_DEPLOYMENT = "LoraEngine"
 INGRESS_DEPLOYMENT = "Ingress"
 MULTIPART_ROOM = 2 * 2**20  # the config file (<= 1 MiB) and the multipart framing around the weights
-INGRESS_MAX_ONGOING = 10_000  # the ingress only forwards; the replicas' limits are what bind
+INGRESS_MAX_ONGOING = 10_000
+SHUTDOWN_MARGIN_S = 30.0  # beyond the drain time, for Ray to stop its actors and processes  # the ingress only forwards; the replicas' limits are what bind
 
 
 def engine_options(settings: Settings, ray: RaySettings) -> dict[str, Any]:
@@ -73,30 +75,47 @@ def serve_ray(settings: Settings, ray_settings: RaySettings) -> int:
         include_dashboard=False, configure_logging=False,
     )
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C or SIGTERM: do not wait for the drain
+            os._exit(128 + signum)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port, "root_path": settings.root_path})
         serve.run(build_app(settings, ray_settings), name=APP_NAME, route_prefix="/")
     except Exception as exc:
         log.error("cannot serve: %s", exc)
-        _take_down(local)
-        return 1
+        return _take_down(local, settings.drain_timeout, 1)
     log.info("serving %d replicas at http://%s:%d", ray_settings.replicas, settings.host, settings.port)
     stop.wait()
     log.info("stopping: running requests get up to %.0f s", settings.drain_timeout)
-    _take_down(local)
-    return 0
+    return _take_down(local, settings.drain_timeout, 0)
 
 
-def _take_down(local: bool) -> None:
+def _take_down(local: bool, grace_s: float, code: int) -> int:
+    """Delete the application (stop the local Ray instance with it), waiting at most grace_s
+    plus a margin: a Ray whose own processes were already killed (a signal to the whole process
+    group) would otherwise leave this process waiting forever. Returns `code` to exit with."""
     import ray
     from ray import serve
 
-    try:
-        if local:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
-    finally:
-        ray.shutdown()
+    def down() -> None:
+        try:
+            if local:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+
+    worker = threading.Thread(target=down, name="loraswap-ray-shutdown", daemon=True)
+    worker.start()
+    worker.join(grace_s + SHUTDOWN_MARGIN_S)
+    if worker.is_alive():
+        log.error("Ray did not shut down within %.0f s; exiting without it", grace_s + SHUTDOWN_MARGIN_S)
+        logging.shutdown()
+        os._exit(code)  # Ray's exit hooks would wait on the same dead processes
+    return code

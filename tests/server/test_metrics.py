@@ -23,7 +23,7 @@ from config.settings import Settings
 from server.api.app import create_app
 from server.bootstrap import build_service
 from server.cli import build_parser, settings_from_args
-from server.logs import JsonFormatter, TextFormatter
+from server.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, extra_fields
 from server.metrics import EngineCollector, ServerMetrics
 from server.sequence import GenerationRequest
 from server.service import CompletionService
@@ -273,3 +273,13 @@ def test_a_cancelled_request_stops_counting_tokens() -> None:
     assert r.get_sample_value("loraswap_prompt_tokens_total", {"model": "A"}) == 3
     assert r.get_sample_value("loraswap_inter_token_latency_seconds_count") == 1
     assert r.get_sample_value("loraswap_model_ready") == 0
+
+
+def test_private_record_attributes_are_not_fields() -> None:
+    """Ray's record factory stamps `_ray_timestamp_ns` on every record of a process that imported
+    it; only what a log call passed with `extra=` is printed."""
+    record = logging.makeLogRecord({"name": "loraswap.requests", "msg": "request finished", "levelno": logging.INFO,
+                                    "levelname": "INFO", "request_id": "r1", "_ray_timestamp_ns": 1})
+    assert extra_fields(record) == {"request_id": "r1"}
+    assert "_ray" not in TextFormatter(TEXT_FORMAT).format(record)
+    assert "_ray_timestamp_ns" not in json.loads(JsonFormatter().format(record))
