@@ -32,19 +32,27 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def require_admin(request: Request) -> None:
-    expected: str | None = request.app.state.admin_token
+def check_admin(given: str | None, client_host: str | None, expected: str | None) -> None:
+    """Raise unless an admin request may pass: the token when one is set, else loopback only."""
     if expected is None:
-        if not is_loopback(request.client.host if request.client else None):
+        if not is_loopback(client_host):
             raise ForbiddenError(
                 "the admin API answers only loopback clients unless --admin-token (LORASWAP_ADMIN_TOKEN) is set"
             )
         return
-    if not token_matches(bearer_token(request), expected):
+    if not token_matches(given, expected):
         raise UnauthorizedError("missing or wrong admin token (send 'Authorization: Bearer <token>')")
 
 
-def require_api_key(request: Request) -> None:
-    expected: str | None = request.app.state.api_key
-    if expected is not None and not token_matches(bearer_token(request), expected):
+def check_api_key(given: str | None, expected: str | None) -> None:
+    """Raise unless an inference request may pass (any request when no key is set)."""
+    if expected is not None and not token_matches(given, expected):
         raise UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+
+def require_admin(request: Request) -> None:
+    check_admin(bearer_token(request), request.client.host if request.client else None, request.app.state.admin_token)
+
+
+def require_api_key(request: Request) -> None:
+    check_api_key(bearer_token(request), request.app.state.api_key)

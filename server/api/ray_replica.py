@@ -10,6 +10,7 @@ cache, and the engine's slot table puts it in a slot when its first row runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -68,27 +69,34 @@ class EngineReplica:
     async def handle(self, envelope: Envelope) -> AsyncIterator[Whole | Head | bytes]:
         """The request through this replica's app: a Whole, or a Head and then SSE chunks."""
         model_id = serve.get_multiplexed_model_id()
-        if model_id:
+        # Only a stored adapter enters Ray's set: the wrapper evicts its oldest entry before it
+        # loads, so a name deleted since the ingress tagged it must not push a real one out.
+        if model_id and await asyncio.to_thread(self.service.catalog.__contains__, model_id):
             try:
                 await self.load_adapter(model_id)
             except Exception as exc:  # the app itself answers with the right error (404, 400...)
                 log.debug("not loading %r: %s", model_id, exc)
-        async for part in call_app(self.app, envelope):
-            yield part
+        async with contextlib.aclosing(call_app(self.app, envelope)) as parts:  # cancelled: the app is too
+            async for part in parts:
+                yield part
 
     async def call(self, envelope: Envelope) -> tuple[str, Whole]:
         """(this replica, the whole answer) of a request sent to every replica: /ready,
         /metrics, admin slot loads."""
-        async for part in call_app(self.app, envelope):
-            if isinstance(part, Whole):
-                return self.replica_id, part
-            raise RuntimeError(f"{envelope.path} answered with a stream")
+        async with contextlib.aclosing(call_app(self.app, envelope)) as parts:
+            async for part in parts:
+                if isinstance(part, Whole):
+                    return self.replica_id, part
+                raise RuntimeError(f"{envelope.path} answered with a stream")
         raise RuntimeError(f"{envelope.path} answered nothing")
 
     async def describe(self) -> dict[str, object]:
-        """Who this replica is: its id, model, slot count, process and node."""
+        """Who this replica is (id, model, slot count, process, node) and the adapters it can
+        serve (the shared store's and the start-up ones every replica has): the names the
+        ingress tags with affinity."""
+        adapters = [info.name for info in await asyncio.to_thread(self.service.catalog.all)]
         return {"replica": self.replica_id, "model": self.service.model_name, "slots": self.slots,
-                "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+                "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "adapters": adapters}
 
     async def refresh(self) -> str:
         """Follow the shared store now: another replica just changed it (an old version is

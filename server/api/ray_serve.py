@@ -55,12 +55,13 @@ def build_app(settings: Settings, ray: RaySettings, *, affinity: bool = True, re
     engine = serve.deployment(**options)(EngineReplica)
     ingress = serve.deployment(
         name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_ongoing_requests=INGRESS_MAX_ONGOING, graceful_shutdown_timeout_s=settings.drain_timeout,
     )(Ingress)
     max_body = int(settings.max_upload_mb * 1e6) + MULTIPART_ROOM
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
     return ingress.bind(engine.bind(settings), replicas=ray.replicas, max_body=max_body, admin_token=admin_token,
-                        affinity=affinity)
+                        api_key=api_key, affinity=affinity)
 
 
 def serve_ray(settings: Settings, ray_settings: RaySettings) -> int:

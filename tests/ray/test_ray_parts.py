@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from server.api.asgi_call import Envelope, Head, Whole, call_app
 from server.api.metrics_merge import merge_pages
-from server.api.ray_ingress import MAX_ROUTED_BODY, multiplexed_id
+from server.api.ray_ingress import MAX_ROUTED_BODY, requested_model, route_path
 
 
 def post(path: str, body: object) -> Envelope:
@@ -23,16 +23,25 @@ def post(path: str, body: object) -> Envelope:
     return Envelope("POST", path, body=raw)
 
 
-def test_the_adapter_in_model_is_the_affinity() -> None:
-    assert multiplexed_id(post("/v1/completions", {"model": "french", "prompt": "x"}), "base") == "french"
-    assert multiplexed_id(post("/v1/chat/completions", {"model": "pirate", "messages": []}), "base") == "pirate"
+def affinity(envelope: Envelope) -> str:
+    return requested_model(envelope, envelope.path)
 
 
-def test_no_affinity_for_the_base_other_routes_and_bad_bodies() -> None:
+def test_the_model_a_completion_names_is_its_affinity_candidate() -> None:
+    assert affinity(post("/v1/completions", {"model": "french", "prompt": "x"})) == "french"
+    assert affinity(post("/v1/chat/completions", {"model": "pirate", "messages": []})) == "pirate"
+    # Below --root-path, routes match on the path under the prefix.
+    assert route_path({"path": "/lora/v1/completions", "root_path": "/lora"}) == "/v1/completions"
+    assert route_path({"path": "/lora", "root_path": "/lora"}) == "/"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+
+
+def test_no_candidate_for_mixes_other_routes_and_bad_bodies() -> None:
     cases = [
-        post("/v1/completions", {"model": "base"}),  # the base model: any replica
         post("/tokenize", {"model": "french"}),  # not a completion
         Envelope("GET", "/v1/completions"),
+        post("/v1/completions", {"model": "french:0.5+pirate"}),  # a mix: several adapters
+        post("/v1/completions", {"model": "french", "adapters": [{"name": "pirate", "weight": 1}]}),
         post("/v1/completions", b"{not json"),
         post("/v1/completions", b"[" * 100_000 + b"]" * 100_000),  # too deep for json: refused by the replica
         post("/v1/completions", ["french"]),
@@ -42,7 +51,7 @@ def test_no_affinity_for_the_base_other_routes_and_bad_bodies() -> None:
         post("/v1/completions", {"model": "french", "prompt": "x" * MAX_ROUTED_BODY}),  # not parsed to route
     ]
     for envelope in cases:
-        assert multiplexed_id(envelope, "base") == "", envelope.body[:60]
+        assert affinity(envelope) == "", envelope.body[:60]
 
 
 PAGE = """# HELP loraswap_requests_total Finished requests.

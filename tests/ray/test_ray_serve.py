@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api.ray_gather import CACHE_S
 from tests.adapters.helpers import write_random_adapter
 from tests.e2e.server_process import Server, running_server
 from tests.server.test_admin_api import files
@@ -30,9 +31,13 @@ ADAPTERS = ["a0", "a1", "a2", "a3"]
 LONG = 2000  # tokens: a generation that runs for seconds (the model copy allows 4096 positions)
 
 
+KEY = "ray-test-key"  # both the API key and the admin token of the server under test
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
-    with httpx.Client(trust_env=False, timeout=120.0) as client:
+    with httpx.Client(trust_env=False, timeout=120.0, headers=AUTH) as client:
         yield client
 
 
@@ -60,6 +65,7 @@ def server(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pyt
     modules = [f"{name}={adapter_dirs[name]}" for name in ADAPTERS]
     args = ["--model", str(model_dir), "--max-model-len", "2048", "--max-num-seqs", "4", "--max-loras", "2",
             "--replicas", "2", "--replica-cpus", "0.5", "--ray-num-cpus", "2", "--max-upload-mb", "1",
+            "--api-key", KEY, "--admin-token", KEY,
             "--lora-modules", *modules]
     with running_server(args, tmp_path_factory.mktemp("ray"), http, command_name="serve-ray",
                         stop_timeout_s=60.0) as running:
@@ -93,6 +99,12 @@ def greedy(server: Server, http: httpx.Client, model: str) -> str:
     response = complete(server, http, model)
     assert response.status_code == 200, response.text
     return str(response.json()["choices"][0]["text"])
+
+
+def settled() -> None:
+    """The ingress gathers /ready and /metrics at most once per CACHE_S: wait that out before a
+    reading that must include what just happened."""
+    time.sleep(CACHE_S + 0.1)
 
 
 def replicas(server: Server, http: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -145,9 +157,23 @@ def test_metrics_carry_each_replica(server: Server, http: httpx.Client) -> None:
     assert text.count("# TYPE vllm:lora_requests_info gauge") == 1
 
 
+def test_keys_are_checked_at_the_ingress(server: Server) -> None:
+    """Without the key nothing reaches a replica: not even the body is read."""
+    with httpx.Client(trust_env=False, timeout=60.0) as anonymous:
+        big = b"x" * (40 * 2**20)
+        refused = anonymous.post(f"{server.base_url}/v1/completions", content=big,
+                                 headers={"content-type": "application/json"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get(f"{server.base_url}/v1/models").status_code == 401
+        admin = anonymous.put(f"{server.base_url}/admin/adapters/x", content=b"x" * 4_000_000,
+                              headers={"Authorization": "Bearer wrong", "content-type": "multipart/form-data; boundary=x"})
+        assert admin.status_code == 401 and "admin token" in admin.json()["error"]["message"]
+        assert anonymous.get(f"{server.base_url}/health").status_code == 200  # public, as on one process
+
+
 def test_an_oversized_body_is_refused_at_the_ingress(server: Server, http: httpx.Client) -> None:
     """The ingress holds bodies in memory: past 32 MiB for any route, past --max-upload-mb (+2 MiB
-    of form) for an admin upload it would accept, a 413 before any replica is involved."""
+    of form) for an authorized admin upload, a 413 before any replica is involved."""
     big = b'{"model": "a0", "prompt": "' + b"x" * (33 * 2**20) + b'"}'
     response = http.post(f"{server.base_url}/v1/completions", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
@@ -158,6 +184,7 @@ def test_an_oversized_body_is_refused_at_the_ingress(server: Server, http: httpx
 
 
 def test_requests_for_one_adapter_land_on_one_replica(server: Server, http: httpx.Client) -> None:
+    settled()
     before = {rid: state["slots"]["loads"] for rid, state in replicas(server, http).items()}
     counts_before = requests_by_replica(server, http)
     for name in ADAPTERS:  # first sight of each: Ray loads it on the replica holding fewest
@@ -167,6 +194,7 @@ def test_requests_for_one_adapter_land_on_one_replica(server: Server, http: http
     for _ in range(rounds):
         for name in ADAPTERS:
             greedy(server, http, name)
+    settled()
     after = replicas(server, http)
     loads = sum(state["slots"]["loads"] - before.get(rid, 0) for rid, state in after.items())
     served = len(ADAPTERS) * (rounds + 1)
@@ -195,6 +223,7 @@ def test_upload_replace_delete_through_the_ingress(server: Server, http: httpx.C
     loaded = http.post(f"{server.base_url}/admin/adapters/up/load")
     assert loaded.status_code == 200, loaded.text
     assert loaded.headers["x-loraswap-replicas"] == "2"
+    settled()
     for state in replicas(server, http).values():
         assert any(key.startswith("up@") for key in state["slots"]["resident"]), state["slots"]
     # A new version through the ingress: every replica serves it to new requests.
@@ -210,9 +239,10 @@ def test_upload_replace_delete_through_the_ingress(server: Server, http: httpx.C
 
 
 def test_disconnect_frees_the_row_on_the_replica(server: Server, http: httpx.Client) -> None:
+    settled()
     aborted_before = sum(s["finished"]["abort"] for s in replicas(server, http).values())
     body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    with httpx.Client(trust_env=False, timeout=60.0) as own:
+    with httpx.Client(trust_env=False, timeout=60.0, headers=AUTH) as own:
         with own.stream("POST", f"{server.base_url}/v1/completions", json=body) as response:
             assert response.status_code == 200
             next(response.iter_lines())  # generating; now go away
@@ -225,7 +255,7 @@ def test_disconnect_frees_the_row_on_the_replica(server: Server, http: httpx.Cli
 def stream_to_end(base_url: str, model: str, out: list[str]) -> None:
     body = {"model": model, "prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
     try:
-        with httpx.Client(trust_env=False, timeout=120.0) as own:
+        with httpx.Client(trust_env=False, timeout=120.0, headers=AUTH) as own:
             with own.stream("POST", f"{base_url}/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     out.append(f"error: {response.status_code} {response.read().decode()}")
