@@ -10,7 +10,6 @@ a row's tokens and numbers never depend on the rows that share its step.
 from __future__ import annotations
 
 import logging
-
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor

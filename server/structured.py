@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,6 +147,17 @@ def _can_begin(grammar: Any) -> bool:
     return bool(masks.any())
 
 
+COMPILE_ERRORS = (RuntimeError, ValueError, TypeError)  # xgrammar's parse and conversion errors
+
+
+def _noun(kind: str) -> str:
+    return kind.replace("_", " ")
+
+
+def _unusable(kind: str, exc: BaseException) -> str:
+    return f"cannot use this {_noun(kind)}: {_message(exc)}"
+
+
 def _message(exc: BaseException) -> str:
     """xgrammar's error without its source location prefix ("[12:00:00] /path/file.cc:42: ")."""
     return re.sub(r"^\[[\d:]+\] [^:]*:\d+: ", "", str(exc).strip())[:300]
@@ -200,8 +211,8 @@ class StructuredOutputs:
         if exc is None:
             self._refused.pop(key, None)
             _remember(self._cache, key, future.result())
-        elif isinstance(exc, (RuntimeError, ValueError, TypeError)):  # xgrammar's parse and conversion errors
-            _remember(self._refused, key, f"cannot use this {key[0].replace('_', ' ')}: {_message(exc)}")
+        elif isinstance(exc, COMPILE_ERRORS):
+            _remember(self._refused, key, _unusable(key[0], exc))
 
     async def compile(self, spec: StructuredSpec) -> Any:
         """The compiled grammar of `spec` (from the cache when it was compiled before)."""
@@ -224,15 +235,14 @@ class StructuredOutputs:
             started = job.started_at
             left = 0.1 if started is None else started + COMPILE_TIMEOUT_S - time.monotonic()
             if left <= 0:
-                why = f"the {spec.kind.replace('_', ' ')} takes longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"
+                why = f"the {_noun(spec.kind)} takes longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"
                 _remember(self._refused, key, why)
                 raise InvalidRequestError(why, param=spec.param)
             await asyncio.wait({waiting}, timeout=left)
         try:
             return waiting.result()
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"cannot use this {spec.kind.replace('_', ' ')}: {_message(exc)}",
-                                      param=spec.param) from None
+        except COMPILE_ERRORS as exc:
+            raise InvalidRequestError(_unusable(spec.kind, exc), param=spec.param) from None
 
 
 @dataclass

@@ -115,7 +115,6 @@ class Ingress:
         self.api_key = api_key
         self.max_body = max_body
         self.affinity = affinity  # False: no multiplexed ids (the benchmark's baseline)
-        self.base_model: str | None = None
         self.adapters: frozenset[str] = frozenset()  # the stored adapters' names: the only ids tagged
         self.adapters_at = 0.0
 
@@ -175,12 +174,10 @@ class Ingress:
         if model not in self.adapters and time.monotonic() - self.adapters_at > KNOWN_TTL_S:
             self.adapters_at = time.monotonic()
             try:  # one replica answers for all: they share the store
-                described = await self.engines.describe.remote()
-                self.base_model = str(described["model"])
-                self.adapters = frozenset(described["adapters"])
+                self.adapters = frozenset((await self.engines.describe.remote())["adapters"])
             except Exception as exc:
                 log.debug("no replica described its adapters: %r", exc)
-        return model if model in self.adapters and model != self.base_model else ""
+        return model if model in self.adapters else ""
 
     async def _forward(self, envelope: Envelope, model_id: str) -> Response:
         handle = self.engines.options(stream=True, multiplexed_model_id=model_id)

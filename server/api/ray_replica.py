@@ -27,10 +27,6 @@ from server.service import CompletionService
 log = logging.getLogger("loraswap.ray")
 
 
-class NotAnAdapterError(LookupError):
-    """A multiplexed id that names no stored adapter (the base model, a mix, an unknown name)."""
-
-
 class EngineReplica:
     """The deployment class (decorated by server/api/ray_serve.py). The constructor returns once
     the model is loaded, so Ray counts a replica only when it can serve."""
@@ -41,7 +37,6 @@ class EngineReplica:
             admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         )
-        self.root_path = settings.root_path
         holder = self.app.state.holder
         holder.start()
         holder.join()
@@ -52,19 +47,13 @@ class EngineReplica:
         self.replica_id = context.replica_id.unique_id
         self.slots = max(1, self.service.max_loras or 1)
 
-        async def load(model_id: str) -> str:
-            return await self._prefetch(model_id)
+        async def load(model_id: str) -> str:  # into the CPU cache; a slot takes it when its row runs
+            await asyncio.to_thread(self.service.catalog.resolve, model_id, count=False)
+            return model_id
 
         # Set per instance: the capacity is known only once the model (and --max-loras auto) is.
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=self.slots)(load)
         log.info("replica %s ready: %s with %d slots", self.replica_id, self.service.model_name, self.slots)
-
-    async def _prefetch(self, model_id: str) -> str:
-        catalog = self.service.catalog
-        if not await asyncio.to_thread(catalog.__contains__, model_id):
-            raise NotAnAdapterError(model_id)
-        await asyncio.to_thread(catalog.resolve, model_id, count=False)  # into the CPU cache
-        return model_id
 
     async def handle(self, envelope: Envelope) -> AsyncIterator[Whole | Head | bytes]:
         """The request through this replica's app: a Whole, or a Head and then SSE chunks."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from server.api.ray_gather import CACHE_S
 from tests.adapters.helpers import write_random_adapter
@@ -113,14 +115,17 @@ def replicas(server: Server, http: httpx.Client) -> dict[str, dict[str, Any]]:
 
 def requests_by_replica(server: Server, http: httpx.Client) -> dict[tuple[str, str], float]:
     """(replica, model) -> finished engine requests, from the ingress's merged /metrics."""
-    text = http.get(f"{server.base_url}/metrics").text
     counts: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        if line.startswith("loraswap_requests_total{"):
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
-            key = (labels["replica"].strip('"'), labels["model"].strip('"'))
-            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    for sample in samples(server, http, "loraswap_requests_total"):
+        key = (sample.labels["replica"], sample.labels["model"])
+        counts[key] = counts.get(key, 0.0) + sample.value
     return counts
+
+
+def samples(server: Server, http: httpx.Client, name: str) -> list[Sample]:
+    """The samples named `name` on the ingress's merged /metrics."""
+    text = http.get(f"{server.base_url}/metrics").text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 
 
 def test_ready_health_and_models(server: Server, http: httpx.Client) -> None:
@@ -137,12 +142,12 @@ def test_errors_are_the_single_process_errors(server: Server, http: httpx.Client
     unknown = complete(server, http, "nope")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     bad = http.post(f"{server.base_url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert bad.status_code in (400, 422), bad.text
+    assert bad.status_code == 400, bad.text
     too_long = complete(server, http, "tiny-llama", max_tokens=10_000)
     assert too_long.status_code == 400, too_long.text
     deep = b'{"model": "a0", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert http.post(f"{server.base_url}/v1/completions", content=deep,
-                     headers={"content-type": "application/json"}).status_code in (400, 422)
+                     headers={"content-type": "application/json"}).status_code == 400
     assert greedy(server, http, "a0")  # and it keeps serving
 
 
@@ -150,11 +155,10 @@ def test_metrics_carry_each_replica(server: Server, http: httpx.Client) -> None:
     """One scrape of the ingress: every replica's samples, labelled with its id (the LoRA gauge a
     gateway routes on included)."""
     ids = set(replicas(server, http))
-    text = http.get(f"{server.base_url}/metrics").text
-    for metric in ("vllm:lora_requests_info{", "loraswap_lora_slot_loads_total{", "vllm:num_requests_waiting{"):
-        lines = [line for line in text.splitlines() if line.startswith(metric)]
-        assert {line.split('replica="')[1].split('"')[0] for line in lines} == ids, (metric, lines)
-    assert text.count("# TYPE vllm:lora_requests_info gauge") == 1
+    for metric in ("vllm:lora_requests_info", "loraswap_lora_slot_loads_total", "vllm:num_requests_waiting"):
+        found = samples(server, http, metric)
+        assert sorted(s.labels["replica"] for s in found) == sorted(ids), (metric, found)
+    assert http.get(f"{server.base_url}/metrics").text.count("# TYPE vllm:lora_requests_info gauge") == 1
 
 
 def test_keys_are_checked_at_the_ingress(server: Server) -> None:

@@ -238,9 +238,9 @@ def test_a_format_too_costly_to_follow_ends_only_its_request(client: TestClient,
         assert other.result().json()["choices"][0]["text"] == expected
 
 
-def test_a_failing_matcher_refuses_its_row_only(tiny_llama_dir: Path) -> None:
-    """A matcher that raises while filling its mask allows nothing in its own row (the row is
-    refused when it samples); the next row's mask is the real one."""
+def test_a_failing_matcher_allows_nothing_in_its_own_row_only(tiny_llama_dir: Path) -> None:
+    """A matcher that raises while filling its mask allows nothing in its own row (which the
+    sampler then refuses, like any row with no allowed token); the next row's mask is the real one."""
     from transformers import AutoTokenizer
 
     outputs = structured.StructuredOutputs(AutoTokenizer.from_pretrained(tiny_llama_dir), 49152)
